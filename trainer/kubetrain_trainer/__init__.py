@@ -1,0 +1,1 @@
+"""kubetrain data plane."""

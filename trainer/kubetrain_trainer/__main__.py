@@ -1,0 +1,76 @@
+"""`python -m kubetrain_trainer <stage> --config FILE [--workdir DIR]` — what the pods run.
+
+The stage config is the whole interface (see `config.py`); heavy libraries are imported only by the
+stage that needs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from pathlib import Path
+
+from kubetrain_trainer.config import ConfigError, load_stage_config
+from kubetrain_trainer.stage import (
+    EXIT_INVALID,
+    StageFailure,
+    setup_logging,
+    write_result,
+)
+
+#: stage name → module with `run(config, workdir) -> dict` (the result summary).
+STAGES = {
+    "preprocess": "kubetrain_trainer.preprocess",
+    "train": "kubetrain_trainer.train",
+    "merge": "kubetrain_trainer.merge",
+}
+log = logging.getLogger("kubetrain_trainer")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kubetrain_trainer")
+    parser.add_argument("stage", choices=sorted(STAGES))
+    parser.add_argument("--config", required=True, type=Path, help="stage config JSON")
+    parser.add_argument(
+        "--workdir", type=Path, default=Path.cwd(), help="where result-<stage>.json is written"
+    )
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        config = load_stage_config(args.config)
+    except ConfigError as error:
+        log.error("%s", error)
+        write_result(
+            args.stage, {"stage": args.stage, "ok": False, "error": str(error)}, args.workdir
+        )
+        return EXIT_INVALID
+    stage_name = config.stage if config.stage != "sanity" else "train"
+    if stage_name != args.stage:
+        message = f"{args.config}: stage: the config is for {config.stage!r}, not {args.stage!r}"
+        log.error("%s", message)
+        return EXIT_INVALID
+    module = importlib.import_module(STAGES[args.stage])
+    try:
+        result = module.run(config, args.workdir)
+    except StageFailure as failure:
+        log.error("%s", failure.message)
+        write_result(
+            config.stage,
+            {
+                "stage": config.stage,
+                "ok": False,
+                "exitCode": failure.exit_code,
+                "error": failure.message,
+                **failure.details,
+            },
+            args.workdir,
+        )
+        return failure.exit_code
+    write_result(config.stage, {"stage": config.stage, "ok": True, **result}, args.workdir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

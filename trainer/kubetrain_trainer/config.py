@@ -1,0 +1,306 @@
+"""Stage configs: the trainer's side of the stage contract (`kubetrain.dev/stage-v1`).
+
+The operator's `plan` writes one JSON file per stage; each stage entry point loads it here and nothing
+else. Unknown fields are errors, so an operator and a trainer image that disagree fail loudly at start-up
+(exit 2) instead of silently ignoring a setting. Field names are camelCase on the wire, like the CRD.
+
+    python -m kubetrain_trainer preprocess --config preprocess.json
+    torchrun ... -m kubetrain_trainer train --config train.json
+    python -m kubetrain_trainer merge --config merge.json
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from pydantic.alias_generators import to_camel
+
+STAGE_API_VERSION = "kubetrain.dev/stage-v1"
+METRICS_PORT = 9400
+
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+Uri = Annotated[str, Field(min_length=1, max_length=2048, pattern=r"^[^\s\x00-\x1f\x7f]+$")]
+
+
+class ConfigError(ValueError):
+    """A stage config that cannot be used: exit code 2, do not retry."""
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        frozen=True,
+        use_attribute_docstrings=True,
+    )
+
+
+class S3Settings(_Config):
+    """Where s3:// URIs live; credentials come from the environment (AWS_* via secretKeyRef)."""
+
+    endpoint: str = ""
+    """Endpoint URL for S3-compatible stores; empty for AWS."""
+    region: str = ""
+    """Region; empty lets boto3 decide."""
+
+
+class Fields(_Config):
+    """Names of the input fields per format."""
+
+    text: str = "text"
+    messages: str = "messages"
+    prompt: str = "prompt"
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+
+
+class TokenizerTrain(_Config):
+    """Train a byte-level BPE tokenizer on the training inputs."""
+
+    vocab_size: int = Field(ge=512)
+    special_tokens: list[str] = Field(min_length=1)
+    min_frequency: PositiveInt = 2
+
+
+class TokenizerSource(_Config):
+    """Exactly one of: a tokenizer directory, or the recipe to train one."""
+
+    uri: Uri | None = None
+    """Directory with tokenizer.json (and tokenizer_config.json) loaded with transformers."""
+    train: TokenizerTrain | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> TokenizerSource:
+        if (self.uri is None) == (self.train is None):
+            raise ValueError("tokenizer: exactly one of uri and train is required")
+        return self
+
+
+class Architecture(_Config):
+    """A Llama-family model built from a config (pretraining from scratch)."""
+
+    family: Literal["llama"] = "llama"
+    hidden_size: PositiveInt
+    layers: PositiveInt
+    heads: PositiveInt
+    kv_heads: PositiveInt
+    intermediate_size: PositiveInt
+    context_length: PositiveInt
+    vocab_size: PositiveInt | None = None
+    """None: the tokenizer's vocabulary size."""
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = False
+
+
+class PreprocessConfig(_Config):
+    """Read, validate, tokenize and pack the data into a content-addressed Arrow dataset."""
+
+    api_version: Literal["kubetrain.dev/stage-v1"] = Field(alias="apiVersion")
+    stage: Literal["preprocess"]
+    run: str
+    format: Literal["text", "chat", "preference"]
+    train: list[Uri] = Field(min_length=1)
+    validation: list[Uri] = Field(default_factory=list)
+    validation_fraction: Fraction = 0.0
+    fields: Fields = Field(default_factory=Fields)
+    text_split: Literal["paragraph", "line"] = "paragraph"
+    chat_template: Literal["chatml", "tulu", "llama3"] | None = None
+    block_size: PositiveInt
+    partial_block: Literal["pad", "drop"] = "pad"
+    max_rejected_fraction: Fraction = 0.01
+    tokenizer: TokenizerSource
+    cache_root: Uri
+    """Datasets are published under <cacheRoot>/datasets/<key>/."""
+    dataset_pointer: Uri
+    """Where the stage writes {cacheKey, uri} for the stages after it (<output>/dataset.json)."""
+    seed: int = 42
+    workers: int | None = Field(default=None, ge=1, le=256)
+    """Worker processes; None: from the cgroup CPU and memory limits."""
+    metrics_port: int = Field(default=METRICS_PORT, ge=0, le=65535)
+    s3: S3Settings = Field(default_factory=S3Settings)
+
+
+class AdapterConfig(_Config):
+    type: Literal["none", "lora", "qlora"] = "none"
+    r: PositiveInt = 16
+    alpha: float = 32.0
+    dropout: Fraction = 0.05
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
+
+
+class DPOConfig(_Config):
+    beta: float = 0.1
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    max_prompt_length: PositiveInt | None = None
+
+
+class ModelSource(_Config):
+    """Exactly one of: a pretrained directory (uri) or an architecture to build."""
+
+    uri: Uri | None = None
+    architecture: Architecture | None = None
+    quantized: bool = False
+    """The base at uri is pre-quantized: merging an adapter into it is refused."""
+
+    @model_validator(mode="after")
+    def _one(self) -> ModelSource:
+        if (self.uri is None) == (self.architecture is None):
+            raise ValueError("model: exactly one of uri and architecture is required")
+        return self
+
+
+class Optimization(_Config):
+    epochs: float | None = None
+    max_steps: PositiveInt | None = None
+    learning_rate: float = Field(gt=0)
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: Fraction = 0.0
+    weight_decay: float = 0.0
+    micro_batch_size: PositiveInt = 1
+    gradient_accumulation_steps: PositiveInt = 1
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    optimizer: str = "adamw_torch"
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+    seed: int = 42
+    logging_steps: PositiveInt = 10
+    eval_steps: PositiveInt | None = None
+    max_grad_norm_abort: float = 1.0e6
+
+    @model_validator(mode="after")
+    def _length(self) -> Optimization:
+        if (self.epochs is None) == (self.max_steps is None):
+            raise ValueError("training: exactly one of epochs and maxSteps is required")
+        return self
+
+
+class Checkpointing(_Config):
+    every_steps: PositiveInt = 500
+    keep: PositiveInt = 3
+
+
+class SanityGate(_Config):
+    """Pass/fail criteria of the sanity stage."""
+
+    min_loss_drop: Fraction
+    max_grad_norm: float = Field(gt=0)
+
+
+class Distributed(_Config):
+    zero_stage: int = Field(default=0, ge=0, le=3)
+    deepspeed: dict[str, Any] | None = None
+    """The DeepSpeed config generated by the operator's plan (None for zeroStage 0)."""
+    world_size: PositiveInt = 1
+    """Processes the plan expects (nodes × processes per node)."""
+
+
+class TrainConfig(_Config):
+    """One training job (the sanity gate is the same stage with `sanity` set and few steps)."""
+
+    api_version: Literal["kubetrain.dev/stage-v1"] = Field(alias="apiVersion")
+    stage: Literal["train", "sanity"]
+    run: str
+    method: Literal["pretrain", "sft", "dpo"]
+    model: ModelSource
+    tokenizer_uri: Uri | None = None
+    """None: the tokenizer saved with the dataset (trained) or the model's own."""
+    dataset_pointer: Uri
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    dpo: DPOConfig | None = None
+    training: Optimization
+    checkpoints: Checkpointing = Field(default_factory=Checkpointing)
+    distributed: Distributed = Field(default_factory=Distributed)
+    sanity: SanityGate | None = None
+    output_uri: Uri
+    """Run output root: checkpoints/, final/ (train) or sanity/ (sanity stage) go below it."""
+    metrics_port: int = Field(default=METRICS_PORT, ge=0, le=65535)
+    s3: S3Settings = Field(default_factory=S3Settings)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        if (self.stage == "sanity") != (self.sanity is not None):
+            raise ValueError("sanity: required for stage sanity and only there")
+        if (self.method == "dpo") != (self.dpo is not None):
+            raise ValueError("dpo: required for method dpo and only there")
+        if self.adapter.type == "none" and self.model.quantized:
+            raise ValueError(
+                "model.quantized: a full fine-tune of a quantized base is not possible"
+            )
+        return self
+
+
+class MergeConfig(_Config):
+    """Merge an adapter into the full-precision base, evaluate, export with a model card."""
+
+    api_version: Literal["kubetrain.dev/stage-v1"] = Field(alias="apiVersion")
+    stage: Literal["merge"]
+    run: str
+    method: Literal["pretrain", "sft", "dpo"]
+    model: ModelSource
+    adapter: AdapterConfig
+    merge: bool
+    dataset_pointer: Uri
+    output_uri: Uri
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    micro_batch_size: PositiveInt = 1
+    metrics_port: int = Field(default=METRICS_PORT, ge=0, le=65535)
+    s3: S3Settings = Field(default_factory=S3Settings)
+
+
+StageConfig = PreprocessConfig | TrainConfig | MergeConfig
+_BY_STAGE: dict[str, type[BaseModel]] = {
+    "preprocess": PreprocessConfig,
+    "train": TrainConfig,
+    "sanity": TrainConfig,
+    "merge": MergeConfig,
+}
+
+
+def parse_stage_config(data: Any, source: str = "<config>") -> StageConfig:
+    """Validate a stage config document; raises :class:`ConfigError` naming each bad field."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
+    if data.get("apiVersion") != STAGE_API_VERSION:
+        raise ConfigError(
+            f"{source}: apiVersion: expected {STAGE_API_VERSION!r}, got {data.get('apiVersion')!r}"
+            " — the operator and the trainer image are from different releases; align them"
+        )
+    model = _BY_STAGE.get(str(data.get("stage")))
+    if model is None:
+        raise ConfigError(
+            f"{source}: stage: expected one of {', '.join(sorted(_BY_STAGE))}, "
+            f"got {data.get('stage')!r}"
+        )
+    try:
+        return model.model_validate(data)  # type: ignore[return-value]
+    except ValidationError as error:
+        lines = [
+            f"{source}: {'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}"
+            for e in error.errors(include_url=False)
+        ]
+        raise ConfigError("\n".join(lines)) from None
+
+
+def load_stage_config(path: str | Path) -> StageConfig:
+    """Read and validate a stage config file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read the stage config: {error.strerror}") from None
+    except json.JSONDecodeError as error:
+        raise ConfigError(
+            f"{path}:{error.lineno}: invalid JSON: {error.msg} — the config must be a JSON object"
+        ) from None
+    return parse_stage_config(data, str(path))
+
+
+def dump_stage_config(config: BaseModel) -> str:
+    """Canonical JSON: camelCase, sorted keys, so two renders are byte-identical."""
+    return json.dumps(config.model_dump(mode="json", by_alias=True), sort_keys=True, indent=2)

@@ -1,0 +1,67 @@
+"""What every stage shares: exit codes, the result summary, logging set-up.
+
+Exit codes (the stage contract): 0 done · 2 invalid config or input (do not retry) · 3 unhealthy
+training (NaN/Inf loss, sanity failed; do not retry) · 143 terminated, checkpoint saved (retry) ·
+anything else unexpected (retry with backoff).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+EXIT_OK = 0
+EXIT_INVALID = 2
+EXIT_UNHEALTHY = 3
+EXIT_TERMINATED = 143
+TERMINATION_LOG = Path("/dev/termination-log")
+RESULT_LIMIT = 4096  # bytes the kubelet keeps of a termination message
+
+
+class StageFailure(Exception):
+    """Ends the stage with a contract exit code and a message for the user (and the result)."""
+
+    def __init__(self, exit_code: int, message: str, details: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.exit_code, self.message, self.details = exit_code, message, details or {}
+
+
+class InvalidInput(StageFailure):
+    """Bad config or bad data: exit 2, retrying will not help."""
+
+    def __init__(self, message: str, details: dict[str, Any] | None = None) -> None:
+        super().__init__(EXIT_INVALID, message, details)
+
+
+class Unhealthy(StageFailure):
+    """The training itself is broken (NaN, divergence, failed sanity gate): exit 3."""
+
+    def __init__(self, message: str, details: dict[str, Any] | None = None) -> None:
+        super().__init__(EXIT_UNHEALTHY, message, details)
+
+
+def write_result(stage: str, result: dict[str, Any], workdir: Path) -> Path:
+    """Write the ≤ 4 KiB summary to <workdir>/result-<stage>.json and the termination log."""
+    text = json.dumps(result, sort_keys=True, separators=(",", ":"))
+    if len(text.encode()) > RESULT_LIMIT:
+        trimmed = {k: v for k, v in result.items() if not isinstance(v, dict | list)}
+        trimmed["truncated"] = True
+        text = json.dumps(trimmed, sort_keys=True, separators=(",", ":"))[:RESULT_LIMIT]
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / f"result-{stage}.json"
+    path.write_text(text + "\n", encoding="utf-8")
+    if TERMINATION_LOG.exists() and os.access(TERMINATION_LOG, os.W_OK):
+        TERMINATION_LOG.write_text(text, encoding="utf-8")
+    return path
+
+
+def setup_logging(json_lines: bool = False) -> None:
+    """One logging configuration per entry point; JSON lines when KUBETRAIN_LOG_FORMAT=json."""
+    if json_lines or os.environ.get("KUBETRAIN_LOG_FORMAT") == "json":
+        fmt = '{"time":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","message":%(message)r}'
+    else:
+        fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=os.environ.get("KUBETRAIN_LOG_LEVEL", "INFO"), format=fmt, force=True)
