@@ -14,8 +14,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
-    BeforeValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PositiveInt,
@@ -730,7 +730,7 @@ class TrainingRun(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    apiVersion: Literal["kubetrain.dev/v1alpha1"]  # noqa: N815 (wire name)
+    apiVersion: Literal["kubetrain.dev/v1alpha1"]
     kind: Literal["TrainingRun"]
     metadata: ObjectMeta
     spec: TrainingRunSpec

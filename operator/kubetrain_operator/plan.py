@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import posixpath
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -81,10 +82,19 @@ class Plan:
 
 
 def plan_run(
-    run: TrainingRun, *, target: Target = "cluster", upstream_model: str | None = None
+    run: TrainingRun,
+    *,
+    target: Target = "cluster",
+    upstream_model: str | None = None,
+    base_dir: str | None = None,
+    cache_root: str | None = None,
 ) -> Plan:
-    """Stages of a run. `upstream_model` is the output model URI of `model.fromRun` (the
-    operator reads it from that run's status; `kubetrain` from its file); required for chains."""
+    """Stages of a run.
+
+    `upstream_model` is the output model URI of `model.fromRun` (the operator reads it from that
+    run's status, `kubetrain` from its file); required for chains. Local runs resolve relative
+    paths against `base_dir` and may move the dataset cache to `cache_root`.
+    """
     spec = run.spec
     if spec.model.from_run is not None and upstream_model is None:
         raise SpecError(
@@ -92,10 +102,10 @@ def plan_run(
             f"the output model of run {spec.model.from_run!r} is not known yet",
             "wait until that run has succeeded (the operator does), or pass its file too",
         )
-    uris = _UriMapper(target)
+    uris = _UriMapper(target, base_dir)
     output = uris.map(spec.output.uri.rstrip("/"), "spec.output.uri")
     cache_root = uris.map(
-        (spec.storage.cache_root or f"{spec.output.uri.rstrip('/')}/cache").rstrip("/"),
+        (cache_root or spec.storage.cache_root or f"{output}/cache").rstrip("/"),
         "spec.storage.cacheRoot",
     )
     common = {
@@ -162,13 +172,16 @@ def upstream_model_uri(upstream: TrainingRun) -> str:
 
 
 class _UriMapper:
-    """pvc://CLAIM/path becomes the path where render mounts the claim; local runs refuse it."""
+    """pvc://CLAIM/path becomes the path where render mounts the claim; local runs refuse it and
+    anchor relative paths at their base directory, so stage processes need no particular cwd."""
 
-    def __init__(self, target: Target) -> None:
-        self.target = target
+    def __init__(self, target: Target, base_dir: str | None = None) -> None:
+        self.target, self.base_dir = target, base_dir
         self.claims: set[str] = set()
 
     def map(self, uri: str, path: str) -> str:
+        if "://" not in uri and self.base_dir is not None:
+            return posixpath.normpath(posixpath.join(self.base_dir, uri))
         if not uri.startswith("pvc://"):
             return uri
         if self.target == "local":

@@ -243,7 +243,7 @@ def _pod_template(
         {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
         {"name": "workspace", "mountPath": WORKDIR},
         {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108 (an emptyDir, the root fs is read-only)
-        {"name": "dshm", "mountPath": "/dev/shm"},
+        {"name": "dshm", "mountPath": "/dev/shm"},  # noqa: S108 (a Memory emptyDir for NCCL)
     ]
     volumes: list[dict[str, Any]] = [
         {"name": "config", "configMap": {"name": config_map_name(plan)}},

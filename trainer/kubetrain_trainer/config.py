@@ -1,8 +1,9 @@
 """Stage configs: the trainer's side of the stage contract (`kubetrain.dev/stage-v1`).
 
-The operator's `plan` writes one JSON file per stage; each stage entry point loads it here and nothing
-else. Unknown fields are errors, so an operator and a trainer image that disagree fail loudly at start-up
-(exit 2) instead of silently ignoring a setting. Field names are camelCase on the wire, like the CRD.
+The operator's `plan` writes one JSON file per stage; each stage entry point loads it here and
+nothing else. Unknown fields are errors, so an operator and a trainer image that disagree fail
+loudly at start-up (exit 2) instead of silently ignoring a setting. Field names are camelCase on
+the wire, like the CRD.
 
     python -m kubetrain_trainer preprocess --config preprocess.json
     torchrun ... -m kubetrain_trainer train --config train.json

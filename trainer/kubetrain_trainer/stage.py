@@ -58,10 +58,27 @@ def write_result(stage: str, result: dict[str, Any], workdir: Path) -> Path:
     return path
 
 
-def setup_logging(json_lines: bool = False) -> None:
+class JsonLines(logging.Formatter):
+    """One JSON object per record, for log collectors in a cluster."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def setup_logging() -> None:
     """One logging configuration per entry point; JSON lines when KUBETRAIN_LOG_FORMAT=json."""
-    if json_lines or os.environ.get("KUBETRAIN_LOG_FORMAT") == "json":
-        fmt = '{"time":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","message":%(message)r}'
+    handler = logging.StreamHandler()
+    if os.environ.get("KUBETRAIN_LOG_FORMAT") == "json":
+        handler.setFormatter(JsonLines())
     else:
-        fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=os.environ.get("KUBETRAIN_LOG_LEVEL", "INFO"), format=fmt, force=True)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    level = os.environ.get("KUBETRAIN_LOG_LEVEL", "INFO")
+    logging.basicConfig(level=level, handlers=[handler], force=True)

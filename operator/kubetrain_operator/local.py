@@ -1,0 +1,291 @@
+"""`kubetrain run`: the same stages as the cluster, as local subprocesses.
+
+Each stage gets its config file and runs `python -m kubetrain_trainer …` (training under
+`torchrun --standalone`), exactly the stage contract the pods use. Progress comes from the stage's
+own Prometheus endpoint — the series the operator polls — so what you see locally is what the
+dashboard shows in a cluster. Ctrl-C sends SIGTERM: the trainer checkpoints and exits 143; running
+the same command again resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import IO, Any
+
+from prometheus_client.parser import text_string_to_metric_families
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from kubetrain_operator.api import SpecError, TrainingRun
+from kubetrain_operator.plan import Plan, Stage, deepspeed_config, plan_run, stage_config_json
+
+EXIT_INVALID, EXIT_TERMINATED = 2, 143
+console = Console(stderr=True, highlight=False)
+
+
+@dataclass(frozen=True)
+class LocalStage:
+    """A planned stage bound to this machine: its files and its process count."""
+
+    stage: Stage
+    nproc: int
+    config_file: Path
+    log_file: Path
+    metrics_port: int
+
+    def argv(self, workdir: Path) -> list[str]:
+        args = self.stage.trainer_args(str(self.config_file), str(workdir))
+        if not self.stage.distributed:
+            return [sys.executable, *args]
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={self.nproc}",
+            *args,
+        ]
+
+
+def run_locally(args: argparse.Namespace) -> int:
+    """Entry point of `kubetrain run` (argparse namespace from cli.py)."""
+    from kubetrain_operator.cli import load_runs, resolve_upstream
+
+    loaded = list(load_runs(args.file))
+    problems = [f"{item.file}: {p}" for item in loaded for p in item.problems]
+    runs = [item.run for item in loaded if item.run is not None]
+    if problems or len(runs) != 1:
+        for line in problems or [f"{args.file}: expected exactly one TrainingRun"]:
+            console.print(line, markup=False)
+        return EXIT_INVALID
+    run = runs[0]
+    try:
+        plan = plan_run(
+            run,
+            target="local",
+            upstream_model=resolve_upstream(run, args.file, loaded),
+            base_dir=os.getcwd(),
+            cache_root=str(args.cache_dir.resolve()) if args.cache_dir else None,
+        )
+    except SpecError as error:
+        console.print(f"{args.file}: {error}", markup=False)
+        return EXIT_INVALID
+    workdir = (args.workdir or Path("runs") / run.name).resolve()
+    stages = bind_stages(run, plan, workdir, args.nproc)
+    if args.stage is not None:
+        stages = [s for s in stages if s.stage.name == args.stage]
+    console.print(f"[bold]{run.name}[/]: {' → '.join(s.stage.name for s in stages)} in {workdir}")
+    for local in stages:
+        if local.stage.name == "sanity" and _already_passed(local, workdir):
+            console.print("sanity: passed before with the same config — skipped")
+            continue
+        code = run_stage(local, workdir)
+        if code != 0:
+            _explain_failure(local, code, workdir)
+            return code
+        if local.stage.name == "sanity":
+            _passed_marker(workdir).write_text(_sha256(local.config_file), encoding="utf-8")
+    _print_outputs(plan, workdir)
+    return 0
+
+
+def bind_stages(run: TrainingRun, plan: Plan, workdir: Path, nproc: int | None) -> list[LocalStage]:
+    """Write each stage's config under <workdir>/configs; training uses `nproc` processes
+    (default: the spec's GPUs per node, one process on CPU) with a DeepSpeed config to match."""
+    (workdir / "configs").mkdir(parents=True, exist_ok=True)
+    (workdir / "logs").mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    bound = []
+    for stage in plan.stages:
+        procs = 1
+        if stage.distributed:
+            procs = nproc or (stage.procs_per_node if stage.name == "train" else 1)
+            config = {
+                **stage.config,
+                "distributed": {
+                    **stage.config["distributed"],
+                    "worldSize": procs,
+                    "deepspeed": deepspeed_config(run.spec, procs),
+                },
+            }
+            stage = replace(stage, config=config, nodes=1, procs_per_node=procs)
+        stage = replace(stage, config={**stage.config, "metricsPort": port})
+        config_file = workdir / "configs" / f"{stage.name}.json"
+        new_text = stage_config_json(stage)
+        if not config_file.exists() or config_file.read_text(encoding="utf-8") != new_text:
+            config_file.write_text(new_text, encoding="utf-8")
+        bound.append(
+            LocalStage(stage, procs, config_file, workdir / "logs" / f"{stage.name}.log", port)
+        )
+    return bound
+
+
+def run_stage(local: LocalStage, workdir: Path) -> int:
+    """Run one stage to completion: stream its log, show progress, forward Ctrl-C as SIGTERM."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if local.stage.gpus_per_node == 0:
+        env.setdefault("DS_ACCELERATOR", "cpu")
+        env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
+    name = local.stage.name
+    with local.log_file.open("a", encoding="utf-8") as log, _progress(name) as progress:
+        task = progress.add_task(name, total=None, detail="starting")
+        proc = subprocess.Popen(
+            local.argv(workdir),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            start_new_session=True,
+        )
+        reader = threading.Thread(target=_pump, args=(proc.stdout, log, progress), daemon=True)
+        reader.start()
+        interrupted = False
+        while proc.poll() is None:
+            try:
+                _update(progress, task, name, local.metrics_port)
+                time.sleep(0.5)
+            except KeyboardInterrupt:
+                if interrupted:  # a second Ctrl-C: stop now
+                    os.killpg(proc.pid, signal.SIGKILL)
+                else:
+                    interrupted = True
+                    progress.console.print(
+                        f"{name}: stopping — saving a checkpoint (Ctrl-C again to kill)"
+                    )
+                    os.killpg(proc.pid, signal.SIGTERM)
+        reader.join(timeout=5)
+        _update(progress, task, name, local.metrics_port, final=True, workdir=workdir)
+    return EXIT_TERMINATED if interrupted and proc.returncode != 0 else proc.returncode
+
+
+def _progress(name: str) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description:<10}"),
+        BarColumn(),
+        TextColumn(
+            "{task.completed:>8.0f}/{task.total}"
+            if name != "preprocess"
+            else "{task.completed:>10.0f} tokens"
+        ),
+        TextColumn("{task.fields[detail]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+def _pump(stream: IO[str], log: IO[str], progress: Progress) -> None:
+    """Copy the child's output to its log file and to the console, above the progress bar."""
+    for line in stream:
+        log.write(line)
+        log.flush()
+        progress.console.print(line.rstrip("\n"), markup=False, highlight=False)
+
+
+def _update(
+    progress: Progress,
+    task: Any,
+    name: str,
+    port: int,
+    *,
+    final: bool = False,
+    workdir: Path | None = None,
+) -> None:
+    """Read the stage's metrics endpoint (or, at the end, its result file) into the bar."""
+    if final and workdir is not None:
+        if _result(workdir, name).get("ok"):
+            progress.update(task, detail="[green]done")
+        return
+    samples = scrape(port)
+    if not samples:
+        return
+    if name == "preprocess":
+        progress.update(
+            task, completed=samples.get("kubetrain_preprocess_tokens_total", 0), detail=""
+        )
+        return
+    step, total = samples.get("kubetrain_train_step"), samples.get("kubetrain_train_total_steps")
+    loss, eta = samples.get("kubetrain_train_loss"), samples.get("kubetrain_train_eta_seconds")
+    detail = "" if loss is None else f"loss {loss:.4f}"
+    if eta is not None:
+        detail += f"  ETA {int(eta) // 60}m{int(eta) % 60:02d}s"
+    progress.update(task, completed=step or 0, total=total or None, detail=detail)
+
+
+def scrape(port: int) -> dict[str, float]:
+    """Sample values by series name (labels dropped: one run, one rank-0 exporter)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=0.5) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return {}
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def _result(workdir: Path, stage: str) -> dict[str, Any]:
+    try:
+        data = json.loads((workdir / f"result-{stage}.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _passed_marker(workdir: Path) -> Path:
+    return workdir / "sanity-passed.sha256"
+
+
+def _already_passed(local: LocalStage, workdir: Path) -> bool:
+    """A sanity gate that passed with this exact config need not run again on a re-run."""
+    marker = _passed_marker(workdir)
+    return marker.exists() and marker.read_text(encoding="utf-8") == _sha256(local.config_file)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _explain_failure(local: LocalStage, code: int, workdir: Path) -> None:
+    result = _result(workdir, local.stage.name)
+    meaning = {
+        EXIT_INVALID: "invalid config or input data — fix it, retrying will not help",
+        3: "unhealthy training (NaN/Inf loss, divergence or failed sanity gate)",
+        EXIT_TERMINATED: "stopped; a checkpoint was saved — run the same command to resume",
+    }.get(code, "unexpected failure — see the log")
+    console.print(f"[red]{local.stage.name} failed (exit {code})[/]: {meaning}")
+    if result.get("error"):
+        console.print(str(result["error"]), markup=False)
+    console.print(f"log: {local.log_file}")
+
+
+def _print_outputs(plan: Plan, workdir: Path) -> None:
+    console.print("[bold green]done[/]")
+    console.print(f"  output:  {plan.output_uri}")
+    for name in ("final", "merged"):
+        path = Path(plan.output_uri) / name
+        if path.exists():
+            console.print(f"  {name + ':':<8} {path}")
+    console.print(f"  dataset: {plan.dataset_pointer}")
+    console.print(f"  results: {workdir}/result-*.json, logs: {workdir}/logs/")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
