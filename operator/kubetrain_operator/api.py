@@ -40,6 +40,13 @@ URI_SCHEMES = ("s3", "pvc", "hf", "file")
 DURATION_PATTERN = r"^([0-9]+h)?([0-9]+m)?([0-9]+s)?$"
 QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
 IDENTIFIER_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.\-]*$"
+#: Kubernetes label values (also node selector and toleration values): at most 63 characters.
+LABEL_VALUE_PATTERN = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+#: Kubernetes label keys (qualified names): an optional DNS-1123 prefix and a name of at most 63.
+LABEL_KEY_PATTERN = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
 #: Byte-level BPE needs the 256-byte alphabet; below 512 there is no room for merges.
 MIN_TRAINED_VOCAB = 512
 
@@ -56,9 +63,15 @@ def check_uri(value: str) -> str:
             f"{', '.join(s + '://' for s in URI_SCHEMES)} or a local path"
         )
     if scheme in ("s3", "pvc", "hf") and not re.match(r"^[A-Za-z0-9][^/]*(/.*)?$", rest):
-        raise ValueError(f"{scheme}:// needs a bucket, claim or repository after the scheme")
+        raise ValueError(
+            f"{scheme}:// needs a bucket, claim or repository after the scheme — "
+            f"write {scheme}://NAME/path"
+        )
     if scheme == "pvc" and not re.match(DNS1123_SUBDOMAIN, rest.split("/", 1)[0]):
-        raise ValueError("pvc://CLAIM/path needs a PersistentVolumeClaim name (DNS-1123)")
+        raise ValueError(
+            "pvc://CLAIM/path needs a PersistentVolumeClaim name (DNS-1123) — "
+            "use the claim's name, e.g. pvc://datasets/path"
+        )
     return value
 
 
@@ -194,16 +207,9 @@ class TokenizerTraining(_Model):
     min_frequency: PositiveInt = 2
     """Merges that occur fewer times are not learned."""
 
+    # vocabSize ≥ 512 always leaves room for the 256 bytes and the ≤ 64 special tokens.
     @model_validator(mode="after")
-    def _room(self) -> TokenizerTraining:
-        need = 256 + len(self.special_tokens) + 1
-        if self.vocab_size < need:
-            raise SpecError(
-                "vocabSize",
-                f"{self.vocab_size} leaves no room for 256 bytes + {len(self.special_tokens)} "
-                "special tokens",
-                f"use at least {max(need, MIN_TRAINED_VOCAB)}",
-            )
+    def _distinct(self) -> TokenizerTraining:
         if len(set(self.special_tokens)) != len(self.special_tokens):
             raise SpecError("specialTokens", "contains duplicates", "list each token once")
         return self
@@ -413,11 +419,11 @@ class CheckpointSpec(_Model):
 class Toleration(_Model):
     """A pod toleration (see the Kubernetes Toleration type)."""
 
-    key: str | None = Field(default=None, max_length=316)
+    key: str | None = Field(default=None, max_length=316, pattern=LABEL_KEY_PATTERN)
     """Taint key; empty with operator Exists matches every taint."""
     operator: Literal["Exists", "Equal"] = "Equal"
     """Exists or Equal."""
-    value: str | None = Field(default=None, max_length=63)
+    value: str | None = Field(default=None, max_length=63, pattern=LABEL_VALUE_PATTERN)
     """Taint value for operator Equal."""
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
     """Taint effect to match; empty matches all."""
@@ -440,10 +446,23 @@ class ResourcesSpec(_Model):
     """Memory request and limit per pod, e.g. 48Gi."""
     shared_memory: Annotated[str, Field(pattern=QUANTITY_PATTERN)] = "8Gi"
     """Size of the in-memory /dev/shm volume (NCCL and data loaders need more than the 64M default)."""
-    node_selector: dict[str, str] = Field(default_factory=dict)
+    node_selector: dict[str, Annotated[str, Field(max_length=63, pattern=LABEL_VALUE_PATTERN)]] = (
+        Field(default_factory=dict)
+    )
     """Node labels the training pods must match."""
     tolerations: list[Toleration] = Field(default_factory=list)
     """Tolerations for tainted GPU nodes."""
+
+    @field_validator("node_selector")
+    @classmethod
+    def _label_keys(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
+            if len(key) > 316 or not re.match(LABEL_KEY_PATTERN, key):
+                raise ValueError(
+                    f"{key!r} is not a Kubernetes label key — use e.g. "
+                    "nvidia.com/gpu.product or node-type"
+                )
+        return value
 
     @property
     def world_size(self) -> int:
@@ -500,7 +519,7 @@ class S3Spec(_Model):
     """Secret with the keys below; its values reach pods only through secretKeyRef."""
     access_key_id_key: Identifier = "AWS_ACCESS_KEY_ID"
     """Key of the access key id in the Secret."""
-    secret_access_key_key: Identifier = "AWS_SECRET_ACCESS_KEY"
+    secret_access_key_key: Identifier = "AWS_SECRET_ACCESS_KEY"  # noqa: S105 (a key name)
     """Key of the secret access key in the Secret."""
     endpoint: Annotated[str, Field(max_length=2048, pattern=r"^(https?://[^\s]+)?$")] = ""
     """Endpoint URL for S3-compatible stores (MinIO, Ceph); empty for AWS."""
@@ -550,7 +569,7 @@ class TrainingRunSpec(_Model):
     """Training attempts restarted after retryable failures or stalls."""
     stall_timeout: Annotated[str, Field(pattern=DURATION_PATTERN, min_length=2)] = "15m"
     """No step progress for this long restarts the attempt (e.g. 15m, 1h30m)."""
-    queue_name: Annotated[str, Field(max_length=253, pattern=DNS1123_SUBDOMAIN)] | None = None
+    queue_name: Annotated[str, Field(max_length=63, pattern=DNS1123_SUBDOMAIN)] | None = None
     """Kueue LocalQueue; sets kueue.x-k8s.io/queue-name on the jobs."""
     suspend: bool = False
     """Pause: running jobs are stopped after a checkpoint; resume by setting false."""
@@ -667,6 +686,15 @@ def cross_field_problems(spec: TrainingRunSpec) -> list[SpecError]:
                     "sanity.gpus",
                     f"{spec.sanity.gpus} exceeds the run's {res.total_gpus} GPUs",
                     f"use at most {res.total_gpus}",
+                )
+            )
+        elif spec.sanity.gpus > res.gpus_per_node:
+            problems.append(
+                SpecError(
+                    "sanity.gpus",
+                    f"{spec.sanity.gpus} exceeds gpusPerNode {res.gpus_per_node}: the gate runs "
+                    "in one pod on one node",
+                    f"use at most {res.gpus_per_node}",
                 )
             )
     if spec.output.merge and method.adapter.type == "none":
@@ -801,7 +829,35 @@ def _friendly(err: Any) -> str:
     if kind == "string_pattern_mismatch":
         return f"has characters or a shape that is not allowed (pattern {ctx.get('pattern')}) — fix the value"
     if kind == "value_error":
-        return msg.removeprefix("Value error, ")
+        return str(msg).removeprefix("Value error, ")
+    bound = {
+        "greater_than_equal": ("ge", "a value ≥ {}"),
+        "greater_than": ("gt", "a value > {}"),
+        "less_than_equal": ("le", "a value ≤ {}"),
+        "less_than": ("lt", "a value < {}"),
+        "string_too_short": ("min_length", "at least {} characters"),
+        "string_too_long": ("max_length", "at most {} characters"),
+        "too_short": ("min_length", "at least {} items"),
+        "too_long": ("max_length", "at most {} items"),
+    }.get(kind)
+    if bound is not None and bound[0] in ctx:
+        return f"{msg} — use {bound[1].format(ctx[bound[0]])}"
+    expected = {
+        "int_type": "an integer",
+        "int_parsing": "an integer",
+        "int_from_float": "an integer",
+        "float_type": "a number",
+        "float_parsing": "a number",
+        "bool_type": "true or false",
+        "bool_parsing": "true or false",
+        "string_type": "a string",
+        "list_type": "a list",
+        "dict_type": "a mapping",
+        "model_type": "a mapping of fields",
+        "model_attributes_type": "a mapping of fields",
+    }.get(kind)
+    if expected is not None:
+        return f"{msg} — write {expected}"
     return f"{msg} — fix the value"
 
 

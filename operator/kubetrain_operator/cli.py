@@ -40,7 +40,8 @@ def load_runs(path: Path) -> Iterator[Loaded]:
     try:
         documents = list(yaml.safe_load_all(path.read_text(encoding="utf-8")))
     except OSError as error:
-        yield Loaded(path, None, (Problem("(file)", f"cannot read: {error.strerror}"),))
+        problem = f"cannot read: {error.strerror} — check the path"
+        yield Loaded(path, None, (Problem("(file)", problem),))
         return
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
@@ -54,7 +55,8 @@ def load_runs(path: Path) -> Iterator[Loaded]:
     for document in documents:
         if not isinstance(document, dict) or document.get("kind") != KIND:
             kind = document.get("kind") if isinstance(document, dict) else type(document).__name__
-            yield Loaded(path, None, (Problem("kind", f"expected {KIND}, got {kind!r}"),))
+            problem = f"expected {KIND}, got {kind!r} — remove the document or check its kind"
+            yield Loaded(path, None, (Problem("kind", problem),))
             continue
         try:
             yield Loaded(path, parse_run(document))

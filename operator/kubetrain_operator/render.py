@@ -28,8 +28,9 @@ QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 WORKDIR = "/workspace"
 #: Kubernetes label values and pod hostnames stop at 63 characters.
 MAX_CHILD_NAME = 63
-#: Room for the training operator's `-worker-NNN` pod suffix on PyTorchJob names.
-PYTORCHJOB_SUFFIX_ROOM = len("-worker-000")
+#: Room for the training operator's `-worker-N` pod suffix on PyTorchJob names: nodes ≤ 1024,
+#: so the highest Worker index is 1022 (four digits).
+PYTORCHJOB_SUFFIX_ROOM = len("-worker-0000")
 UID = 1000
 
 

@@ -279,7 +279,8 @@ def parse_stage_config(data: Any, source: str = "<config>") -> StageConfig:
             f"got {data.get('stage')!r}"
         )
     try:
-        return model.model_validate(data)  # type: ignore[return-value]
+        # Wire names only: a config written with Python names (world_size) is not the contract.
+        return model.model_validate(data, by_alias=True, by_name=False)  # type: ignore[return-value]
     except ValidationError as error:
         lines = [
             f"{source}: {'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}"

@@ -1,0 +1,177 @@
+"""The stage contract: every config the operator's `plan` writes is one the trainer accepts as is.
+
+Real: the operator's `plan_run` on every example and variant (LoRA, QLoRA, DPO, ZeRO-2/3 with
+offload, sanity gates, multi-node, pvc://), the trainer's `kubetrain_trainer.config` loader, the
+JSON text the ConfigMap carries, and `python -m kubetrain_trainer` (a subprocess) for the exit code.
+Nothing is emulated. The two packages never import each other; this test is where they meet.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kubetrain_operator import plan as operator_plan
+from kubetrain_trainer.config import (
+    STAGE_API_VERSION,
+    ConfigError,
+    MergeConfig,
+    PreprocessConfig,
+    TrainConfig,
+    dump_stage_config,
+    load_stage_config,
+    parse_stage_config,
+)
+from runspecs import ROOT, all_documents, rendered, stage_configs
+
+DOCUMENTS = all_documents()
+CLASS_BY_STAGE = {
+    "preprocess": PreprocessConfig,
+    "sanity": TrainConfig,
+    "train": TrainConfig,
+    "merge": MergeConfig,
+}
+CASES = [
+    (doc_id, file)
+    for doc_id, doc in sorted(DOCUMENTS.items())
+    for file in sorted(stage_configs(rendered(doc)))
+]
+
+
+def leaves(node: Any, path: str = "") -> dict[str, Any]:
+    """Every scalar of a JSON tree by path (lists by index, empty containers kept)."""
+    if isinstance(node, dict) and node:
+        return {
+            k: v for key, value in node.items() for k, v in leaves(value, f"{path}.{key}").items()
+        }
+    if isinstance(node, list) and node:
+        return {
+            k: v for i, item in enumerate(node) for k, v in leaves(item, f"{path}[{i}]").items()
+        }
+    return {path: node}
+
+
+def test_both_sides_speak_the_same_version() -> None:
+    assert operator_plan.STAGE_API_VERSION == STAGE_API_VERSION == "kubetrain.dev/stage-v1"
+
+
+def test_every_stage_of_every_document_is_covered() -> None:
+    stages = {file for _, file in CASES}
+    assert stages == {"preprocess.json", "sanity.json", "train.json", "merge.json"}
+    variants = {
+        "lora": any(
+            d["spec"]["method"].get("adapter", {}).get("type") == "lora" for d in DOCUMENTS.values()
+        ),
+        "qlora": any(
+            d["spec"]["method"].get("adapter", {}).get("type") == "qlora"
+            for d in DOCUMENTS.values()
+        ),
+        "dpo": any(d["spec"]["method"]["stage"] == "dpo" for d in DOCUMENTS.values()),
+        "zero3": any(
+            d["spec"].get("distributed", {}).get("zeroStage") == 3 for d in DOCUMENTS.values()
+        ),
+        "offload": any(
+            d["spec"].get("distributed", {}).get("offload") == "cpu" for d in DOCUMENTS.values()
+        ),
+        "sanity": any("sanity" in d["spec"] for d in DOCUMENTS.values()),
+    }
+    assert all(variants.values()), variants
+
+
+@pytest.mark.parametrize(("doc_id", "file"), CASES)
+def test_trainer_loads_what_the_operator_renders(doc_id: str, file: str, tmp_path: Path) -> None:
+    """The ConfigMap's JSON text → the trainer's loader → the same values, and a stable dump."""
+    text = stage_configs(rendered(DOCUMENTS[doc_id]))[file]
+    data = json.loads(text)
+    stage = file.removesuffix(".json")
+
+    config = parse_stage_config(data, file)
+    assert isinstance(config, CLASS_BY_STAGE[stage])
+    assert config.stage == stage
+
+    # The trainer saw every value the operator wrote, unchanged (no silent coercion or loss).
+    dumped = json.loads(dump_stage_config(config))
+    written, seen = leaves(data), leaves(dumped)
+    assert {path: seen.get(path, "<missing>") for path in written} == written
+
+    # Round trip: dump → parse → the same config, and the dump is a fixed point.
+    again = parse_stage_config(dumped, file)
+    assert again == config
+    assert dump_stage_config(again) == dump_stage_config(config)
+
+    # The file the pod mounts loads the same way.
+    path = tmp_path / file
+    path.write_text(text, encoding="utf-8")
+    assert load_stage_config(path) == config
+
+
+def valid_train_config() -> dict[str, Any]:
+    return json.loads(stage_configs(rendered(DOCUMENTS["tulu-sft"]))["train.json"])
+
+
+BROKEN: dict[str, tuple[dict[str, Any], str]] = {
+    "unknown top-level field": ({"learningRate": 1e-4}, "learningRate"),
+    "unknown nested field": ({"training.learningRat": 1e-4}, "learningRat"),
+    "unknown adapter field": ({"adapter.rank": 8}, "rank"),
+    "wrong apiVersion": ({"apiVersion": "kubetrain.dev/stage-v2"}, "apiVersion"),
+    "missing apiVersion": ({"apiVersion": None}, "apiVersion"),
+    "unknown stage": ({"stage": "evaluate"}, "stage"),
+    "wrong type": ({"training.microBatchSize": "two"}, "microBatchSize"),
+    "sanity stage without its gate": ({"stage": "sanity"}, "sanity"),
+}
+
+
+def with_change(data: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
+    *parents, last = dotted.split(".")
+    out = json.loads(json.dumps(data))
+    node = out
+    for part in parents:
+        node = node[part]
+    if value is None:
+        node.pop(last)
+    else:
+        node[last] = value
+    return out
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_trainer_rejects_configs_it_does_not_understand(case: str) -> None:
+    (change,), needle = BROKEN[case][0].items(), BROKEN[case][1]
+    data = with_change(valid_train_config(), *change)
+    with pytest.raises(ConfigError) as caught:
+        parse_stage_config(data, "train.json")
+    assert needle in str(caught.value)
+    assert str(caught.value).startswith("train.json")
+
+
+@pytest.mark.parametrize("case", ["unknown top-level field", "wrong apiVersion"])
+def test_trainer_exits_2_on_a_bad_config(case: str, tmp_path: Path) -> None:
+    """Exit code 2 = invalid config, do not retry (architecture.md)."""
+    (change,), _ = BROKEN[case][0].items(), BROKEN[case][1]
+    config = tmp_path / "train.json"
+    config.write_text(json.dumps(with_change(valid_train_config(), *change)), encoding="utf-8")
+    argv = ["-m", "kubetrain_trainer", "train", "--config", str(config), "--workdir", str(tmp_path)]
+    proc = subprocess.run(
+        [sys.executable, *argv],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    result = json.loads((tmp_path / "result-train.json").read_text(encoding="utf-8"))
+    assert result["ok"] is False
+
+
+def test_a_renamed_operator_field_breaks_the_contract() -> None:
+    """The contract test can fail: an operator that renames a field is caught by the trainer."""
+    data = valid_train_config()
+    distributed = dict(data["distributed"])
+    distributed["worldsize"] = distributed.pop("worldSize")
+    with pytest.raises(ConfigError, match="worldsize"):
+        parse_stage_config({**data, "distributed": distributed})

@@ -1,0 +1,565 @@
+"""`render`: stages → Kubernetes objects (ConfigMap, Service, Jobs, Kubeflow v1 PyTorchJobs).
+
+Real: the rendered dicts of every example and variant; `kubernetes-validate --strict` (the bundled
+OpenAPI schemas of Kubernetes 1.33 and the newest bundled release) for ConfigMap, Service, Job and
+the PyTorchJob pod templates (as Pod and PodTemplate); the kubeflow-training SDK's own models and
+ApiClient for the PyTorchJob round trip; torch's own `torchrun` argument parser for the argv; the
+`kubetrain render` CLI run as a subprocess. Emulated: nothing runs in a cluster (none exists here),
+so the Pod Security "restricted" profile is checked by a function written from the published
+profile rules (https://kubernetes.io/docs/concepts/security/pod-security-standards/), and label and
+name syntax by regexes from the Kubernetes API conventions; both checks are shown to fail on bad
+input.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import os
+import re
+import subprocess
+import sys
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from kubeflow.training import ApiClient, KubeflowOrgV1PyTorchJob
+
+from kubetrain_operator.api import ResourcesSpec, TrainingRunSpec, parse_run
+from kubetrain_operator.render import render_stage
+from runspecs import (
+    ROOT,
+    VARIANTS,
+    all_containers,
+    all_documents,
+    changed,
+    example,
+    planned,
+    pod_templates,
+    rendered,
+    stage_configs,
+    string_leaves,
+)
+
+DOCUMENTS = all_documents()
+KUBE_VERSIONS = ["1.33.0", kubernetes_validate.latest_version()]
+LABEL_RUN, LABEL_STAGE = "kubetrain.dev/run", "kubetrain.dev/stage"  # issue #2
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"  # Kueue's documented PyTorchJob/Job label
+DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+LABEL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+SHELLS = {"sh", "bash", "dash", "zsh", "ash", "/bin/sh", "/bin/bash", "/usr/bin/env"}
+
+
+@functools.cache
+def objects_of(doc_id: str) -> list[dict[str, Any]]:
+    return rendered(DOCUMENTS[doc_id])
+
+
+def by_kind(doc_id: str, kind: str) -> list[dict[str, Any]]:
+    return [o for o in objects_of(doc_id) if o["kind"] == kind]
+
+
+def stage_of(obj: dict[str, Any]) -> str:
+    return str(obj["metadata"]["labels"][LABEL_STAGE])
+
+
+def spec_of(doc_id: str) -> dict[str, Any]:
+    return dict(DOCUMENTS[doc_id]["spec"])
+
+
+def expected_shape(doc_id: str, stage: str) -> tuple[int, int]:
+    """(nodes, GPUs per node) the spec asks for: api.md (resources, sanity)."""
+    spec = spec_of(doc_id)
+    res = spec.get("resources", {})
+    gpus = res.get("gpusPerNode", 1)
+    if stage == "sanity":
+        return 1, spec["sanity"].get("gpus", 1 if gpus > 0 else 0)
+    return res.get("nodes", 1), gpus
+
+
+def as_pod(template: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "pod", **template.get("metadata", {})},
+        "spec": template["spec"],
+    }
+
+
+# ------------------------------------------------------------------------- schema validation
+
+
+@pytest.mark.parametrize("version", KUBE_VERSIONS)
+@pytest.mark.parametrize("doc_id", sorted(DOCUMENTS))
+def test_core_objects_pass_kubernetes_validate_strict(doc_id: str, version: str) -> None:
+    kinds = []
+    for obj in objects_of(doc_id):
+        kinds.append(obj["kind"])
+        if obj["kind"] == "PyTorchJob":
+            for _, template in pod_templates(obj):
+                kubernetes_validate.validate(as_pod(template), version, strict=True)
+                pod_template = {
+                    "apiVersion": "v1",
+                    "kind": "PodTemplate",
+                    "metadata": {"name": "template"},
+                    "template": template,
+                }
+                kubernetes_validate.validate(pod_template, version, strict=True)
+        else:
+            kubernetes_validate.validate(obj, version, strict=True)
+    assert {"ConfigMap", "Service", "Job", "PyTorchJob"} <= set(kinds)
+
+
+def test_kubernetes_validate_strict_catches_a_typo() -> None:
+    (job, *_) = by_kind("tulu-sft", "Job")
+    bad = copy.deepcopy(job)
+    bad["spec"]["backofLimit"] = bad["spec"].pop("backoffLimit")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, KUBE_VERSIONS[0], strict=True)
+
+
+def round_trip(obj: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    client = ApiClient()
+    model = client._ApiClient__deserialize(copy.deepcopy(obj), "KubeflowOrgV1PyTorchJob")
+    return model, client.sanitize_for_serialization(model)
+
+
+@pytest.mark.parametrize("doc_id", sorted(DOCUMENTS))
+def test_pytorchjob_round_trips_through_the_kubeflow_sdk(doc_id: str) -> None:
+    jobs = by_kind(doc_id, "PyTorchJob")
+    assert jobs
+    for job in jobs:
+        model, back = round_trip(job)
+        assert isinstance(model, KubeflowOrgV1PyTorchJob)
+        assert back == job
+        master = model.spec.pytorch_replica_specs["Master"]
+        assert master.template.spec.containers[0].name == "pytorch"
+
+
+def test_round_trip_catches_unknown_and_misplaced_fields() -> None:
+    (job, *_) = by_kind("tulu-sft", "PyTorchJob")
+    typo = copy.deepcopy(job)
+    typo["spec"]["nProcPerNode"] = typo["spec"].pop("nprocPerNode")
+    assert round_trip(typo)[1] != typo
+    misplaced = copy.deepcopy(job)
+    misplaced["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["replicas"] = 1
+    assert round_trip(misplaced)[1] != misplaced
+
+
+# ---------------------------------------------------------------------- PyTorchJob and Jobs
+
+
+@pytest.mark.parametrize("doc_id", sorted(DOCUMENTS))
+def test_pytorchjob_in_kubeflow_v1_shape(doc_id: str) -> None:
+    from torch.distributed.run import get_args_parser
+
+    spec = spec_of(doc_id)
+    res = spec.get("resources", {})
+    gpu_resource = res.get("gpuResource", "nvidia.com/gpu")
+    configs = stage_configs(objects_of(doc_id))
+    for job in by_kind(doc_id, "PyTorchJob"):
+        stage = stage_of(job)
+        nodes, gpus = expected_shape(doc_id, stage)
+        replicas = job["spec"]["pytorchReplicaSpecs"]
+        assert replicas["Master"]["replicas"] == 1
+        if nodes > 1:
+            assert set(replicas) == {"Master", "Worker"}
+            assert replicas["Worker"]["replicas"] == nodes - 1
+        else:
+            assert set(replicas) == {"Master"}
+        assert job["spec"]["nprocPerNode"] == str(max(gpus, 1))
+        commands = []
+        for role, template in pod_templates(job):
+            assert replicas[role]["restartPolicy"] == "Never"
+            pod = template["spec"]
+            assert pod["restartPolicy"] == "Never"
+            (container,) = [c for c in pod["containers"] if c["name"] == "pytorch"]
+            limits = container.get("resources", {}).get("limits", {})
+            requests = container.get("resources", {}).get("requests", {})
+            if gpus:
+                assert limits[gpu_resource] == requests[gpu_resource] == str(gpus)
+            else:
+                assert not [k for k in {**limits, **requests} if k.endswith("gpu")]
+            mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+            volumes = {v["name"]: v for v in pod["volumes"]}
+            shm = volumes[mounts["/dev/shm"]]["emptyDir"]
+            assert shm["medium"] == "Memory"
+            assert shm["sizeLimit"] == res.get("sharedMemory", "8Gi")
+            commands.append(container["command"])
+
+            assert container["command"][0] == "torchrun"
+            args = get_args_parser().parse_args(container["command"][1:])
+            assert (args.nnodes, args.nproc_per_node) == (str(nodes), str(max(gpus, 1)))
+            assert args.module and args.training_script == "kubetrain_trainer"
+            verb, flag, config_path, workdir_flag, workdir = args.training_script_args
+            assert (verb, flag, workdir_flag) == ("train", "--config", "--workdir")
+            assert workdir == container["workingDir"]
+            config_dir, _, file = config_path.rpartition("/")
+            assert volumes[mounts[config_dir]]["configMap"]["name"] == configs_name(doc_id)
+            assert json.loads(configs[file])["stage"] == stage
+        assert all(c == commands[0] for c in commands), "Master and Workers run the same argv"
+
+
+def configs_name(doc_id: str) -> str:
+    (config_map,) = by_kind(doc_id, "ConfigMap")
+    return str(config_map["metadata"]["name"])
+
+
+@pytest.mark.parametrize("doc_id", sorted(DOCUMENTS))
+def test_preprocess_and_merge_jobs(doc_id: str) -> None:
+    configs = stage_configs(objects_of(doc_id))
+    gpu_resource = spec_of(doc_id).get("resources", {}).get("gpuResource", "nvidia.com/gpu")
+    jobs = {stage_of(j): j for j in by_kind(doc_id, "Job")}
+    assert set(jobs) == {"preprocess", "merge"}
+    for stage, job in jobs.items():
+        ((_, template),) = pod_templates(job)
+        pod = template["spec"]
+        assert pod["restartPolicy"] == "Never"
+        assert job["spec"]["backoffLimit"] == 0  # the operator owns retries
+        (container,) = pod["containers"]
+        command = container["command"]
+        assert command[:4] == ["python", "-m", "kubetrain_trainer", stage]
+        assert command[4] == "--config" and command[6:] == ["--workdir", container["workingDir"]]
+        assert json.loads(configs[command[5].rpartition("/")[2]])["stage"] == stage
+        names = {c["name"] for c in pod["containers"]}
+        for rule in job["spec"].get("podFailurePolicy", {}).get("rules", []):
+            assert rule["onExitCodes"]["containerName"] in names
+            assert rule["action"] == "FailJob" and set(rule["onExitCodes"]["values"]) <= {2, 3}
+        gpus = container.get("resources", {}).get("limits", {}).get(gpu_resource, "0")
+        assert int(gpus) <= (0 if stage == "preprocess" else 1)
+
+
+@pytest.mark.parametrize("doc_id", sorted(DOCUMENTS))
+def test_labels_name_the_run_and_the_stage(doc_id: str) -> None:
+    name = DOCUMENTS[doc_id]["metadata"]["name"]
+    queue = spec_of(doc_id).get("queueName")
+    for obj in objects_of(doc_id):
+        labels = obj["metadata"]["labels"]
+        assert labels[LABEL_RUN] == name
+        assert obj["metadata"]["namespace"] == "ml"
+        if obj["kind"] in ("Job", "PyTorchJob"):
+            assert labels[LABEL_STAGE] in ("preprocess", "sanity", "train", "merge")
+            assert labels.get(QUEUE_LABEL) == queue  # set when queueName is, absent otherwise
+            for _, template in pod_templates(obj):
+                pod_labels = template["metadata"]["labels"]
+                assert pod_labels[LABEL_RUN] == name
+                assert pod_labels[LABEL_STAGE] == labels[LABEL_STAGE]
+        for key, value in labels.items():
+            assert_label(key, value)
+    assert any(QUEUE_LABEL in o["metadata"]["labels"] for o in objects_of(doc_id)) == bool(queue)
+
+
+def assert_label(key: str, value: str) -> None:
+    prefix, _, label_name = key.rpartition("/")
+    assert len(label_name) <= 63 and LABEL_NAME.match(label_name), key
+    parts = prefix.split(".") if prefix else []
+    assert len(prefix) <= 253 and all(DNS1123_LABEL.match(p) for p in parts), key
+    assert len(value) <= 63 and LABEL_VALUE.match(value), (key, value)
+
+
+def test_longest_queue_name_the_api_accepts_is_a_valid_label() -> None:
+    schema = TrainingRunSpec.model_json_schema(by_alias=True)["properties"]["queueName"]
+    longest = next(s["maxLength"] for s in schema["anyOf"] if "maxLength" in s)
+    queue = "q" + "-q" * ((longest - 1) // 2)
+    queue += "q" * (longest - len(queue))
+    objects = rendered(changed(example("tulu-sft"), {"spec.queueName": queue}))
+    for obj in objects:
+        for key, value in obj["metadata"]["labels"].items():
+            assert_label(key, value)
+    assert sum(QUEUE_LABEL in o["metadata"]["labels"] for o in objects) == 4
+
+
+@pytest.mark.parametrize("doc_id", sorted(DOCUMENTS))
+def test_metrics_service_selects_rank_zero_only(doc_id: str) -> None:
+    (service,) = by_kind(doc_id, "Service")
+    selector = service["spec"]["selector"]
+    (port,) = service["spec"]["ports"]
+    assert port["port"] == 9400  # metrics.md / architecture.md
+    for obj in objects_of(doc_id):
+        for role, template in pod_templates(obj):
+            selected = selector.items() <= template["metadata"]["labels"].items()
+            assert selected == (role in ("Master", "Job")), (obj["metadata"]["name"], role)
+            if selected:
+                names = {
+                    p["name"] for c in template["spec"]["containers"] for p in c.get("ports", [])
+                }
+                assert port["targetPort"] in names
+
+
+def test_node_selector_and_tolerations_reach_the_pods() -> None:
+    resources = VARIANTS["pvc-everywhere"]["spec"]["resources"]
+    for obj in rendered(VARIANTS["pvc-everywhere"]):
+        for _, template in pod_templates(obj):
+            assert template["spec"]["nodeSelector"] == resources["nodeSelector"]
+            assert template["spec"]["tolerations"] == resources["tolerations"]
+
+
+def test_pvc_claims_are_mounted_where_the_configs_point() -> None:
+    objects = rendered(VARIANTS["pvc-everywhere"])
+    paths = {
+        v
+        for text in stage_configs(objects).values()
+        for _, v in string_leaves(json.loads(text))
+        if v.startswith("/mnt/pvc/")
+    }
+    assert paths
+    for obj in objects:
+        for _, template in pod_templates(obj):
+            volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+            claims = {
+                m["mountPath"]: volumes[m["name"]]["persistentVolumeClaim"]["claimName"]
+                for m in template["spec"]["containers"][0]["volumeMounts"]
+                if "persistentVolumeClaim" in volumes[m["name"]]
+            }
+            assert set(claims.values()) == {"models", "datasets", "runs", "cache"}
+            for path in paths:
+                mount = next(m for m in claims if path == m or path.startswith(m + "/"))
+                assert mount == f"/mnt/pvc/{claims[mount]}"
+
+
+# ---------------------------------------------------------------- Pod Security "restricted"
+
+RESTRICTED_VOLUMES = {
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+}
+SAFE_SYSCTLS = {
+    "kernel.shm_rmid_forced",
+    "net.ipv4.ip_local_port_range",
+    "net.ipv4.ip_unprivileged_port_start",
+    "net.ipv4.tcp_syncookies",
+    "net.ipv4.ping_group_range",
+    "net.ipv4.ip_local_reserved_ports",
+    "net.ipv4.tcp_keepalive_time",
+    "net.ipv4.tcp_fin_timeout",
+    "net.ipv4.tcp_keepalive_intvl",
+    "net.ipv4.tcp_keepalive_probes",
+}
+
+
+def restricted_violations(pod: dict[str, Any]) -> list[str]:
+    """The Pod Security Standards "restricted" profile (baseline included), rule by rule."""
+    problems: list[str] = []
+    pod_sc = pod.get("securityContext", {})
+    containers = all_containers(pod)
+    for flag in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod.get(flag):
+            problems.append(f"{flag}")
+    for volume in pod.get("volumes", []):
+        kinds = set(volume) - {"name"}
+        if not kinds <= RESTRICTED_VOLUMES:
+            problems.append(f"volume {volume['name']}: {kinds - RESTRICTED_VOLUMES}")
+    if pod_sc.get("windowsOptions", {}).get("hostProcess"):
+        problems.append("pod hostProcess")
+    for sysctl in pod_sc.get("sysctls", []):
+        if sysctl["name"] not in SAFE_SYSCTLS:
+            problems.append(f"sysctl {sysctl['name']}")
+    if pod_sc.get("runAsUser") == 0:
+        problems.append("pod runAsUser 0")
+    if pod_sc.get("seLinuxOptions", {}).get("user") or pod_sc.get("seLinuxOptions", {}).get("role"):
+        problems.append("pod seLinuxOptions user/role")
+    pod_seccomp = pod_sc.get("seccompProfile", {}).get("type")
+    if pod_seccomp not in (None, "RuntimeDefault", "Localhost"):
+        problems.append(f"pod seccomp {pod_seccomp}")
+    if pod_sc.get("appArmorProfile", {}).get("type") not in (None, "RuntimeDefault", "Localhost"):
+        problems.append("pod appArmor")
+    for c in containers:
+        sc = c.get("securityContext", {})
+        name = c["name"]
+        if sc.get("privileged"):
+            problems.append(f"{name}: privileged")
+        if sc.get("windowsOptions", {}).get("hostProcess"):
+            problems.append(f"{name}: hostProcess")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            problems.append(f"{name}: allowPrivilegeEscalation must be false")
+        run_as_non_root = sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot"))
+        if run_as_non_root is not True or sc.get("runAsNonRoot") is False:
+            problems.append(f"{name}: runAsNonRoot must be true")
+        if sc.get("runAsUser") == 0:
+            problems.append(f"{name}: runAsUser 0")
+        seccomp = sc.get("seccompProfile", {}).get("type", pod_seccomp)
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            problems.append(f"{name}: seccomp must be RuntimeDefault or Localhost, got {seccomp}")
+        caps = sc.get("capabilities", {})
+        if "ALL" not in caps.get("drop", []):
+            problems.append(f"{name}: capabilities must drop ALL")
+        if set(caps.get("add", [])) - {"NET_BIND_SERVICE"}:
+            problems.append(f"{name}: capabilities add {caps['add']}")
+        if sc.get("procMount") not in (None, "Default"):
+            problems.append(f"{name}: procMount")
+        if sc.get("seLinuxOptions", {}).get("user") or sc.get("seLinuxOptions", {}).get("role"):
+            problems.append(f"{name}: seLinuxOptions user/role")
+        if sc.get("appArmorProfile", {}).get("type") not in (None, "RuntimeDefault", "Localhost"):
+            problems.append(f"{name}: appArmor")
+        for port in c.get("ports", []):
+            if port.get("hostPort"):
+                problems.append(f"{name}: hostPort")
+    return problems
+
+
+@pytest.mark.parametrize("doc_id", sorted(DOCUMENTS))
+def test_every_pod_meets_pod_security_restricted(doc_id: str) -> None:
+    templates = [t for obj in objects_of(doc_id) for _, t in pod_templates(obj)]
+    assert len(templates) >= 3
+    for template in templates:
+        assert restricted_violations(template["spec"]) == []
+
+
+MUTATIONS = {
+    "privileged": lambda p: p["containers"][0]["securityContext"].update(privileged=True),
+    "escalation": lambda p: p["containers"][0]["securityContext"].pop("allowPrivilegeEscalation"),
+    "root user": lambda p: p["securityContext"].update(runAsUser=0),
+    "root allowed": lambda p: p["containers"][0]["securityContext"].update(runAsNonRoot=False),
+    "caps kept": lambda p: p["containers"][0]["securityContext"]["capabilities"].update(drop=[]),
+    "caps added": lambda p: p["containers"][0]["securityContext"]["capabilities"].update(
+        add=["SYS_ADMIN"]
+    ),
+    "unconfined": lambda p: p["securityContext"].update(seccompProfile={"type": "Unconfined"}),
+    "no seccomp": lambda p: p["securityContext"].pop("seccompProfile"),
+    "host path": lambda p: p["volumes"].append({"name": "h", "hostPath": {"path": "/"}}),
+    "host network": lambda p: p.update(hostNetwork=True),
+    "host pid": lambda p: p.update(hostPID=True),
+    "host port": lambda p: p["containers"][0]["ports"][0].update(hostPort=9400),
+}
+
+
+@pytest.mark.parametrize("mutation", sorted(MUTATIONS))
+def test_restricted_check_catches_violations(mutation: str) -> None:
+    (job, *_) = by_kind("tulu-sft", "Job")
+    pod = copy.deepcopy(job["spec"]["template"]["spec"])
+    MUTATIONS[mutation](pod)
+    assert restricted_violations(pod) != []
+
+
+# ---------------------------------------------------------------------------------- secrets
+
+SECRET_LIKE = re.compile(r"KEY|SECRET|TOKEN|PASSWORD|CREDENTIAL", re.IGNORECASE)
+
+
+@pytest.mark.parametrize("doc_id", sorted(DOCUMENTS))
+def test_secrets_only_by_reference(doc_id: str) -> None:
+    s3 = spec_of(doc_id).get("storage", {}).get("s3", {})
+    refs = set()
+    for obj in objects_of(doc_id):
+        assert obj["kind"] != "Secret"
+        for _, template in pod_templates(obj):
+            for volume in template["spec"]["volumes"]:
+                assert "secret" not in volume and "projected" not in volume
+            for c in all_containers(template["spec"]):
+                assert "envFrom" not in c
+                for env in c.get("env", []):
+                    if "valueFrom" in env:
+                        assert set(env["valueFrom"]) == {"secretKeyRef"}, env
+                        ref = env["valueFrom"]["secretKeyRef"]
+                        refs.add((env["name"], ref["name"], ref["key"]))
+                    else:
+                        assert not SECRET_LIKE.search(env["name"]), env
+    if "secretName" in s3:
+        assert refs == {
+            ("AWS_ACCESS_KEY_ID", s3["secretName"], s3.get("accessKeyIdKey", "AWS_ACCESS_KEY_ID")),
+            (
+                "AWS_SECRET_ACCESS_KEY",
+                s3["secretName"],
+                s3.get("secretAccessKeyKey", "AWS_SECRET_ACCESS_KEY"),
+            ),
+        }
+    else:
+        assert refs == set()
+
+
+def render_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kubetrain_operator.cli", "render", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        timeout=120,
+    )
+
+
+EXAMPLE_ARGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "examples").glob("*.yaml"))
+
+
+def test_render_is_byte_identical_and_leaks_no_credentials() -> None:
+    """Two `kubetrain render` runs (different hash seeds, credentials in the environment)."""
+    sentinel = "s3cr3t-sentinel-value"
+    env = {"AWS_SECRET_ACCESS_KEY": sentinel, "AWS_ACCESS_KEY_ID": sentinel, "HF_TOKEN": sentinel}
+    first = render_cli(*EXAMPLE_ARGS, "-n", "ml", env={**env, "PYTHONHASHSEED": "1"})
+    second = render_cli(*EXAMPLE_ARGS, "-n", "ml", env={**env, "PYTHONHASHSEED": "2"})
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == second.stdout
+    assert sentinel not in first.stdout and sentinel not in first.stderr
+    documents = list(yaml.safe_load_all(first.stdout))
+    doc_ids = [p.rpartition("/")[2].removesuffix(".yaml") for p in EXAMPLE_ARGS]
+    assert documents == [obj for doc_id in doc_ids for obj in objects_of(doc_id)]
+
+
+# ------------------------------------------------------------------------------------- names
+
+
+MAX_RUN_NAME = 50  # api.md: metadata.name is a DNS-1035 label of at most 50 characters
+
+
+def longest_name(prefix: str, last: str = "z") -> str:
+    return (prefix + "x" * MAX_RUN_NAME)[: MAX_RUN_NAME - 1] + last
+
+
+def max_nodes() -> int:
+    return int(ResourcesSpec.model_json_schema(by_alias=True)["properties"]["nodes"]["maximum"])
+
+
+def names_of(doc: dict[str, Any], attempts: tuple[int, ...] = (1, 2)) -> dict[str, str]:
+    run, plan = planned(doc)
+    names = {f"{o['kind']}/{o['metadata']['name']}": o["kind"] for o in rendered(doc)}
+    for stage in plan.stages:
+        for attempt in attempts:
+            obj = render_stage(run, plan, stage, namespace="ml", attempt=attempt)
+            names[f"{obj['kind']}/{obj['metadata']['name']}"] = obj["kind"]
+    return names
+
+
+@pytest.mark.parametrize("base", ["tulu-sft", "tinystories-cpu", "pvc-everywhere"])
+def test_child_names_fit_for_the_longest_run_name(base: str) -> None:
+    doc = changed(DOCUMENTS[base], {"metadata.name": longest_name("run-with-a-long-name-")})
+    parse_run(doc)  # the API accepts it
+    names = names_of(doc)
+    worker_suffix = f"-worker-{max_nodes() - 2}"  # training operator's per-pod Service/hostname
+    for key, kind in names.items():
+        name = key.partition("/")[2]
+        assert len(name) <= 63 and DNS1035.match(name), name
+        if kind == "PyTorchJob":
+            assert len(name + worker_suffix) <= 63, name
+            assert len(name + "-master-0") <= 63
+
+
+def test_child_names_differ_for_long_names_with_a_shared_prefix() -> None:
+    prefix = "team-llama-finetune-experiment-"
+    first = changed(example("tulu-sft"), {"metadata.name": longest_name(prefix, "a")})
+    second = changed(example("tulu-sft"), {"metadata.name": longest_name(prefix, "b")})
+    assert first["metadata"]["name"][:-1] == second["metadata"]["name"][:-1]
+    a, b = names_of(first), names_of(second)
+    assert not set(a) & set(b)
+    # ConfigMap, Service, preprocess, sanity, merge, and one train job per attempt (1 and 2).
+    assert len(a) == len(b) == 7
+
+
+def test_no_shell_anywhere() -> None:
+    for doc_id in sorted(DOCUMENTS):
+        for obj in objects_of(doc_id):
+            for _, template in pod_templates(obj):
+                for c in all_containers(template["spec"]):
+                    assert "args" not in c
+                    assert c["command"][0] not in SHELLS
+                    assert "-c" not in c["command"]
+                    assert not any("shell=True" in item for item in c["command"])
