@@ -161,6 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="run only this stage",
     )
     p.add_argument("--cache-dir", type=Path, default=None, help="dataset cache (default: spec)")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve each stage's Prometheus metrics here (default: a free port)",
+    )
     p.set_defaults(func=cmd_run)
     return parser
 

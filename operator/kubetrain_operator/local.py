@@ -26,13 +26,13 @@ from typing import IO, Any
 
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from kubetrain_operator.api import SpecError, TrainingRun
 from kubetrain_operator.plan import Plan, Stage, deepspeed_config, plan_run, stage_config_json
 
 EXIT_INVALID, EXIT_TERMINATED = 2, 143
-console = Console(stderr=True, highlight=False)
+console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ def run_locally(args: argparse.Namespace) -> int:
         console.print(f"{args.file}: {error}", markup=False)
         return EXIT_INVALID
     workdir = (args.workdir or Path("runs") / run.name).resolve()
-    stages = bind_stages(run, plan, workdir, args.nproc)
+    stages = bind_stages(run, plan, workdir, args.nproc, args.metrics_port or _free_port())
     if args.stage is not None:
         stages = [s for s in stages if s.stage.name == args.stage]
     console.print(f"[bold]{run.name}[/]: {' → '.join(s.stage.name for s in stages)} in {workdir}")
@@ -101,12 +101,14 @@ def run_locally(args: argparse.Namespace) -> int:
     return 0
 
 
-def bind_stages(run: TrainingRun, plan: Plan, workdir: Path, nproc: int | None) -> list[LocalStage]:
+def bind_stages(
+    run: TrainingRun, plan: Plan, workdir: Path, nproc: int | None, port: int
+) -> list[LocalStage]:
     """Write each stage's config under <workdir>/configs; training uses `nproc` processes
-    (default: the spec's GPUs per node, one process on CPU) with a DeepSpeed config to match."""
+    (default: the spec's GPUs per node, one process on CPU) with a DeepSpeed config to match;
+    every stage serves its metrics on `port`, one stage at a time."""
     (workdir / "configs").mkdir(parents=True, exist_ok=True)
     (workdir / "logs").mkdir(parents=True, exist_ok=True)
-    port = _free_port()
     bound = []
     for stage in plan.stages:
         procs = 1
@@ -140,8 +142,9 @@ def run_stage(local: LocalStage, workdir: Path) -> int:
         env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
     name = local.stage.name
+    (workdir / f"result-{name}.json").unlink(missing_ok=True)  # never read a previous run's
     with local.log_file.open("a", encoding="utf-8") as log, _progress(name) as progress:
-        task = progress.add_task(name, total=None, detail="starting")
+        task = progress.add_task(name, total=None, detail="starting", total_steps="?")
         proc = subprocess.Popen(
             local.argv(workdir),
             stdout=subprocess.PIPE,
@@ -168,22 +171,27 @@ def run_stage(local: LocalStage, workdir: Path) -> int:
                     os.killpg(proc.pid, signal.SIGTERM)
         reader.join(timeout=5)
         _update(progress, task, name, local.metrics_port, final=True, workdir=workdir)
-    return EXIT_TERMINATED if interrupted and proc.returncode != 0 else proc.returncode
+    if proc.returncode == 0:
+        return 0
+    # torchrun reports any worker failure as 1: the stage's own code is in its result.
+    code = _result(workdir, name).get("exitCode")
+    if interrupted:
+        return EXIT_TERMINATED
+    return code if isinstance(code, int) else proc.returncode
 
 
 def _progress(name: str) -> Progress:
+    """Tokens for preprocessing, steps for training, just the elapsed time for merge/eval."""
+    unit = {"preprocess": "{task.completed:>10,.0f} tokens", "merge": ""}.get(
+        name, "{task.completed:>6.0f}/{task.fields[total_steps]}"
+    )
     return Progress(
         TextColumn("[bold]{task.description:<10}"),
         BarColumn(),
-        TextColumn(
-            "{task.completed:>8.0f}/{task.total}"
-            if name != "preprocess"
-            else "{task.completed:>10.0f} tokens"
-        ),
+        TextColumn(unit),
         TextColumn("{task.fields[detail]}"),
         TimeElapsedColumn(),
         console=console,
-        transient=False,
     )
 
 
@@ -197,7 +205,7 @@ def _pump(stream: IO[str], log: IO[str], progress: Progress) -> None:
 
 def _update(
     progress: Progress,
-    task: Any,
+    task: TaskID,
     name: str,
     port: int,
     *,
@@ -206,23 +214,29 @@ def _update(
 ) -> None:
     """Read the stage's metrics endpoint (or, at the end, its result file) into the bar."""
     if final and workdir is not None:
-        if _result(workdir, name).get("ok"):
-            progress.update(task, detail="[green]done")
+        result = _result(workdir, name)
+        if result.get("ok"):
+            state = next(t for t in progress.tasks if t.id == task)
+            done = result.get("tokens", 0) if name == "preprocess" else state.total or 1
+            hit = " (cache hit)" if result.get("cacheHit") else ""
+            progress.update(task, completed=done, total=done, detail=f"[green]done{hit}")
         return
     samples = scrape(port)
     if not samples:
         return
     if name == "preprocess":
-        progress.update(
-            task, completed=samples.get("kubetrain_preprocess_tokens_total", 0), detail=""
-        )
+        tokens = samples.get("kubetrain_preprocess_tokens_total", 0)
+        progress.update(task, completed=tokens, detail="")
         return
     step, total = samples.get("kubetrain_train_step"), samples.get("kubetrain_train_total_steps")
     loss, eta = samples.get("kubetrain_train_loss"), samples.get("kubetrain_train_eta_seconds")
     detail = "" if loss is None else f"loss {loss:.4f}"
     if eta is not None:
         detail += f"  ETA {int(eta) // 60}m{int(eta) % 60:02d}s"
-    progress.update(task, completed=step or 0, total=total or None, detail=detail)
+    total_steps = int(total) if total else None
+    progress.update(
+        task, completed=step or 0, total=total_steps, detail=detail, total_steps=total_steps or "?"
+    )
 
 
 def scrape(port: int) -> dict[str, float]:
@@ -258,7 +272,10 @@ def _already_passed(local: LocalStage, workdir: Path) -> bool:
 
 
 def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    """Of the config minus its metrics port, which is picked afresh on every run."""
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config.pop("metricsPort", None)
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 
 def _explain_failure(local: LocalStage, code: int, workdir: Path) -> None:

@@ -1,0 +1,102 @@
+"""The merge stage: adapters merged into the full-precision base, evaluated and exported.
+
+Real: the preprocess and train stages producing the LoRA/QLoRA adapters, PEFT's merge_and_unload,
+bitsandbytes 4-bit quantization (on CPU) for the adapter training and for the pre-quantized base
+that must be refused, safetensors files, the `python -m kubetrain_trainer merge` entry point
+(called in this process) and its exit code. Emulated: nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from kubetrain_trainer import merge, model, train
+from kubetrain_trainer.__main__ import main
+from trainer_support import Assets, merge_config, train_config, write_config
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> Assets:
+    torch.set_num_threads(1)
+    return Assets(tmp_path_factory.getbasetemp() / "trainer-assets")
+
+
+def _adapter_run(assets: Assets, root: Path, kind: str) -> Path:
+    """Train an adapter for a few steps; returns the run's output directory."""
+    config = train_config(
+        assets.chat(),
+        root,
+        method="sft",
+        model={"uri": str(assets.base_model())},
+        adapter={"type": kind, "r": 8, "alpha": 16, "dropout": 0.0},
+        training={"maxSteps": 6, "learningRate": 2e-2},
+    )
+    train.run(config, root / "work")
+    return root
+
+
+@pytest.mark.parametrize("kind", ["lora", "qlora"])
+def test_merged_model_matches_the_adapter_model(assets: Assets, tmp_path: Path, kind: str) -> None:
+    out = _adapter_run(assets, tmp_path / "run", kind)
+    base = assets.base_model()
+    config = merge_config(
+        assets.chat(), str(base), out, adapter={"type": kind, "r": 8, "alpha": 16}
+    )
+    result = merge.run(config, tmp_path / "merge-work")
+    merged_dir = out / "merged"
+    assert result["outputs"]["merged"] == str(merged_dir)
+    assert {"model.safetensors", "tokenizer.json", "README.md", "COMPLETE"} <= {
+        p.name for p in merged_dir.iterdir()
+    }
+    assert not (merged_dir / "adapter_config.json").exists()
+
+    from peft import PeftModel
+
+    ids = torch.tensor([list(range(5, 69))])
+    with torch.no_grad():
+        plain = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+        base_logits = plain(ids).logits
+        adapted = PeftModel.from_pretrained(plain, str(out / "final")).eval()
+        adapter_logits = adapted(ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32)
+        merged_logits = merged(ids).logits
+    assert (adapter_logits - base_logits).abs().max() > 1e-3  # the adapter changed something
+    assert (adapter_logits - merged_logits).abs().max() <= 1e-5
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["evalTokens"] > 0 and 1 < metrics["perplexity"] < 2000
+    card = (out / "README.md").read_text()
+    assert "validation perplexity" in card and str(base) in card
+
+
+def test_merge_into_a_prequantized_base_is_refused(assets: Assets, tmp_path: Path) -> None:
+    out = _adapter_run(assets, tmp_path / "run", "qlora")
+    base = assets.base_model()
+
+    # Declared quantized in the spec.
+    declared = write_config(
+        tmp_path / "declared.json",
+        merge_config(
+            assets.chat(), str(base), out, adapter={"type": "qlora"}, model={"quantized": True}
+        ),
+    )
+    assert main(["merge", "--config", str(declared), "--workdir", str(tmp_path / "w1")]) == 2
+    error = json.loads((tmp_path / "w1" / "result-merge.json").read_text())["error"]
+    assert str(base) in error and "quantized" in error
+
+    # Found in the base's own config.json: a real bitsandbytes 4-bit export of the base.
+    quantized_dir = tmp_path / "base-4bit"
+    model.load_pretrained(base, dtype=torch.float32, quantize="fp32").save_pretrained(quantized_dir)
+    found = write_config(
+        tmp_path / "found.json",
+        merge_config(assets.chat(), str(quantized_dir), out, adapter={"type": "qlora"}),
+    )
+    assert main(["merge", "--config", str(found), "--workdir", str(tmp_path / "w2")]) == 2
+    error = json.loads((tmp_path / "w2" / "result-merge.json").read_text())["error"]
+    assert str(quantized_dir) in error and "bitsandbytes" in error
+    assert not (out / "merged").exists()

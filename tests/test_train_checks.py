@@ -1,0 +1,162 @@
+"""Refusals at start-up (exit 2) and the data reader's guarantees, without training.
+
+Real: the stage-config model, the preprocess stage's dataset, the trainer's own check functions and
+its sample stream, transformers models built from configs. Emulated: the process layout of a
+multi-process job is a `DistEnv` value (no processes are started); the refusals run before any
+process would talk to another.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kubetrain_trainer import data, model, train
+from kubetrain_trainer.config import Architecture, S3Settings
+from kubetrain_trainer.stage import EXIT_INVALID, InvalidInput, StageFailure
+from trainer_support import TINY, Assets, train_config
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> Assets:
+    return Assets(tmp_path_factory.getbasetemp() / "trainer-assets")
+
+
+def _env(world: int) -> train.DistEnv:
+    return train.DistEnv(rank=0, local_rank=0, world_size=world, local_world_size=world, node=0)
+
+
+ZERO2 = {"zero_optimization": {"stage": 2}}
+
+
+@pytest.mark.parametrize(
+    ("changes", "world", "cuda", "message"),
+    [
+        (
+            {
+                "training": {"optimizer": "paged_adamw_8bit"},
+                "distributed": {"zeroStage": 2, "deepspeed": ZERO2, "worldSize": 2},
+            },
+            2,
+            True,
+            "use adamw_torch, or zeroStage: 0",
+        ),
+        ({"distributed": {"worldSize": 4}}, 2, False, "the plan expects 4 processes"),
+        (
+            {"distributed": {"zeroStage": 3, "deepspeed": ZERO2, "worldSize": 1}},
+            1,
+            False,
+            "zero_optimization.stage is 2",
+        ),
+        (
+            {"distributed": {"zeroStage": 3, "deepspeed": {"zero_optimization": {"stage": 3}}}},
+            1,
+            False,
+            "stage3_gather_16bit_weights_on_model_save",
+        ),
+        ({"training": {"precision": "fp16"}}, 1, False, "fp16 needs a GPU"),
+    ],
+)
+def test_broken_combinations_are_refused(
+    tmp_path: Path, changes: dict[str, object], world: int, cuda: bool, message: str
+) -> None:
+    config = train_config("unused.json", tmp_path, **changes)
+    with pytest.raises(InvalidInput, match=message) as refused:
+        train.refuse_broken_combinations(config, _env(world), cuda)
+    assert refused.value.exit_code == EXIT_INVALID
+
+
+def test_eight_bit_optimizer_is_fine_without_sharding(tmp_path: Path) -> None:
+    config = train_config("unused.json", tmp_path, training={"optimizer": "adamw_8bit"})
+    train.refuse_broken_combinations(config, _env(1), cuda=True)
+
+
+def test_model_must_fit_tokenizer_and_blocks(assets: Assets) -> None:
+    dataset = data.open_dataset(assets.text(), assets.root / "checks", S3Settings())
+    tokenizer = model.load_tokenizer(dataset.tokenizer_dir)
+    small = Architecture.model_validate({**TINY, "vocabSize": len(tokenizer) - 1})
+    with pytest.raises(InvalidInput, match="smaller than the tokenizer"):
+        model.build_llama(small, tokenizer)
+    fits = model.build_llama(Architecture.model_validate(TINY), tokenizer)
+    assert fits.get_input_embeddings().num_embeddings == len(tokenizer)
+    model.check_compatible(fits, tokenizer, dataset.manifest)
+    short = model.build_llama(Architecture.model_validate({**TINY, "contextLength": 32}), tokenizer)
+    with pytest.raises(InvalidInput, match="blockSize: 64 exceeds the model's context of 32"):
+        model.check_compatible(short, tokenizer, dataset.manifest)
+    bigger = {**dataset.manifest, "tokenizer": {**dataset.manifest["tokenizer"], "vocabSize": 5000}}
+    with pytest.raises(InvalidInput, match="5000 tokens but the model's embeddings have"):
+        model.check_compatible(fits, tokenizer, bigger)
+
+
+def test_method_must_match_the_data(assets: Assets, tmp_path: Path) -> None:
+    config = train_config(assets.text(), tmp_path, method="dpo", dpo={"beta": 0.1})
+    with pytest.raises(InvalidInput, match="dpo trains on preference data, the dataset is text"):
+        train.prepare(config, tmp_path / "work")
+
+
+def test_dataset_without_success_marker_is_refused(assets: Assets, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    uri = json.loads(Path(assets.text()).read_text())["uri"]
+    copy = tmp_path / "dataset"
+    shutil.copytree(uri, copy)
+    (copy / "_SUCCESS").unlink()
+    pointer = tmp_path / "dataset.json"
+    pointer.write_text(json.dumps({"key": copy.name, "uri": str(copy)}))
+    with pytest.raises(InvalidInput, match="_SUCCESS"):
+        data.open_dataset(str(pointer), tmp_path / "work", S3Settings())
+
+
+def test_block_rows_are_memory_mapped_and_exact(assets: Assets) -> None:
+    dataset = data.open_dataset(assets.text(), assets.root / "checks", S3Settings())
+    split = dataset.split("train")
+    assert split is not None and len(split) == dataset.rows("train")
+    table = dataset.table("train")
+    last = len(split) - 1
+    item = split[last]
+    assert item["row"] == last and item["input_ids"].dtype.name == "int64"
+    assert item["input_ids"].tolist() == table.column("input_ids")[last].as_py()
+    assert data.count_block_tokens(item) == sum(1 for x in item["labels"] if x != -100)
+
+
+def test_stream_resumes_at_any_position_and_covers_each_epoch() -> None:
+    rows, seed = 37, 5
+    stream = list(data.StreamSampler(rows, seed, 0, 3 * rows + 11))
+    for epoch in range(3):
+        assert sorted(stream[epoch * rows : (epoch + 1) * rows]) == list(range(rows))
+    assert stream[:rows] != stream[rows : 2 * rows]  # a new order every epoch
+    for position in (0, 1, 36, 37, 60, 111):
+        tail = list(data.StreamSampler(rows, seed, position, 3 * rows + 11))
+        assert tail == stream[position:]
+    assert list(data.StreamSampler(rows, seed + 1, 0, rows)) != stream[:rows]
+
+
+def test_total_steps_from_epochs_follow_the_stream_position(tmp_path: Path) -> None:
+    config = train_config("unused.json", tmp_path, training={"maxSteps": None, "epochs": 2.0})
+    fresh = data.StreamPosition(start_step=0, start_sample=0, samples_per_step=8)
+    assert train.total_steps(config, 100, fresh) == 25  # 200 samples / 8
+    # Resumed at step 10 (80 samples) with twice the processes: 120 samples left, 16 per step.
+    resumed = data.StreamPosition(start_step=10, start_sample=80, samples_per_step=16)
+    assert train.total_steps(config, 100, resumed) == 10 + 8
+
+
+@pytest.mark.parametrize("fp16", [True, False])
+def test_fp16_overflows_are_tolerated_but_not_forever(fp16: bool) -> None:
+    """fp16's loss scaler skips steps with an infinite gradient norm while it finds its scale."""
+    from transformers import TrainerControl, TrainerState
+
+    from kubetrain_trainer.callbacks import FP16_OVERFLOW_STEPS, HealthCallback
+
+    health = HealthCallback(max_grad_norm_abort=1e6, gate=None, window=1, metrics=None, fp16=fp16)
+    state, control = TrainerState(), TrainerControl()
+    tolerated = FP16_OVERFLOW_STEPS if fp16 else 0
+    for step in range(1, tolerated + 1):
+        state.global_step = step
+        health.on_log(None, state, control, logs={"loss": 5.0, "grad_norm": float("inf")})
+    state.global_step = tolerated + 1
+    with pytest.raises(StageFailure) as stopped:
+        health.on_log(None, state, control, logs={"loss": 5.0, "grad_norm": float("inf")})
+    assert stopped.value.exit_code == 3
+    assert stopped.value.details["reason"] == "GradientExplosion"

@@ -1,0 +1,92 @@
+"""GPU-only behaviour: bf16 kernels, MFU and GPU memory gauges, 4-bit CUDA kernels, NCCL.
+
+Real: an NVIDIA GPU, CUDA, NCCL, bitsandbytes' CUDA kernels, the train stage in this process (or
+torchrun for NCCL). Emulated: nothing. Skipped where no GPU is visible (the CPU CI box); run them
+on the device machine with `pytest -m gpu`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kubetrain_trainer import train
+from trainer_support import ENV, ROOT, Assets, losses, train_config, write_config
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU"),
+]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> Assets:
+    return Assets(tmp_path_factory.getbasetemp() / "trainer-assets")
+
+
+def test_bf16_training_reports_mfu_and_memory(assets: Assets, tmp_path: Path) -> None:
+    config = train_config(
+        assets.text(), tmp_path / "out", training={"maxSteps": 30, "precision": "bf16"}
+    )
+    session = train.prepare(config, tmp_path / "work")
+    session.train()
+    got = losses(tmp_path / "work")
+    assert got[30] < got[1]
+    registry = session.metrics.registry
+    mfu = registry.get_sample_value("kubetrain_train_mfu_ratio", {"run": "t"})
+    if train.peak_flops(torch.cuda.get_device_name(), "bf16") is not None:
+        assert mfu is not None and 0 < mfu < 1
+    allocated = registry.get_sample_value(
+        "kubetrain_gpu_memory_allocated_bytes", {"run": "t", "rank": "0"}
+    )
+    assert allocated is not None and allocated > 0
+
+
+def test_qlora_trains_with_cuda_kernels(assets: Assets, tmp_path: Path) -> None:
+    config = train_config(
+        assets.chat(),
+        tmp_path / "out",
+        method="sft",
+        model={"uri": str(assets.base_model())},
+        adapter={"type": "qlora", "r": 8, "alpha": 16, "dropout": 0.0},
+        training={"maxSteps": 10, "precision": "bf16", "learningRate": 2e-3},
+    )
+    train.run(config, tmp_path / "work")
+    got = losses(tmp_path / "work")
+    assert got[10] < got[1]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs for NCCL")
+def test_nccl_ddp_on_two_gpus(assets: Assets, tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path / "ddp.json",
+        train_config(
+            assets.text(),
+            tmp_path / "out",
+            training={"maxSteps": 10, "precision": "bf16"},
+            distributed={"worldSize": 2},
+        ),
+    )
+    command = [
+        str(Path(sys.executable).parent / "torchrun"),
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "kubetrain_trainer",
+        "train",
+        "--config",
+        str(config),
+        "--workdir",
+        str(tmp_path / "work"),
+    ]
+    env = {**os.environ, **ENV, "DS_ACCELERATOR": "cuda"}
+    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    got = losses(tmp_path / "work")
+    assert sorted(got) == list(range(1, 11)) and got[10] < got[1]

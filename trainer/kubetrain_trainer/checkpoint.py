@@ -1,0 +1,430 @@
+"""Checkpoints that count only when complete, uploaded in the background, resumed automatically.
+
+HF Trainer writes `checkpoint-N/` (model, optimizer and scheduler, per-rank RNG, DeepSpeed shards).
+Then every rank meets at a barrier, and the finalizer writes `COMPLETE` — the step, the data
+position and every file with its size — and renames the directory to `step-NNNNNNNN/`. A process
+killed at any point leaves either a `checkpoint-N/` (discarded at the next start) or a complete
+`step-N/`; resume takes the newest `step-N/` whose `COMPLETE` lists files that are all there.
+
+With an S3 output the checkpoints are staged in the workdir and a background thread uploads them:
+each node's files, then `NODE-<i>.json` naming them, and last — after every node's marker is
+there — `COMPLETE`. A remote prefix without `COMPLETE` is never resumed from. Uploads are retried
+with backoff; every failed attempt is counted in `kubetrain_checkpoint_upload_failures_total`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import torch
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from kubetrain_trainer import storage
+from kubetrain_trainer.callbacks import StepAccounting
+from kubetrain_trainer.config import S3Settings
+from kubetrain_trainer.data import StreamPosition
+from kubetrain_trainer.metrics import TrainerMetrics
+
+log = logging.getLogger(__name__)
+
+MARKER = "COMPLETE"
+STEP_PREFIX = "step-"
+NODE_MARKER = "NODE-{node}.json"
+#: Seconds between upload attempts; an upload is abandoned after the last (the next one retries).
+RETRY_DELAYS = (2.0, 4.0, 8.0, 16.0, 32.0)
+#: Niceness of the upload threads (Linux schedules threads individually).
+UPLOAD_NICENESS = 10
+#: How long node 0 waits for the other nodes' uploads before giving up on a checkpoint.
+NODE_WAIT_SECONDS = 1800.0
+
+
+def step_name(step: int) -> str:
+    return f"{STEP_PREFIX}{step:08d}"
+
+
+def files_of(directory: Path) -> dict[str, int]:
+    """Relative path → size of every file below directory, markers excluded."""
+    return {
+        p.relative_to(directory).as_posix(): p.stat().st_size
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != MARKER and not p.name.startswith("NODE-")
+    }
+
+
+def read_marker(directory: Path) -> dict[str, Any] | None:
+    """The COMPLETE metadata if the checkpoint is whole: every listed file present, same size."""
+    try:
+        meta: dict[str, Any] = json.loads((directory / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    listed = dict(meta.get("files", {}))
+    for node_marker in directory.glob("NODE-*.json"):
+        listed.update(json.loads(node_marker.read_text(encoding="utf-8")).get("files", {}))
+    for rel, size in listed.items():
+        path = directory / rel
+        if not path.is_file() or path.stat().st_size != size:
+            log.warning("checkpoint %s: %s is missing or truncated; not resumable", directory, rel)
+            return None
+    return meta
+
+
+def write_marker(directory: Path, meta: dict[str, Any]) -> None:
+    storage.write_text(str(directory / MARKER), json.dumps(meta, sort_keys=True))
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    step: int
+    location: str
+    """Local directory or remote URI."""
+
+
+def _step_of(name: str) -> int | None:
+    digits = name[len(STEP_PREFIX) :]
+    return int(digits) if name.startswith(STEP_PREFIX) and digits.isdigit() else None
+
+
+def local_checkpoints(root: Path) -> list[Checkpoint]:
+    """Complete checkpoints in a local directory, oldest first."""
+    found = []
+    for path in root.glob(f"{STEP_PREFIX}*"):
+        step = _step_of(path.name)
+        if step is not None and read_marker(path) is not None:
+            found.append(Checkpoint(step, str(path)))
+    return sorted(found, key=lambda c: c.step)
+
+
+def remote_checkpoints(uri: str, s3: S3Settings) -> list[Checkpoint]:
+    """Checkpoints under an S3 prefix whose COMPLETE object exists, oldest first."""
+    found = set()
+    try:
+        for rel, _, _ in storage.list_objects(uri, s3):
+            name, _, rest = rel.partition("/")
+            step = _step_of(name)
+            if rest == MARKER and step is not None:
+                found.add(Checkpoint(step, storage.join(uri, name)))
+    except storage.NotFound:
+        return []
+    return sorted(found, key=lambda c: c.step)
+
+
+def recover(root: Path) -> None:
+    """Tidy a staging directory after a crash: finish renames a kill interrupted, drop the rest."""
+    for path in sorted(root.glob(f"{PREFIX_CHECKPOINT_DIR}-*")):
+        step = path.name.rpartition("-")[2]
+        if step.isdigit() and read_marker(path) is not None:
+            target = root / step_name(int(step))
+            shutil.rmtree(target, ignore_errors=True)
+            path.rename(target)
+            log.info("checkpoint %s: completed an interrupted rename", target.name)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+            log.info("checkpoint %s: incomplete, removed", path.name)
+
+
+def delete_remote(uri: str, s3: S3Settings) -> None:
+    """Delete every object under an S3 prefix (S3 has no directories to remove)."""
+    bucket, prefix = storage.split_s3(uri)
+    keys = [f"{prefix.rstrip('/')}/{rel}" for rel, _, _ in storage.list_objects(uri, s3)]
+    # COMPLETE first: a half-deleted checkpoint must never look resumable.
+    keys.sort(key=lambda key: not key.endswith(f"/{MARKER}"))
+    for start in range(0, len(keys), 1000):
+        objects = [{"Key": key} for key in keys[start : start + 1000]]
+        storage.client(s3).delete_objects(Bucket=bucket, Delete={"Objects": objects})
+
+
+class UploadFailed(RuntimeError):
+    """Every attempt to copy something to the output store failed."""
+
+
+def with_retries(upload: Callable[[], None], *, what: str, metrics: TrainerMetrics | None) -> None:
+    """Run an upload, retrying with backoff; each failed attempt is logged and counted."""
+    for attempt, delay in enumerate((0.0, *RETRY_DELAYS)):
+        time.sleep(delay)
+        try:
+            upload()
+            return
+        except (storage.StorageError, OSError, TimeoutError) as error:
+            if metrics is not None:
+                metrics.checkpoint_upload_failures.labels(run=metrics.run).inc()
+            log.warning("%s: upload attempt %d failed: %s", what, attempt + 1, error)
+    raise UploadFailed(f"{what}: upload failed {1 + len(RETRY_DELAYS)} times; see the log")
+
+
+class Uploader:
+    """One background thread per node that copies finished checkpoints to the output store.
+
+    Only the newest pending checkpoint waits in line: an older one not yet started is dropped,
+    because the newer one supersedes it. Training never waits, except in :meth:`drain` at the end.
+    """
+
+    def __init__(
+        self,
+        *,
+        remote_root: str,
+        s3: S3Settings,
+        node: int,
+        nodes: int,
+        keep: int,
+        metrics: TrainerMetrics | None,
+        on_complete: Callable[[int, float], None],
+    ) -> None:
+        self.remote_root, self.s3, self.node, self.nodes = remote_root, s3, node, nodes
+        self.keep, self.metrics, self.on_complete = keep, metrics, on_complete
+        self._pending: tuple[Path, float] | None = None
+        self._active: Path | None = None
+        self._wake = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="checkpoint-upload", daemon=True)
+        self._thread.start()
+
+    def submit(self, directory: Path, write_seconds: float) -> None:
+        with self._wake:
+            if self._pending is not None:
+                log.info("checkpoint %s: superseded before upload", self._pending[0].name)
+            self._pending = (directory, write_seconds)
+            self._wake.notify_all()
+
+    def busy(self) -> set[Path]:
+        """Directories the thread still needs: local rotation must keep them."""
+        with self._wake:
+            return {p for p in (self._active, self._pending and self._pending[0]) if p is not None}
+
+    def drain(self) -> None:
+        """Wait until everything submitted is uploaded (or given up), then stop the thread."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify_all()
+        self._thread.join()
+
+    def _run(self) -> None:
+        # Lower this thread's CPU priority (and that of the transfer threads it starts, which
+        # inherit it): on a busy host the training loop wins, the upload waits. Linux only: there
+        # a thread id is a schedulable task; elsewhere it would name some other process.
+        if sys.platform == "linux":
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), UPLOAD_NICENESS)
+        while True:
+            with self._wake:
+                while self._pending is None and not self._closed:
+                    self._wake.wait()
+                if self._pending is None:
+                    return
+                (self._active, write_seconds), self._pending = self._pending, None
+            started, directory = time.monotonic(), self._active
+            try:
+                with_retries(
+                    functools.partial(self._upload, directory),
+                    what=f"checkpoint {directory.name}",
+                    metrics=self.metrics,
+                )
+                self.on_complete(
+                    _step_of(directory.name) or 0, write_seconds + time.monotonic() - started
+                )
+            except UploadFailed as error:
+                log.error("%s — the next checkpoint will try again", error)
+            with self._wake:
+                self._active = None
+
+    def _upload(self, directory: Path) -> None:
+        remote = storage.join(self.remote_root, directory.name)
+        files = files_of(directory)
+        for rel in files:
+            storage.upload_file(directory / rel, storage.join(remote, rel), self.s3)
+        node_marker = NODE_MARKER.format(node=self.node)
+        storage.write_text(storage.join(remote, node_marker), json.dumps({"files": files}), self.s3)
+        if self.node != 0:
+            return
+        deadline = time.monotonic() + NODE_WAIT_SECONDS
+        for other in range(1, self.nodes):
+            marker = storage.join(remote, NODE_MARKER.format(node=other))
+            while not storage.exists(marker, self.s3):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{marker}: node {other} did not finish its upload")
+                time.sleep(2.0)
+        storage.upload_file(directory / MARKER, storage.join(remote, MARKER), self.s3)
+        log.info("checkpoint %s: uploaded to %s", directory.name, remote)
+        for old in remote_checkpoints(self.remote_root, self.s3)[: -self.keep]:
+            delete_remote(old.location, self.s3)
+            log.info("checkpoint %s: rotated out", old.location)
+
+
+def resume_point(
+    staging: Path,
+    remote_root: str | None,
+    s3: S3Settings,
+    *,
+    leader: bool,
+    is_rank_zero: bool,
+    nodes: int,
+) -> Path | None:
+    """The newest complete checkpoint, local or remote, as a local directory (None: start fresh).
+
+    Every rank calls this. Rank 0 chooses; the staging leader(s) tidy up and fetch a remote
+    checkpoint the local disk lacks; everyone waits for them. Several nodes staging for S3 resume
+    only from the bucket: rank 0's disk says nothing about the other nodes' disks.
+    """
+    if leader:
+        staging.mkdir(parents=True, exist_ok=True)
+        recover(staging)
+    choice: list[Checkpoint | None] = [None]
+    if is_rank_zero:
+        local_only_counts = remote_root is None or nodes == 1
+        found = [(c.step, 1, c) for c in local_checkpoints(staging)] if local_only_counts else []
+        if remote_root is not None:
+            found += [(c.step, 0, c) for c in remote_checkpoints(remote_root, s3)]
+        choice = [max(found, key=lambda entry: entry[:2])[2] if found else None]
+    distributed = torch.distributed.is_initialized()
+    if distributed:
+        torch.distributed.broadcast_object_list(choice, src=0)
+    chosen = choice[0]
+    if chosen is None:
+        return None
+    target = staging / step_name(chosen.step)
+    if leader and read_marker(target) is None:
+        assert remote_root is not None, "a local checkpoint vanished during start-up"
+        storage.download_dir(storage.join(remote_root, target.name), target, s3)
+        if read_marker(target) is None:
+            raise storage.StorageError(f"{target}: downloaded checkpoint is incomplete")
+    if distributed:
+        torch.distributed.barrier()
+    log.info("resuming from %s (step %d)", chosen.location, chosen.step)
+    return target
+
+
+class CheckpointCallback(TrainerCallback):
+    """Turns HF's `checkpoint-N/` into a complete `step-N/` once every rank has written its part.
+
+    The finalizer is global rank 0 when the staging directory is the (shared) output, and each
+    node's local rank 0 when it is node-local staging for an S3 output.
+    """
+
+    def __init__(
+        self,
+        *,
+        staging: Path,
+        finalizer: bool,
+        keep: int,
+        position: StreamPosition,
+        run_meta: dict[str, Any],
+        metrics: TrainerMetrics | None,
+    ) -> None:
+        self.staging, self.finalizer, self.keep = staging, finalizer, keep
+        self.position, self.run_meta, self.metrics = position, run_meta, metrics
+        self.uploader: Uploader | None = None
+        """Set for S3 outputs on the finalizing ranks."""
+        self.last_step: int | None = None
+        self._save_started = time.perf_counter()
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._save_started = time.perf_counter()
+
+    def on_evaluate(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._save_started = time.perf_counter()
+
+    def on_save(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        step = state.global_step
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()  # every rank's files are written and closed
+        self.last_step = step
+        if not self.finalizer:
+            return
+        written = self.staging / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+        meta = {
+            **self.run_meta,
+            "step": step,
+            "samplesConsumed": self.position.at(step),
+            "time": time.time(),
+            "files": files_of(written),
+        }
+        write_marker(written, meta)
+        target = self.staging / step_name(step)
+        shutil.rmtree(target, ignore_errors=True)
+        written.rename(target)
+        fsync_dir(self.staging)
+        seconds = time.perf_counter() - self._save_started
+        log.info("checkpoint %s: complete in %.2fs", target.name, seconds)
+        self.rotate()
+        if self.uploader is not None:
+            self.uploader.submit(target, seconds)
+        else:
+            self.completed(step, seconds)
+
+    def completed(self, step: int, seconds: float) -> None:
+        """A checkpoint is durable in the output store (called from the upload thread for S3)."""
+        if self.metrics is None:
+            return
+        labels = {"run": self.metrics.run}
+        self.metrics.checkpoint_saves.labels(**labels).inc()
+        self.metrics.checkpoint_last_step.labels(**labels).set(step)
+        self.metrics.checkpoint_last_timestamp.labels(**labels).set(time.time())
+        self.metrics.checkpoint_save_duration.labels(**labels).observe(seconds)
+
+    def rotate(self) -> None:
+        """Keep the newest `keep` complete checkpoints (and any the uploader still needs)."""
+        busy = self.uploader.busy() if self.uploader is not None else set()
+        for old in local_checkpoints(self.staging)[: -self.keep]:
+            if Path(old.location) not in busy:
+                shutil.rmtree(old.location, ignore_errors=True)
+
+
+class SignalStop(TrainerCallback):
+    """SIGTERM/SIGINT: finish the step, save a checkpoint, stop; `stopped` tells run() to exit 143.
+
+    The flag is summed across ranks by the telemetry callback's per-step all-reduce (which must run
+    first), so all ranks stop after the same step even if the signal reached them at different ones.
+    """
+
+    def __init__(self, accounting: StepAccounting) -> None:
+        self.accounting, self.stopped = accounting, False
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self.accounting.stop_everywhere and state.global_step < state.max_steps:
+            self.stopped = True
+            control.should_training_stop = True
+            control.should_save = True
+            log.warning("termination signal: saving step %d and stopping", state.global_step)
+
+
+def install_signal_handlers(accounting: StepAccounting) -> dict[int, Any]:
+    """Route SIGTERM and SIGINT to a stop request; returns the previous handlers to restore."""
+
+    def request_stop(signum: int, frame: FrameType | None) -> None:
+        accounting.stop_requested = True  # nothing else: a handler may interrupt anything
+
+    return {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+
+def restore_signal_handlers(previous: dict[int, Any]) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename durable (the directory entry itself)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

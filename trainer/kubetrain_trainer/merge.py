@@ -1,0 +1,236 @@
+"""The merge stage: adapter → full-precision base, perplexity on the validation split, model card.
+
+    python -m kubetrain_trainer merge --config merge.json --workdir W
+
+A LoRA/QLoRA adapter from `final/` is merged with PEFT's `merge_and_unload` into the base loaded
+in full precision (fp32), then saved in the run's precision as `merged/` (safetensors, tokenizer,
+model card). A QLoRA adapter is merged into the original weights, not into their NF4 round trip:
+the merged model is what a user serving the base in 16-bit gets. A base that is itself quantized
+is refused (exit 2) — declared by `model.quantized` or found in its config.json — because the
+adapter's deltas cannot be folded into 4-bit codes without corrupting the model. Full fine-tunes
+and `merge: false` runs are evaluated and documented as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kubetrain_trainer import checkpoint, data, model, storage
+from kubetrain_trainer.config import MergeConfig
+from kubetrain_trainer.stage import InvalidInput
+
+log = logging.getLogger(__name__)
+
+CARD = """---
+{{ card_data }}
+---
+
+# {{ run }}
+
+{{ summary }}
+
+| | |
+|---|---|
+| method | {{ method }} |
+| base model | `{{ base }}` |
+| adapter | {{ adapter }} |
+| optimizer steps | {{ steps }} |
+| dataset | `{{ dataset }}` ({{ train_tokens }} training tokens, block size {{ block_size }}) |
+| validation perplexity | {{ perplexity }} ({{ eval_tokens }} tokens) |
+| precision | {{ precision }} |
+
+Trained and exported by kubetrain. Load it with
+`AutoModelForCausalLM.from_pretrained("<this directory>")`; the tokenizer is saved alongside.
+"""
+
+
+def perplexity(network: Any, dataset: data.PackedDataset, batch_size: int) -> dict[str, Any]:
+    """Token-weighted NLL over the validation split's labelled tokens, and its exponential."""
+    if not dataset.rows("validation"):
+        return {
+            "perplexity": None,
+            "evalLoss": None,
+            "evalTokens": 0,
+            "note": "no validation split",
+        }
+    device = next(network.parameters()).device
+    total, tokens = 0.0, 0
+    network.eval()
+    with torch.no_grad():
+        for ids, labels, positions in _batches(dataset, batch_size):
+            kwargs = {"position_ids": positions.to(device)} if positions is not None else {}
+            logits = network(input_ids=ids.to(device), **kwargs).logits.float()
+            target = labels[:, 1:].to(device)
+            total += float(
+                torch.nn.functional.cross_entropy(
+                    logits[:, :-1].flatten(0, 1),
+                    target.flatten(),
+                    ignore_index=data.IGNORE_INDEX,
+                    reduction="sum",
+                )
+            )
+            tokens += int((target != data.IGNORE_INDEX).sum())
+    loss = total / max(tokens, 1)
+    return {"perplexity": math.exp(loss), "evalLoss": loss, "evalTokens": tokens}
+
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+
+
+def _batches(dataset: data.PackedDataset, batch_size: int) -> Iterator[Batch]:
+    """(input_ids, labels, position_ids): stacked blocks, or one prompt → chosen pair at a time
+    (labels on the chosen answer only)."""
+    if dataset.format == "preference":
+        split = dataset.preference_split("validation")
+        assert split is not None
+        for row in split:
+            prompt, chosen = list(row["prompt_ids"]), list(row["chosen_ids"])
+            ids = torch.tensor([prompt + chosen])
+            labels = torch.tensor([[data.IGNORE_INDEX] * len(prompt) + chosen])
+            yield ids, labels, None
+        return
+    blocks = dataset.split("validation")
+    assert blocks is not None
+    for start in range(0, len(blocks), batch_size):
+        items = [blocks[i] for i in range(start, min(start + batch_size, len(blocks)))]
+        batch = data.stack_blocks([{k: v for k, v in it.items() if k != "row"} for it in items])
+        yield batch["input_ids"], batch["labels"], batch.get("position_ids")
+
+
+def refuse_quantized_base(config: MergeConfig, base_dir: Path) -> None:
+    uri = config.model.uri
+    if config.model.quantized:
+        raise InvalidInput(
+            f"model.uri: {uri} is declared quantized (model.quantized: true); merging an adapter "
+            "into a 4-bit base corrupts the model — point model.uri at the full-precision base, "
+            "or set output.merge: false to keep the adapter only"
+        )
+    declared = model.quantization_of(base_dir)
+    if declared is not None:
+        raise InvalidInput(
+            f"model.uri: {uri} is pre-quantized (config.json quantization_config: {declared}); "
+            "merging an adapter into it corrupts the model — point model.uri at the "
+            "full-precision base, or set output.merge: false to keep the adapter only"
+        )
+
+
+def write_card(directory: Path, fields: dict[str, Any]) -> str:
+    from huggingface_hub import ModelCard, ModelCardData
+
+    card_data = ModelCardData(
+        library_name="transformers",
+        base_model=fields["base"] if fields["base"] != "(trained from scratch)" else None,
+        tags=["kubetrain", fields["method"], *(["lora"] if fields["adapter"] != "none" else [])],
+    )
+    text = str(ModelCard.from_template(card_data, template_str=CARD, **fields))
+    (directory / "README.md").write_text(text, encoding="utf-8")
+    return text
+
+
+def run(config: MergeConfig, workdir: Path) -> dict[str, Any]:
+    """Merge (adapters), evaluate, export; returns where the model and the numbers went."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    workdir.mkdir(parents=True, exist_ok=True)
+    final_uri = storage.join(config.output_uri, "final")
+    final_dir = model.local_dir(final_uri, workdir, config.s3, "final model")
+    final_meta = checkpoint.read_marker(final_dir)
+    if final_meta is None:
+        raise InvalidInput(
+            f"{final_uri}: no complete final model — the train stage has not finished; run it first"
+        )
+    is_adapter = (final_dir / "adapter_config.json").exists()
+    if is_adapter != (config.adapter.type != "none"):
+        raise InvalidInput(
+            f"adapter.type: {config.adapter.type}, but {final_uri} holds "
+            f"{'an adapter' if is_adapter else 'a full model'} — the stage configs disagree"
+        )
+    tokenizer = model.load_tokenizer(final_dir)
+    dataset = data.open_dataset(config.dataset_pointer, workdir, config.s3)
+    dtype = model.DTYPES[config.precision]
+
+    base_uri = config.model.uri or "(trained from scratch)"
+    outputs = {"final": final_uri}
+    network: Any
+    if is_adapter:
+        from peft import PeftModel
+
+        assert config.model.uri is not None, "adapters are trained on a model from uri"
+        base_dir = model.local_dir(config.model.uri, workdir, config.s3, "model.uri")
+        if config.merge:
+            refuse_quantized_base(config, base_dir)
+        base = model.load_pretrained(base_dir, dtype=torch.float32)
+        network = PeftModel.from_pretrained(base, str(final_dir))
+        if config.merge:
+            network = network.merge_and_unload()
+    else:
+        network = model.load_pretrained(final_dir, dtype=torch.float32)
+    network = network.to(dtype)
+    numbers = perplexity(network, dataset, config.micro_batch_size)
+    log.info("validation perplexity: %s on %d tokens", numbers["perplexity"], numbers["evalTokens"])
+
+    fields = {
+        "run": config.run,
+        "summary": f"A {config.method} run of kubetrain"
+        + (
+            ", adapter merged into the full-precision base." if is_adapter and config.merge else "."
+        ),
+        "method": config.method,
+        "base": base_uri,
+        "adapter": config.adapter.type,
+        "steps": final_meta.get("step"),
+        "dataset": dataset.key,
+        "train_tokens": dataset.manifest["splits"]["train"].get("tokens"),
+        "block_size": dataset.block_size,
+        "perplexity": "n/a" if numbers["perplexity"] is None else f"{numbers['perplexity']:.3f}",
+        "eval_tokens": numbers["evalTokens"],
+        "precision": config.precision,
+    }
+    if is_adapter and config.merge:
+        outputs["merged"] = export(network, tokenizer, fields, config, workdir)
+    metrics = {
+        **numbers,
+        "model": outputs.get("merged", final_uri),
+        "base": base_uri,
+        "adapter": config.adapter.type,
+        "dataset": dataset.key,
+    }
+    root = config.output_uri
+    storage.write_text(storage.join(root, "metrics.json"), json.dumps(metrics, indent=2), config.s3)
+    card = write_card(workdir, fields)
+    storage.write_text(storage.join(root, "README.md"), card, config.s3)
+    return {**numbers, "outputs": outputs}
+
+
+def export(
+    network: Any, tokenizer: Any, fields: dict[str, Any], config: MergeConfig, workdir: Path
+) -> str:
+    """merged/: safetensors, tokenizer, model card, COMPLETE last (uploaded when remote)."""
+    uri = storage.join(config.output_uri, "merged")
+    remote = storage.is_s3(uri)
+    target = workdir / "merged" if remote else storage.local_path(uri)
+    building = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(building, ignore_errors=True)
+    network.save_pretrained(str(building), safe_serialization=True)
+    tokenizer.save_pretrained(str(building))
+    write_card(building, fields)
+    checkpoint.write_marker(building, {"run": config.run, "files": checkpoint.files_of(building)})
+    shutil.rmtree(target, ignore_errors=True)
+    building.rename(target)
+    if remote:
+        checkpoint.with_retries(
+            lambda: storage.upload_dir(target, uri, config.s3, marker=checkpoint.MARKER),
+            what=f"merged model → {uri}",
+            metrics=None,
+        )
+    log.info("merged model: %s", uri)
+    return uri

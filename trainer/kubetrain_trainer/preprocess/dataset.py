@@ -1,0 +1,176 @@
+"""The packed dataset format (`dataset-v1`, docs/dataset-format.md): layout, cache key, reading.
+
+The writer (`preprocess`) and every reader (the trainer's `data`, merge/evaluate) share this module:
+
+    from kubetrain_trainer.preprocess.dataset import read_pointer, verify_dataset, open_split
+    pointer = read_pointer(config.dataset_pointer, config.s3)
+    path, manifest = verify_dataset(pointer["uri"], config.s3)   # _SUCCESS + every shard's sha256
+    table = open_split(path, manifest, "train")                   # memory-mapped, zero-copy
+
+It imports only pyarrow and the storage layer, so readers do not pay for tokenizers or transformers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from kubetrain_trainer import storage
+from kubetrain_trainer.config import PreprocessConfig, S3Settings
+from kubetrain_trainer.stage import InvalidInput
+
+FORMAT_VERSION = "dataset-v1"
+MANIFEST = "manifest.json"
+SUCCESS = "_SUCCESS"
+TOKENIZER_DIR = "tokenizer"
+SPLITS = ("train", "validation")
+#: Best-fit packing keeps this many blocks open; part of the cache key (it changes the output).
+OPEN_BINS = 256
+
+_TOKENS = pa.list_(pa.int32())
+SCHEMAS = {
+    "text": pa.schema([("input_ids", _TOKENS), ("labels", _TOKENS)]),
+    "chat": pa.schema([("input_ids", _TOKENS), ("labels", _TOKENS), ("position_ids", _TOKENS)]),
+    "preference": pa.schema(
+        [("prompt_ids", _TOKENS), ("chosen_ids", _TOKENS), ("rejected_ids", _TOKENS)]
+    ),
+}
+PACKING = {"text": "concatenate", "chat": f"best-fit-{OPEN_BINS}", "preference": "none"}
+
+
+class DatasetError(InvalidInput):
+    """A dataset that must not be trained on (incomplete, corrupt, other format): exit 2."""
+
+
+def identity(
+    config: PreprocessConfig,
+    inputs: list[dict[str, str]],
+    tokenizer_fingerprint: str,
+    template: str | None,
+) -> dict[str, Any]:
+    """Everything that determines the dataset's bytes, and nothing else (docs/dataset-format.md).
+
+    `inputs` are {"split", "kind", "fingerprint"} in input order: the content, not the path.
+    Settings that cannot change the output for this config are left out, so that changing them
+    does not invalidate the cache: the field names of other formats, textSplit without .txt
+    inputs, partialBlock outside text, the seed without validationFraction.
+    """
+    fields = config.fields
+    names = {
+        "text": {"text": fields.text},
+        "chat": {"messages": fields.messages},
+        "preference": {
+            "prompt": fields.prompt,
+            "chosen": fields.chosen,
+            "rejected": fields.rejected,
+        },
+    }[config.format]
+    key: dict[str, Any] = {
+        "formatVersion": FORMAT_VERSION,
+        "format": config.format,
+        "inputs": inputs,
+        "tokenizer": tokenizer_fingerprint,
+        "chatTemplate": template,
+        "fields": names,
+        "blockSize": config.block_size,
+        "packing": PACKING[config.format],
+    }
+    if any(i["kind"] == "txt" for i in inputs):
+        key["textSplit"] = config.text_split
+    if config.format == "text":
+        key["partialBlock"] = config.partial_block
+    if config.validation_fraction > 0 and not config.validation:
+        key["validationFraction"] = config.validation_fraction
+        key["seed"] = config.seed
+    return key
+
+
+def cache_key(identity: dict[str, Any]) -> str:
+    """sha256 (hex) of the canonical JSON of the identity."""
+    canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def is_complete(uri: str, s3: S3Settings | None = None) -> bool:
+    """Published: `_SUCCESS` is written last, so its presence means every file is there."""
+    return storage.exists(storage.join(uri, SUCCESS), s3)
+
+
+def load_manifest(uri: str, s3: S3Settings | None = None) -> dict[str, Any]:
+    """The manifest of a complete dataset; DatasetError if it is incomplete or of another format."""
+    if not is_complete(uri, s3):
+        raise DatasetError(
+            f"{uri}: no {SUCCESS} — the dataset was never published completely; rerun the "
+            "preprocess stage (it rebuilds it)"
+        )
+    try:
+        manifest: dict[str, Any] = json.loads(storage.read_text(storage.join(uri, MANIFEST), s3))
+    except (storage.NotFound, json.JSONDecodeError) as error:
+        raise DatasetError(f"{uri}/{MANIFEST}: unreadable ({error}); rerun preprocess") from None
+    if manifest.get("formatVersion") != FORMAT_VERSION:
+        raise DatasetError(
+            f"{uri}: formatVersion {manifest.get('formatVersion')!r}, this trainer reads "
+            f"{FORMAT_VERSION!r} — rerun preprocess with this image"
+        )
+    return manifest
+
+
+def shard_files(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    return [s for split in manifest["splits"].values() for s in split["shards"]]
+
+
+def verify_local(path: Path, manifest: dict[str, Any]) -> None:
+    """Check every shard's size and sha256 against the manifest (DatasetError naming the shard)."""
+    for shard in shard_files(manifest):
+        file = path / shard["file"]
+        if not file.is_file():
+            raise DatasetError(f"{file}: missing — the dataset is damaged; delete it and rerun")
+        if file.stat().st_size != shard["bytes"] or storage.sha256_file(file) != shard["sha256"]:
+            raise DatasetError(
+                f"{file}: sha256 does not match the manifest — the shard is corrupt; delete "
+                f"{path} and rerun the preprocess stage"
+            )
+
+
+def verify_dataset(
+    uri: str, s3: S3Settings | None = None, cache_dir: Path | None = None
+) -> tuple[Path, dict[str, Any]]:
+    """A verified local copy of a dataset: (directory, manifest).
+
+    Local datasets are checked in place; S3 datasets are fetched once into
+    `cache_dir/<key>` (default: the temp dir) and checked there.
+    """
+    manifest = load_manifest(uri, s3)
+    if storage.is_s3(uri):
+        root = cache_dir or Path(tempfile.gettempdir()) / "kubetrain-datasets"
+        path = storage.download_dir(uri, root / manifest["key"], s3)
+    else:
+        path = storage.local_path(uri)
+    verify_local(path, manifest)
+    return path, manifest
+
+
+def open_split(path: Path, manifest: dict[str, Any], split: str = "train") -> pa.Table:
+    """All shards of a split as one memory-mapped table (no copy into RAM)."""
+    schema = SCHEMAS[manifest["format"]]
+    tables = [
+        pa.ipc.open_file(pa.memory_map(str(path / shard["file"]))).read_all()
+        for shard in manifest["splits"].get(split, {"shards": []})["shards"]
+    ]
+    return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+def read_pointer(uri: str, s3: S3Settings | None = None) -> dict[str, Any]:
+    """The {key, uri, cacheHit} the preprocess stage leaves for the later stages."""
+    try:
+        pointer: dict[str, Any] = json.loads(storage.read_text(uri, s3))
+    except storage.NotFound:
+        raise DatasetError(
+            f"{uri}: no dataset pointer — the preprocess stage has not finished for this run"
+        ) from None
+    return pointer

@@ -1,0 +1,390 @@
+"""The preprocess stage from start to finish: key → cache hit, or build → publish → pointer."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kubetrain_trainer import storage
+from kubetrain_trainer.config import PreprocessConfig
+from kubetrain_trainer.metrics import PreprocessMetrics, serve
+from kubetrain_trainer.preprocess import dataset, pack, parallel, readers, tokenizer, writer
+from kubetrain_trainer.preprocess.encode import (
+    ChunkEncoder,
+    ChunkTexts,
+    EncodedChunk,
+    EncodeSettings,
+)
+from kubetrain_trainer.preprocess.rows import Tally
+from kubetrain_trainer.stage import EXIT_TERMINATED, InvalidInput
+
+log = logging.getLogger("kubetrain_trainer.preprocess")
+
+PROGRESS_SECONDS = 15.0
+#: First offending locations per reason in the result JSON; the manifest keeps more. The result
+#: must fit the 4 KiB termination message.
+RESULT_FIRST = 2
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One input, with the content fingerprint the cache key is built from."""
+
+    source: readers.Source
+    fingerprint: str
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Located:
+    """Where this config's dataset lives, and what its key was computed from."""
+
+    key: str
+    uri: str
+    inputs: list[InputFile]
+    plan: tokenizer.TokenizerPlan
+
+
+def locate(config: PreprocessConfig, workdir: Path) -> Located:
+    """Fingerprint the inputs and the tokenizer, and derive the content key (no data is read)."""
+    if config.validation and config.validation_fraction > 0:
+        raise InvalidInput(
+            "validationFraction: set together with validation files — keep one of them"
+        )
+    inputs = [_describe(src, config) for src in readers.sources(config)]
+    plan = tokenizer.plan(config, workdir / ".kubetrain-cache" / "tokenizers")
+    described = [
+        {"split": i.source.split, "kind": i.source.kind, "fingerprint": i.fingerprint}
+        for i in inputs
+    ]
+    key = dataset.cache_key(dataset.identity(config, described, plan.fingerprint, plan.template))
+    return Located(key, storage.join(config.cache_root, "datasets", key), inputs, plan)
+
+
+def run(
+    config: PreprocessConfig, workdir: Path, metrics: PreprocessMetrics | None = None
+) -> dict[str, Any]:
+    """Publish the dataset of this config (or find it published) and point the run at it."""
+    started = time.monotonic()
+    metrics = metrics or PreprocessMetrics(config.run)
+    serve(metrics.registry, config.metrics_port)
+    with _terminate_on_sigterm():
+        where = locate(config, workdir)
+        manifest = _cached(where.uri, config)
+        hit = manifest is not None
+        if not storage.is_s3(where.uri):
+            writer.remove_abandoned(storage.local_path(where.uri).parent)
+        if manifest is not None:
+            log.info("cache hit: %s is complete; reusing it (nothing to compute)", where.uri)
+            metrics.cache_hits.labels(config.run).inc()
+            _check_rejections(manifest["counts"], config.max_rejected_fraction)
+        else:
+            log.info("cache miss: building %s", where.uri)
+            manifest = _build(config, workdir, where, metrics)
+        pointer = {"key": where.key, "uri": where.uri, "cacheHit": hit}
+        storage.write_text(
+            config.dataset_pointer, json.dumps(pointer, sort_keys=True) + "\n", config.s3
+        )
+    return _result(manifest, pointer, time.monotonic() - started)
+
+
+@contextlib.contextmanager
+def _terminate_on_sigterm() -> Iterator[None]:
+    """SIGTERM (pod deletion) unwinds: workers stop, staging is removed, exit 143."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: object) -> None:
+        raise SystemExit(EXIT_TERMINATED)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _describe(src: readers.Source, config: PreprocessConfig) -> InputFile:
+    try:
+        return InputFile(
+            src, storage.fingerprint(src.uri, config.s3), storage.size(src.uri, config.s3)
+        )
+    except storage.NotFound as error:
+        raise InvalidInput(f"{src.split}: {error}") from None
+
+
+def _cached(uri: str, config: PreprocessConfig) -> dict[str, Any] | None:
+    """The manifest of a complete, intact dataset under the key; a damaged one is discarded."""
+    if not dataset.is_complete(uri, config.s3):
+        return None
+    try:
+        manifest = dataset.load_manifest(uri, config.s3)
+        if not storage.is_s3(uri):  # S3 shards are verified by the reader that downloads them
+            dataset.verify_local(storage.local_path(uri), manifest)
+    except dataset.DatasetError as error:
+        log.warning("%s — discarding it and building it again", error.message)
+        writer.discard(uri)
+        return None
+    return manifest
+
+
+def _metered(
+    chunks: Iterable[readers.Chunk], metrics: PreprocessMetrics
+) -> Iterator[readers.Chunk]:
+    bytes_read = metrics.bytes_read.labels(metrics.run)
+    for chunk in chunks:
+        bytes_read.inc(chunk.nbytes)
+        yield chunk
+
+
+def _columns(config: PreprocessConfig) -> list[str]:
+    fields = config.fields
+    return {
+        "text": [fields.text],
+        "chat": [fields.messages],
+        "preference": [fields.prompt, fields.chosen, fields.rejected],
+    }[config.format]
+
+
+def _train_tokenizer(
+    config: PreprocessConfig,
+    inputs: list[InputFile],
+    plan: tokenizer.TokenizerPlan,
+    pool: parallel.Pool,
+) -> Any:
+    """BPE from a stream of the training rows' texts; validation inputs are not learnt from."""
+    log.info(
+        "training a byte-level BPE tokenizer (vocabulary %d) on the training inputs",
+        plan.vocab_size,
+    )
+    train_inputs = [i.source for i in inputs if i.source.split == "train"]
+    chunks = readers.read_chunks(train_inputs, config.text_split, _columns(config), config.s3)
+    return tokenizer.train(pool.map(ChunkTexts, (config.format, config.fields), chunks), plan)
+
+
+class _Progress:
+    """Totals, metrics and a log line every PROGRESS_SECONDS."""
+
+    def __init__(self, metrics: PreprocessMetrics, packers: dict[str, pack.Packer]) -> None:
+        self.metrics, self.packers = metrics, packers
+        self.tally = Tally()
+        self.started = self.last = time.monotonic()
+        self.tokens = self.blocks = 0
+
+    def add(self, encoded: EncodedChunk) -> None:
+        self.tally.merge(encoded.tally)
+        run, rows = self.metrics.run, self.metrics.rows
+        rows.labels(run, "accepted", "").inc(encoded.tally.accepted)
+        for reason, count in encoded.tally.rejected.items():
+            rows.labels(run, "rejected", reason).inc(count)
+        self.update()
+
+    def update(self) -> None:
+        tokens = sum(p.stats.tokens for p in self.packers.values())
+        blocks = sum(p.stats.rows for p in self.packers.values())
+        self.metrics.tokens.labels(self.metrics.run).inc(tokens - self.tokens)
+        self.metrics.blocks.labels(self.metrics.run).inc(blocks - self.blocks)
+        self.tokens, self.blocks = tokens, blocks
+        now = time.monotonic()
+        if now - self.last >= PROGRESS_SECONDS:
+            self.last = now
+            log.info(
+                "%d rows read (%d rejected), %d tokens in %d blocks, %.0f tokens/s",
+                self.tally.rows,
+                self.tally.rejected_total,
+                tokens,
+                blocks,
+                tokens / max(now - self.started, 1e-9),
+            )
+
+
+def _build(
+    config: PreprocessConfig, workdir: Path, where: Located, metrics: PreprocessMetrics
+) -> dict[str, Any]:
+    workers = config.workers or parallel.default_workers()
+    threads = max(1, parallel.available_cpus() // workers)
+    os.environ.setdefault("RAYON_NUM_THREADS", str(parallel.available_cpus()))
+    log.info("%d worker process(es), %d tokenizer thread(s) each", workers, threads)
+    with (
+        writer.staging(where.uri, where.key, workdir) as staged,
+        parallel.Pool(workers, threads) as pool,
+    ):
+        trained = None
+        if where.plan.source_dir is None:
+            trained = _train_tokenizer(config, where.inputs, where.plan, pool)
+        info = tokenizer.save(where.plan, trained, staged / dataset.TOKENIZER_DIR)
+        if config.format == "text" and not info.splits_at_lines:
+            log.warning(
+                "this tokenizer encodes text differently when it is cut at line starts: long "
+                "documents are encoded whole, and memory grows with the longest document"
+            )
+        settings = EncodeSettings(
+            format=config.format,
+            fields=config.fields,
+            tokenizer_dir=str(staged / dataset.TOKENIZER_DIR),
+            eos_id=info.eos_id,
+            block_size=config.block_size,
+            split_long_documents=info.splits_at_lines,
+            validation_fraction=config.validation_fraction,
+            seed=config.seed,
+        )
+        tally, splits = _pack(config, where, settings, info.pad_id, staged, pool, metrics)
+        counts = _counts(tally, splits)
+        _check_rejections(counts, config.max_rejected_fraction)
+        if not splits["train"]["rows"]:
+            raise InvalidInput(
+                f"no training rows: {counts['accepted']} rows accepted gave no complete block of "
+                f"{config.block_size} tokens — add data, lower blockSize or set partialBlock: pad"
+            )
+        manifest = {
+            "formatVersion": dataset.FORMAT_VERSION,
+            "key": where.key,
+            "format": config.format,
+            "blockSize": config.block_size,
+            "inputs": [
+                {
+                    "uri": i.source.uri,
+                    "split": i.source.split,
+                    "fingerprint": i.fingerprint,
+                    "bytes": i.nbytes,
+                }
+                for i in where.inputs
+            ],
+            "tokenizer": {
+                "fingerprint": where.plan.fingerprint,
+                "vocabSize": info.vocab_size,
+                "eosTokenId": info.eos_id,
+                "padTokenId": info.pad_id,
+                "trained": trained is not None,
+            },
+            "chatTemplate": where.plan.template,
+            "splits": splits,
+            "counts": counts,
+        }
+        writer.write_json(staged / dataset.MANIFEST, manifest)
+        (staged / dataset.SUCCESS).write_text(where.key + "\n", encoding="utf-8")
+        writer.publish(staged, where.uri, config.s3)
+    log.info(
+        "published %s: %d rows read, %d rejected, %d tokens in %d blocks",
+        where.uri,
+        counts["rowsRead"],
+        tally.rejected_total,
+        counts["tokens"],
+        counts["blocks"],
+    )
+    return manifest
+
+
+def _pack(
+    config: PreprocessConfig,
+    where: Located,
+    settings: EncodeSettings,
+    pad_id: int,
+    staged: Path,
+    pool: parallel.Pool,
+    metrics: PreprocessMetrics,
+) -> tuple[Tally, dict[str, dict[str, Any]]]:
+    """Encode every chunk in the workers; pack and write the results here, in input order."""
+    packers = {
+        split: pack.packer(config.format, config.block_size, pad_id, config.partial_block)
+        for split in dataset.SPLITS
+    }
+    writers = {
+        split: writer.SplitWriter(staged, split, dataset.SCHEMAS[config.format])
+        for split in dataset.SPLITS
+    }
+    progress = _Progress(metrics, packers)
+    chunks = readers.read_chunks(
+        [i.source for i in where.inputs], config.text_split, _columns(config), config.s3
+    )
+    for encoded in pool.map(ChunkEncoder, (settings,), _metered(chunks, metrics)):
+        progress.add(encoded)
+        for split, columns in encoded.splits.items():
+            writers[split].write(packers[split].add(columns))
+        progress.update()
+    for split in dataset.SPLITS:
+        writers[split].write(packers[split].finish())
+    progress.update()
+    splits = {split: _split_summary(writers[split].close(), packers[split]) for split in writers}
+    return progress.tally, splits
+
+
+def _split_summary(shards: list[dict[str, Any]], packer: pack.Packer) -> dict[str, Any]:
+    stats = packer.stats
+    return {
+        "shards": shards,
+        "rows": stats.rows,
+        "documents": stats.documents,
+        "tokens": stats.tokens,
+        "paddingTokens": stats.padding,
+        "droppedTokens": stats.dropped,
+    }
+
+
+def _counts(tally: Tally, splits: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    tokens = sum(s["tokens"] for s in splits.values())
+    padding = sum(s["paddingTokens"] for s in splits.values())
+    return {
+        **tally.as_dict(),
+        "documents": sum(s["documents"] for s in splits.values()),
+        "tokens": tokens,
+        "blocks": sum(s["rows"] for s in splits.values()),
+        "paddingFraction": round(padding / (tokens + padding), 6) if tokens + padding else 0.0,
+        "droppedTokens": sum(s["droppedTokens"] for s in splits.values()),
+    }
+
+
+def _check_rejections(counts: dict[str, Any], limit: float) -> None:
+    rows, rejected = counts["rowsRead"], sum(counts["rejected"].values())
+    if rows == 0:
+        raise InvalidInput("the inputs hold no rows — check the files and textSplit")
+    if counts["accepted"] and rejected / rows <= limit:
+        return
+    lines = [
+        f"  {reason}: {count} (first at {', '.join(counts['firstRejected'][reason])})"
+        for reason, count in counts["rejected"].items()
+    ]
+    raise InvalidInput(
+        f"{rejected} of {rows} rows rejected ({rejected / rows:.2%}), above maxRejectedFraction "
+        f"{limit:.2%}:\n" + "\n".join(lines) + "\nFix or remove these rows, or raise "
+        "data.maxRejectedFraction if losing them is acceptable.",
+        {"rejected": counts["rejected"], "firstRejected": _first(counts)},
+    )
+
+
+def _first(counts: dict[str, Any]) -> dict[str, list[str]]:
+    return {r: where[:RESULT_FIRST] for r, where in counts["firstRejected"].items()}
+
+
+def _result(manifest: dict[str, Any], pointer: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """The ≤ 4 KiB summary the operator reads (status.dataset)."""
+    counts, splits = manifest["counts"], manifest["splits"]
+    return {
+        "key": pointer["key"],
+        "uri": pointer["uri"],
+        "cacheHit": pointer["cacheHit"],
+        "format": manifest["format"],
+        "rowsRead": counts["rowsRead"],
+        "accepted": counts["accepted"],
+        "rejected": counts["rejected"],
+        "firstRejected": _first(counts),
+        "trainTokens": splits["train"]["tokens"],
+        "validationTokens": splits["validation"]["tokens"],
+        "trainRows": splits["train"]["rows"],
+        "validationRows": splits["validation"]["rows"],
+        "tokens": counts["tokens"],
+        "blocks": counts["blocks"],
+        "paddingFraction": counts["paddingFraction"],
+        "droppedTokens": counts["droppedTokens"],
+        "seconds": round(seconds, 3),
+    }

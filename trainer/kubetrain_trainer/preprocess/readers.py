@@ -1,0 +1,321 @@
+"""Input files → fixed-size chunks of raw records, streamed, with their `file:line`.
+
+The reader does only what must happen in order: open (local or S3), decompress (.gz, .zst), and cut
+the byte stream into records — JSON Lines lines, text paragraphs or lines, JSON array elements,
+Parquet rows. Decoding and validation happen in the workers (`rows`, `encode`). Chunk boundaries
+depend only on the input, never on the worker count, so the output does not either.
+
+How each kind is read (docs/preprocessing.md):
+* `.jsonl`: one JSON object per line; blank lines are not rows.
+* `.json`: a JSON array of objects, streamed element by element; a file that does not start with
+  `[` is read as JSON Lines (many tools write JSON Lines with this extension). A broken array cannot
+  be cut into rows, so it fails the stage naming the line.
+* `.txt`: `textSplit: paragraph` — blank-line-separated paragraphs; `line` — each non-blank line.
+* `.parquet`: one row per table row (S3 objects are first copied to a local temp file: Parquet needs
+  random access to its footer).
+A record longer than MAX_RECORD_BYTES is skipped without being held in memory (reason tooLong).
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import gzip
+import io
+import json
+import re
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Literal
+
+from kubetrain_trainer import storage
+from kubetrain_trainer.config import PreprocessConfig, S3Settings
+from kubetrain_trainer.preprocess.rows import RecordKind
+from kubetrain_trainer.stage import InvalidInput
+
+#: Raw bytes per chunk (a chunk holds at least one record): large enough to amortise a worker
+#: round trip and an encode_batch call, small enough to keep 2 × workers chunks in flight cheaply.
+CHUNK_BYTES = 256 << 10
+#: Rows per chunk for inputs whose size is not known row by row (Parquet, JSON arrays).
+CHUNK_RECORDS = 2048
+#: A single record above this is refused (tooLong) instead of growing memory without bound.
+MAX_RECORD_BYTES = 32 << 20
+_BLOCK = 1 << 20
+_BOM = codecs.BOM_UTF8
+_COMPRESSIONS = {".gz": "gz", ".gzip": "gz", ".zst": "zst", ".zstd": "zst"}
+_KINDS = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".txt": "txt",
+    ".parquet": "parquet",
+}
+
+InputKind = Literal["jsonl", "json", "txt", "parquet"]
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input file and the split its rows go to."""
+
+    uri: str
+    split: str
+    kind: InputKind
+    compression: str
+
+
+@dataclass
+class Chunk:
+    """Consecutive records of one source; the unit of work of a worker."""
+
+    index: int
+    uri: str
+    split: str
+    kind: RecordKind
+    lines: list[int]
+    records: list[bytes | object | None]
+    nbytes: int
+
+
+def source(uri: str, split: str, where: str) -> Source:
+    """Classify an input by its name; refuse what cannot be read."""
+    name = uri.rstrip("/").rsplit("/", 1)[-1].lower()
+    stem, dot, ext = name.rpartition(".")
+    compression = _COMPRESSIONS.get(f".{ext}", "")
+    if compression:
+        stem, dot, ext = stem.rpartition(".")
+    kind = _KINDS.get(f".{ext}") if dot else None
+    if kind is None or (kind == "parquet" and compression):
+        raise InvalidInput(
+            f"{where}: {uri}: cannot tell how to read this file — name it *.jsonl, *.json, "
+            "*.txt or *.parquet (the first three may end in .gz or .zst)"
+        )
+    return Source(uri, split, kind, compression)  # type: ignore[arg-type]
+
+
+def sources(config: PreprocessConfig) -> list[Source]:
+    """The inputs in order: train files, then validation files."""
+    found = [source(uri, "train", f"train[{i}]") for i, uri in enumerate(config.train)]
+    found += [
+        source(uri, "validation", f"validation[{i}]") for i, uri in enumerate(config.validation)
+    ]
+    if config.format != "text":
+        for src in found:
+            if src.kind == "txt":
+                raise InvalidInput(
+                    f"{src.uri}: .txt files hold plain documents; format {config.format} needs "
+                    "rows with fields — use .jsonl, .json or .parquet"
+                )
+    return found
+
+
+class _Counting(io.RawIOBase):
+    """Counts the stored (compressed) bytes read, for kubetrain_preprocess_bytes_read_total."""
+
+    def __init__(self, inner: IO[bytes]) -> None:
+        self.inner, self.count = inner, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        data = self.inner.read(len(buffer))
+        buffer[: len(data)] = data
+        self.count += len(data)
+        return len(data)
+
+    def close(self) -> None:
+        self.inner.close()
+        super().close()
+
+
+def _decompressed(counting: _Counting, compression: str) -> IO[bytes]:
+    buffered = io.BufferedReader(counting, _BLOCK)
+    if compression == "gz":
+        return gzip.GzipFile(fileobj=buffered)  # type: ignore[return-value]
+    if compression == "zst":
+        import zstandard
+
+        reader = zstandard.ZstdDecompressor().stream_reader(buffered, read_across_frames=True)
+        return io.BufferedReader(reader, _BLOCK)
+    return buffered
+
+
+def _lines(stream: IO[bytes]) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, line without its ending) — None for a line above MAX_RECORD_BYTES."""
+    number = 0
+    while line := stream.readline(MAX_RECORD_BYTES + 1):
+        number += 1
+        if number == 1 and line.startswith(_BOM):
+            line = line[len(_BOM) :]
+        if len(line) > MAX_RECORD_BYTES and not line.endswith(b"\n"):
+            while line and not line.endswith(b"\n"):  # skip the rest without keeping it
+                line = stream.readline(_BLOCK)
+            yield number, None
+            continue
+        yield number, line.rstrip(b"\r\n")
+
+
+def _non_blank_lines(stream: IO[bytes]) -> Iterator[tuple[int, bytes | None]]:
+    for number, line in _lines(stream):
+        if line is None or line.strip():
+            yield number, line
+
+
+def _paragraphs(stream: IO[bytes]) -> Iterator[tuple[int, bytes | None]]:
+    """Blank-line-separated paragraphs, their lines joined with "\n" (CRLF normalised)."""
+    parts: list[bytes] = []
+    start, size = 0, 0
+    for number, line in _lines(stream):
+        if line is not None and not line.strip():
+            if start:
+                yield start, (b"\n".join(parts) if size <= MAX_RECORD_BYTES else None)
+            start, parts, size = 0, [], 0
+            continue
+        start = start or number
+        if line is None or size > MAX_RECORD_BYTES:
+            size = MAX_RECORD_BYTES + 1
+            parts = []
+        else:
+            parts.append(line)
+            size += len(line) + 1
+    if start:
+        yield start, (b"\n".join(parts) if size <= MAX_RECORD_BYTES else None)
+
+
+_WS = re.compile(r"\s*")
+
+
+def _json_array(stream: IO[bytes], uri: str) -> Iterator[tuple[int, object]]:
+    """Elements of a top-level JSON array, parsed one at a time from a bounded buffer."""
+    decode = codecs.getincrementaldecoder("utf-8-sig")().decode
+    parser = json.JSONDecoder()
+    buf, pos, line, eof = "", 0, 1, False
+
+    def fail(problem: str, at: int) -> InvalidInput:
+        where = f"{uri}:{line + buf.count(chr(10), pos, at)}"
+        return InvalidInput(
+            f"{where}: {problem} — a .json input must be one JSON array of objects; fix the file "
+            "or convert it to JSON Lines (.jsonl), where a bad row is skipped and counted"
+        )
+
+    def more() -> None:
+        nonlocal buf, pos, eof
+        try:
+            block = stream.read(_BLOCK)
+            text = decode(block, final=not block)
+        except UnicodeDecodeError as error:
+            raise fail(f"invalid UTF-8 ({error.reason})", len(buf)) from None
+        eof = not block
+        buf, pos = buf[pos:] + text, 0
+
+    def advance(to: int) -> None:
+        nonlocal pos, line
+        line += buf.count("\n", pos, to)
+        pos = to
+
+    def next_char() -> str:
+        while True:
+            advance(_WS.match(buf, pos).end())  # type: ignore[union-attr]
+            if pos < len(buf) or eof:
+                return buf[pos : pos + 1]
+            more()
+
+    if next_char() != "[":
+        raise fail("expected '['", pos)
+    advance(pos + 1)
+    if next_char() == "]":
+        return
+    while True:
+        next_char()
+        while True:
+            try:
+                value, end = parser.raw_decode(buf, pos)
+            except json.JSONDecodeError as error:
+                if eof:
+                    raise fail(f"invalid JSON: {error.msg}", error.pos) from None
+                more()
+                continue
+            if end < len(buf) or eof:  # a number at the buffer's end may continue
+                break
+            more()
+        yield line, value
+        advance(end)
+        separator = next_char()
+        advance(pos + 1)
+        if separator == "]":
+            break
+        if separator != ",":
+            raise fail(f"expected ',' or ']' after an element, got {separator!r}", pos - 1)
+    if next_char():
+        raise fail("unexpected content after the array", pos)
+
+
+def _parquet(path: Path, columns: list[str]) -> Iterator[tuple[int, object]]:
+    import pyarrow.parquet as pq
+
+    with pq.ParquetFile(path) as file:
+        present = [c for c in columns if c in file.schema_arrow.names]
+        number = 0
+        for batch in file.iter_batches(batch_size=CHUNK_RECORDS, columns=present):
+            for row in batch.to_pylist():
+                number += 1
+                yield number, row
+
+
+def _is_array(stream: IO[bytes]) -> bool:
+    head = stream.peek(_BLOCK)  # type: ignore[attr-defined]
+    return bool(head.removeprefix(_BOM).lstrip()[:1] == b"[")
+
+
+@contextlib.contextmanager
+def _opened(
+    src: Source, text_split: str, columns: list[str], s3: S3Settings | None
+) -> Iterator[tuple[RecordKind, Iterator[tuple[int, bytes | object | None]], _Counting]]:
+    """The records of one input, and the counter of stored bytes read so far."""
+    with contextlib.ExitStack() as stack:
+        if src.kind == "parquet":
+            path = storage.local_path(src.uri) if not storage.is_s3(src.uri) else None
+            if path is None:
+                tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kubetrain-")))
+                path = tmp / "input.parquet"
+                storage.download_file(src.uri, path, s3)
+            counting = _Counting(io.BytesIO())
+            counting.count = path.stat().st_size
+            yield "value", _parquet(path, columns), counting
+            return
+        counting = _Counting(stack.enter_context(storage.open_binary(src.uri, s3)))
+        stream = stack.enter_context(_decompressed(counting, src.compression))
+        if src.kind == "txt":
+            split = _paragraphs if text_split == "paragraph" else _non_blank_lines
+            yield "text", split(stream), counting
+        elif src.kind == "json" and _is_array(stream):
+            yield "value", _json_array(stream, src.uri), counting
+        else:
+            yield "json", _non_blank_lines(stream), counting
+
+
+def read_chunks(
+    inputs: list[Source], text_split: str, columns: list[str], s3: S3Settings | None = None
+) -> Iterator[Chunk]:
+    """All records of all inputs, in input order, cut into chunks of about CHUNK_BYTES."""
+    index = 0
+    for src in inputs:
+        with _opened(src, text_split, columns, s3) as (kind, records, counting):
+            lines: list[int] = []
+            batch: list[bytes | object | None] = []
+            size, reported = 0, 0
+            for number, record in records:
+                lines.append(number)
+                batch.append(record)
+                size += len(record) if isinstance(record, bytes) else 0
+                if size >= CHUNK_BYTES or (kind == "value" and len(batch) >= CHUNK_RECORDS):
+                    nbytes, reported = counting.count - reported, counting.count
+                    yield Chunk(index, src.uri, src.split, kind, lines, batch, nbytes)
+                    index, size, lines, batch = index + 1, 0, [], []
+            if batch or counting.count > reported:
+                nbytes = counting.count - reported
+                yield Chunk(index, src.uri, src.split, kind, lines, batch, nbytes)
+                index += 1

@@ -1,0 +1,501 @@
+"""The train and sanity stages: HF Trainer (pretrain, SFT) or TRL DPOTrainer (DPO) on DeepSpeed.
+
+    torchrun --standalone --nproc_per_node N -m kubetrain_trainer train --config F --workdir W
+
+What kubetrain adds to the libraries: the packed memory-mapped dataset and its resumable sample
+stream (data.py), checkpoints that count only when complete and upload in the background
+(checkpoint.py), Prometheus telemetry and health checks (callbacks.py), and the refusals of
+combinations known to break. Everything else — the loop, mixed precision, ZeRO, LoRA, DPO — is
+Trainer, DeepSpeed, PEFT and TRL as they come.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kubetrain_trainer import checkpoint, data, model, storage
+from kubetrain_trainer.callbacks import (
+    HealthCallback,
+    StepAccounting,
+    TelemetryCallback,
+    flops_per_token,
+    peak_flops,
+)
+from kubetrain_trainer.config import TrainConfig
+from kubetrain_trainer.metrics import TrainerMetrics, serve
+from kubetrain_trainer.stage import EXIT_TERMINATED, InvalidInput, StageFailure
+
+log = logging.getLogger(__name__)
+
+#: Which data format each method trains on (api.md).
+FORMATS = {"pretrain": ("text",), "sft": ("text", "chat"), "dpo": ("preference",)}
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """This process's place in the job, from torchrun's environment (alone: rank 0 of 1)."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    node: int
+
+    @classmethod
+    def from_environ(cls) -> DistEnv:
+        env = os.environ
+        rank, world = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
+        local_world = int(env.get("LOCAL_WORLD_SIZE", world))
+        return cls(
+            rank=rank,
+            local_rank=int(env.get("LOCAL_RANK", 0)),
+            world_size=world,
+            local_world_size=local_world,
+            node=int(env.get("GROUP_RANK", rank // max(local_world, 1))),
+        )
+
+    @property
+    def nodes(self) -> int:
+        return max(self.world_size // max(self.local_world_size, 1), 1)
+
+
+def refuse_broken_combinations(config: TrainConfig, env: DistEnv, cuda: bool) -> None:
+    """The checks api.md makes at admission, made again here: the config may come from anywhere."""
+    t, dist = config.training, config.distributed
+    if t.optimizer.endswith("_8bit") and dist.zero_stage >= 1 and env.world_size > 1:
+        raise InvalidInput(
+            f"training.optimizer: {t.optimizer} with zeroStage {dist.zero_stage} on "
+            f"{env.world_size} processes — DeepSpeed does not shard bitsandbytes optimizer state; "
+            "use adamw_torch, or zeroStage: 0"
+        )
+    if dist.world_size != env.world_size:
+        raise InvalidInput(
+            f"distributed.worldSize: the plan expects {dist.world_size} processes, the launcher "
+            f"started {env.world_size} — launch with torchrun --nproc_per_node matching the plan"
+        )
+    if dist.zero_stage >= 1:
+        zero = (dist.deepspeed or {}).get("zero_optimization", {})
+        if zero.get("stage") != dist.zero_stage:
+            raise InvalidInput(
+                f"distributed.deepspeed: zero_optimization.stage is {zero.get('stage')!r}, "
+                f"zeroStage is {dist.zero_stage} — regenerate the stage config with the operator"
+            )
+        if dist.zero_stage == 3 and not zero.get("stage3_gather_16bit_weights_on_model_save"):
+            raise InvalidInput(
+                "distributed.deepspeed: stage 3 without "
+                "stage3_gather_16bit_weights_on_model_save would save a final model with no weights"
+            )
+    if t.precision == "fp16" and not cuda:
+        raise InvalidInput("training.precision: fp16 needs a GPU — use bf16 or fp32 on CPU")
+
+
+def training_arguments(config: TrainConfig, staging: Path, env: DistEnv, cuda: bool) -> Any:
+    """TrainingArguments (DPOConfig for DPO) from the stage config. Creating them starts
+    torch.distributed and, for ZeRO-3, makes from_pretrained load straight into shards."""
+    t = config.training
+    kwargs: dict[str, Any] = {
+        "output_dir": str(staging),
+        "max_steps": 1,  # the real count is known after the resume point: see run()
+        "per_device_train_batch_size": t.micro_batch_size,
+        "per_device_eval_batch_size": t.micro_batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "learning_rate": t.learning_rate,
+        "lr_scheduler_type": t.lr_scheduler,
+        "warmup_steps": t.warmup_ratio,  # below 1: a ratio of the total steps
+        "weight_decay": t.weight_decay,
+        "optim": t.optimizer,
+        "max_grad_norm": t.max_grad_norm,
+        "seed": t.seed,
+        "bf16": t.precision == "bf16",
+        "fp16": t.precision == "fp16",
+        "use_cpu": not cuda,
+        "ddp_backend": ("nccl" if cuda else "gloo") if env.world_size > 1 else None,
+        "ddp_find_unused_parameters": False,
+        "deepspeed": config.distributed.deepspeed if config.distributed.zero_stage else None,
+        "activation_checkpointing": t.gradient_checkpointing,
+        # Every step is logged to the callbacks (health checks see every loss); users get one line
+        # per loggingSteps from TelemetryCallback.
+        "logging_steps": 1,
+        "logging_nan_inf_filter": False,
+        "save_strategy": "steps",
+        "save_steps": config.checkpoints.every_steps,
+        "save_total_limit": None,  # CheckpointCallback rotates: only complete checkpoints count
+        "eval_strategy": "steps" if t.eval_steps else "no",
+        "eval_steps": t.eval_steps,
+        "report_to": "none",
+        "disable_tqdm": True,
+        "ignore_data_skip": True,  # data.StreamSampler starts at the checkpoint's position
+        "remove_unused_columns": False,
+        "dataloader_num_workers": 0,  # memory-mapped rows cost microseconds: see bench/train.py
+        "restore_callback_states_from_checkpoint": False,
+    }
+    if config.method == "dpo":
+        from trl import DPOConfig
+
+        assert config.dpo is not None
+        return DPOConfig(
+            **kwargs, beta=config.dpo.beta, loss_type=[config.dpo.loss_type], max_length=None
+        )
+    from transformers import TrainingArguments
+
+    return TrainingArguments(**kwargs)
+
+
+class KubetrainTrainerMixin:
+    """Mixed into Trainer and DPOTrainer: kubetrain's sample stream and per-batch accounting."""
+
+    kubetrain_sampler: data.StreamSampler
+    kubetrain_accounting: StepAccounting
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> data.StreamSampler:
+        return self.kubetrain_sampler
+
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> Any:
+        timed = self.kubetrain_accounting.timed(epoch_iterator)
+        return super().get_batch_samples(timed, num_batches, device)  # type: ignore[misc]
+
+    def training_step(
+        self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None
+    ) -> Any:
+        self.kubetrain_accounting.add_batch(inputs.pop(data.STATS_KEY))
+        return super().training_step(model, inputs, num_items_in_batch)  # type: ignore[misc]
+
+    def prediction_step(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        inputs.pop(data.STATS_KEY, None)
+        return super().prediction_step(model, inputs, *args, **kwargs)  # type: ignore[misc]
+
+
+def total_steps(config: TrainConfig, rows: int, position: data.StreamPosition) -> int:
+    """maxSteps, or enough steps to consume `epochs` passes from where the run stands."""
+    t = config.training
+    if t.max_steps is not None:
+        return t.max_steps
+    assert t.epochs is not None
+    remaining = max(math.ceil(t.epochs * rows) - position.start_sample, 0)
+    return position.start_step + math.ceil(remaining / position.samples_per_step)
+
+
+@dataclass
+class Session:
+    """A prepared run: everything built and wired, nothing trained yet (tests add probes here)."""
+
+    config: TrainConfig
+    workdir: Path
+    env: DistEnv
+    metrics: TrainerMetrics | None
+    dataset: data.PackedDataset
+    tokenizer: Any
+    trainer: Any
+    position: data.StreamPosition
+    resumed: bool
+    telemetry: TelemetryCallback
+    health: HealthCallback
+    stop: checkpoint.SignalStop
+    saver: checkpoint.CheckpointCallback
+
+    def train(self) -> dict[str, Any]:
+        """Train to the last step (or a termination signal), then save final/ or judge the gate."""
+        config, trainer = self.config, self.trainer
+        previous = checkpoint.install_signal_handlers(self.telemetry.accounting)
+        started = time.monotonic()
+        try:
+            trainer.train(resume_from_checkpoint=self.resume_dir)
+            eval_loss = None
+            if self.dataset.rows("validation") and not self.stop.stopped:
+                eval_loss = trainer.evaluate().get("eval_loss")
+        finally:
+            checkpoint.restore_signal_handlers(previous)
+            self.telemetry.close()
+            if self.saver.uploader is not None:
+                self.saver.uploader.drain()
+        result: dict[str, Any] = {
+            "method": config.method,
+            "step": trainer.state.global_step,
+            "totalSteps": trainer.state.max_steps,
+            "loss": self.telemetry.last_loss,
+            "evalLoss": eval_loss,
+            "resumedFrom": self.position.start_step if self.resumed else None,
+            "trainSeconds": round(time.monotonic() - started, 3),
+            "checkpoint": self.last_checkpoint(),
+        }
+        if self.stop.stopped:
+            raise StageFailure(
+                EXIT_TERMINATED,
+                f"terminated after step {trainer.state.global_step}; checkpoint saved, rerun "
+                "to resume",
+                result,
+            )
+        if config.sanity is not None:
+            result["sanity"] = self.health.judge_gate()
+            if self.env.rank == 0:
+                storage.write_text(
+                    storage.join(config.output_uri, "metrics.json"),
+                    json.dumps(result, indent=2, sort_keys=True),
+                    config.s3,
+                )
+            return result
+        result["outputs"] = {"final": self.save_final()}
+        return result
+
+    @property
+    def resume_dir(self) -> str | None:
+        if not self.resumed:
+            return None
+        return str(self.saver.staging / checkpoint.step_name(self.position.start_step))
+
+    def last_checkpoint(self) -> dict[str, Any] | None:
+        step = self.saver.last_step
+        if step is None:
+            return None
+        uri = storage.join(self.config.output_uri, "checkpoints", checkpoint.step_name(step))
+        return {"step": step, "uri": uri}
+
+    def save_final(self) -> str:
+        """final/: the model (or adapter) in safetensors with its tokenizer, `COMPLETE` last."""
+        config = self.config
+        uri = storage.join(config.output_uri, "final")
+        remote = storage.is_s3(uri)
+        target = self.workdir / "final" if remote else storage.local_path(uri)
+        building = target.with_name(f".{target.name}.tmp")
+        self.trainer.save_model(str(building))  # every rank: ZeRO-3 gathers weights for rank 0
+        if self.env.rank != 0:
+            return uri
+        self.tokenizer.save_pretrained(str(building))
+        # A pickle of TrainingArguments: not loadable safely, and the stage config says it all.
+        (building / "training_args.bin").unlink(missing_ok=True)
+        meta = {"run": config.run, "step": self.trainer.state.global_step}
+        checkpoint.write_marker(building, {**meta, "files": checkpoint.files_of(building)})
+        shutil.rmtree(target, ignore_errors=True)
+        building.rename(target)
+        if remote:
+            checkpoint.with_retries(
+                lambda: storage.upload_dir(target, uri, config.s3, marker=checkpoint.MARKER),
+                what=f"final model → {uri}",
+                metrics=self.metrics,
+            )
+        log.info("final model: %s", uri)
+        return uri
+
+
+def load_policy(config: TrainConfig, tokenizer: Any, workdir: Path, device: str) -> Any:
+    """The starting model, seeded so that a built model (and a reference copy) is reproducible."""
+    from transformers import set_seed
+
+    set_seed(config.training.seed)
+    return model.load_base(
+        config.model,
+        tokenizer,
+        adapter=config.adapter,
+        precision=config.training.precision,
+        workdir=workdir,
+        s3=config.s3,
+        device=device,
+    )
+
+
+def make_trainer(
+    config: TrainConfig,
+    args: Any,
+    tokenizer: Any,
+    dataset: data.PackedDataset,
+    workdir: Path,
+) -> Any:
+    """The library trainer for the method, with kubetrain's collator (sampler set by prepare)."""
+    from transformers import PrinterCallback, Trainer
+
+    device = str(args.device)
+    policy = load_policy(config, tokenizer, workdir, device)
+    model.check_compatible(policy, tokenizer, dataset.manifest)
+    adapter = config.adapter.type != "none"
+    trainer: Any
+    if config.method == "dpo":
+        from trl import DPOTrainer
+        from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+        class KubetrainDPOTrainer(KubetrainTrainerMixin, DPOTrainer):
+            def _prepare_dataset(self, dataset: Any, *args: Any, **kwargs: Any) -> Any:
+                return dataset  # tokenized by the preprocess stage
+
+        assert config.dpo is not None
+        trainer = KubetrainDPOTrainer(
+            model=policy,
+            # Full DPO: a frozen copy of the starting policy. Adapters: the base with the adapter
+            # disabled, which is TRL's default with peft_config.
+            ref_model=None if adapter else load_policy(config, tokenizer, workdir, device),
+            peft_config=model.lora_config(config.adapter) if adapter else None,
+            args=args,
+            train_dataset=dataset.preference_split("train"),
+            eval_dataset=dataset.preference_split("validation"),
+            data_collator=dataset.collator(
+                DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id),
+                prompt_limit=config.dpo.max_prompt_length,
+            ),
+            processing_class=tokenizer,
+        )
+    else:
+
+        class KubetrainTrainer(KubetrainTrainerMixin, Trainer):
+            pass
+
+        if adapter:
+            policy = model.attach_adapter(
+                policy, config.adapter, config.training.gradient_checkpointing
+            )
+        trainer = KubetrainTrainer(
+            model=policy,
+            args=args,
+            train_dataset=dataset.split("train"),
+            eval_dataset=dataset.split("validation"),
+            data_collator=dataset.collator(),
+            processing_class=tokenizer,
+        )
+    trainer.remove_callback(PrinterCallback)  # TelemetryCallback logs, through logging
+    return trainer
+
+
+def prepare(config: TrainConfig, workdir: Path) -> Session:
+    """Check the config, open the data, find the resume point, build the model and the trainer."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # bars are for terminals; stages log lines
+    workdir.mkdir(parents=True, exist_ok=True)
+    env = DistEnv.from_environ()
+    cuda = torch.cuda.is_available()
+    refuse_broken_combinations(config, env, cuda)
+    metrics = TrainerMetrics(config.run) if env.rank == 0 else None
+    if metrics is not None:
+        serve(metrics.registry, config.metrics_port)
+    remote = storage.is_s3(config.output_uri)
+    staging = (
+        workdir / f"{config.stage}-checkpoints"  # sanity and train may share a workdir
+        if remote
+        else storage.local_path(storage.join(config.output_uri, "checkpoints"))
+    )
+    remote_root = storage.join(config.output_uri, "checkpoints") if remote else None
+    finalizer = env.local_rank == 0 if remote else env.rank == 0
+
+    args = training_arguments(config, staging, env, cuda)
+    with args.main_process_first(local=True, desc="dataset"):  # one fetch and check per node
+        dataset = data.open_dataset(
+            config.dataset_pointer, workdir, config.s3, check=args.local_process_index == 0
+        )
+    if dataset.format not in FORMATS[config.method]:
+        raise InvalidInput(
+            f"method: {config.method} trains on {' or '.join(FORMATS[config.method])} data, "
+            f"the dataset is {dataset.format} — set data.format accordingly"
+        )
+    if not dataset.rows("validation") and args.eval_strategy != "no":
+        log.warning("training.evalSteps: the dataset has no validation split; not evaluating")
+        args.eval_strategy = "no"
+    tokenizer = model.load_tokenizer(
+        model.local_dir(config.tokenizer_uri, workdir, config.s3, "tokenizerUri")
+        if config.tokenizer_uri
+        else dataset.tokenizer_dir
+    )
+
+    # The gate judges the first steps of a fresh start: resuming a finished gate would judge none.
+    resume = (
+        None
+        if config.sanity is not None
+        else checkpoint.resume_point(
+            staging,
+            remote_root,
+            config.s3,
+            leader=finalizer,
+            is_rank_zero=env.rank == 0,
+            nodes=env.nodes,
+        )
+    )
+    meta = checkpoint.read_marker(resume) if resume is not None else None
+    t = config.training
+    position = data.StreamPosition(
+        start_step=int(meta["step"]) if meta else 0,
+        start_sample=int(meta["samplesConsumed"]) if meta else 0,
+        samples_per_step=t.micro_batch_size * t.gradient_accumulation_steps * env.world_size,
+    )
+    rows = dataset.rows("train")
+    args.max_steps = total_steps(config, rows, position)
+
+    trainer = make_trainer(config, args, tokenizer, dataset, workdir)
+    accounting = StepAccounting(world_size=env.world_size, device=args.device)
+    trainer.kubetrain_accounting = accounting
+    trainer.kubetrain_sampler = data.StreamSampler(
+        rows, t.seed, position.start_sample, position.at(args.max_steps)
+    )
+    telemetry = TelemetryCallback(
+        accounting=accounting,
+        metrics=metrics,
+        workdir=workdir,
+        stage=config.stage,
+        rank=env.rank,
+        logging_steps=t.logging_steps,
+        flops_per_token=flops_per_token(
+            trainer.model.config, dataset.block_size, adapter=config.adapter.type != "none"
+        ),
+        peak_flops=peak_flops(torch.cuda.get_device_name() if cuda else "cpu", t.precision),
+        rows=rows,
+        position=position,
+    )
+    health = HealthCallback(
+        max_grad_norm_abort=t.max_grad_norm_abort,
+        gate=config.sanity,
+        window=t.logging_steps,
+        metrics=metrics,
+        fp16=t.precision == "fp16",
+    )
+    stop = checkpoint.SignalStop(accounting)
+    saver = checkpoint.CheckpointCallback(
+        staging=staging,
+        finalizer=finalizer,
+        keep=config.checkpoints.keep,
+        position=position,
+        run_meta={
+            "run": config.run,
+            "dataset": dataset.key,
+            "globalBatch": position.samples_per_step,
+            "worldSize": env.world_size,
+        },
+        metrics=metrics,
+    )
+    if remote_root is not None and finalizer:
+        saver.uploader = checkpoint.Uploader(
+            remote_root=remote_root,
+            s3=config.s3,
+            node=env.node,
+            nodes=env.nodes,
+            keep=config.checkpoints.keep,
+            metrics=metrics,
+            on_complete=saver.completed,
+        )
+    for callback in (telemetry, health, stop, saver):  # order matters: see SignalStop
+        trainer.add_callback(callback)
+    return Session(
+        config=config,
+        workdir=workdir,
+        env=env,
+        metrics=metrics,
+        dataset=dataset,
+        tokenizer=tokenizer,
+        trainer=trainer,
+        position=position,
+        resumed=resume is not None,
+        telemetry=telemetry,
+        health=health,
+        stop=stop,
+        saver=saver,
+    )
+
+
+def run(config: TrainConfig, workdir: Path) -> dict[str, Any]:
+    """The train/sanity stage: prepare, train, save or judge."""
+    return prepare(config, workdir).train()
