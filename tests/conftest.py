@@ -35,7 +35,7 @@ def moto_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     deadline = time.monotonic() + 30
     while True:
         try:
-            urllib.request.urlopen(url, timeout=1)  # noqa: S310 (loopback test server)
+            urllib.request.urlopen(url, timeout=1)
             break
         except OSError:
             if time.monotonic() > deadline or proc.poll() is not None:
