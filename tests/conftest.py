@@ -1,4 +1,8 @@
-"""Shared fixtures. Real servers only: S3 is a real `moto_server` over HTTP on 127.0.0.1."""
+"""Shared fixtures. Real servers only: S3 is a real `moto_server` over HTTP on 127.0.0.1.
+
+The trainer tests share one set of assets (datasets, the tiny base model) and one warm launcher for
+the whole session; both come from tests/trainer_support.py, imported only when a test asks for them.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +15,15 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))  # tests/corpus.py and friends
+
+if TYPE_CHECKING:
+    from trainer_support import Assets, Launcher
 
 
 def free_port() -> int:
@@ -57,3 +65,21 @@ def moto_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> Assets:
+    """Datasets and models the trainer tests train on, built on first use and kept on disk."""
+    from trainer_support import Assets
+
+    return Assets(tmp_path_factory.getbasetemp() / "trainer-assets")
+
+
+@pytest.fixture(scope="session")
+def launcher(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
+    """One warm launcher for the whole session: its import cost is paid once."""
+    from trainer_support import Launcher
+
+    warm = Launcher(tmp_path_factory.getbasetemp() / "launcher-logs")
+    yield warm
+    warm.close()

@@ -12,10 +12,10 @@ import json
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from corpus import write_text_corpus
 from trainer_support import (
     Assets,
     Launcher,
@@ -23,7 +23,6 @@ from trainer_support import (
     losses,
     result,
     resumed_step,
-    shared_launcher,
     train_config,
     write_config,
 )
@@ -36,29 +35,20 @@ TRAINING = {"maxSteps": STEPS, "microBatchSize": 4, "gradientAccumulationSteps":
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory: pytest.TempPathFactory) -> Assets:
-    return Assets(tmp_path_factory.getbasetemp() / "trainer-assets")
-
-
-@pytest.fixture(scope="module")
 def small_text(assets: Assets) -> str:
     """A small text dataset (~180 blocks), so that a short run sees every row and starts over."""
-    corpus = assets.root / "small.txt"
-    if not corpus.exists():
-        write_text_corpus(corpus, 30_000)
-    return assets.preprocess(
+    return assets.stdlib_text(
         "small-text",
-        {
-            "format": "text",
-            "train": [str(corpus)],
-            "tokenizer": {"train": {"vocabSize": 600, "specialTokens": ["<|endoftext|>"]}},
-        },
+        30_000,
+        {"tokenizer": {"train": {"vocabSize": 600, "specialTokens": ["<|endoftext|>"]}}},
     )
 
 
-@pytest.fixture(scope="module")
-def launcher(tmp_path_factory: pytest.TempPathFactory) -> Launcher:
-    return shared_launcher(tmp_path_factory.getbasetemp() / "launcher-logs")
+def _config_file(root: Path, pointer: str, **changes: Any) -> Path:
+    """The TRAINING run on pointer: its config written to root/train.json, its output root/out."""
+    return write_config(
+        root / "train.json", train_config(pointer, root / "out", training=TRAINING, **changes)
+    )
 
 
 def _rows(pointer: str) -> int:
@@ -72,9 +62,7 @@ def _rows(pointer: str) -> int:
 def straight(small_text: str, launcher: Launcher, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The reference: 30 steps in one go."""
     root = tmp_path_factory.mktemp("straight")
-    config = write_config(
-        root / "train.json", train_config(small_text, root / "out", training=TRAINING)
-    )
+    config = _config_file(root, small_text)
     code, output = launcher.run("train", config, root / "work")
     assert code == 0, output[-3000:]
     return root / "work"
@@ -102,15 +90,7 @@ def _newest_complete(staging: Path) -> int | None:
 def test_resume_after_two_sigkills_is_exact(
     small_text: str, launcher: Launcher, straight: Path, tmp_path: Path
 ) -> None:
-    config = write_config(
-        tmp_path / "train.json",
-        train_config(
-            small_text,
-            tmp_path / "out",
-            training=TRAINING,
-            checkpoints={"everySteps": 5, "keep": 2},
-        ),
-    )
+    config = _config_file(tmp_path, small_text, checkpoints={"everySteps": 5, "keep": 2})
     workdir, staging = tmp_path / "work", tmp_path / "out" / "checkpoints"
     resumed_from: list[int | None] = []
     newest: int | None = None
@@ -149,15 +129,7 @@ def test_resume_after_two_sigkills_is_exact(
 def test_sigkill_during_checkpoint_writes_resumes_from_newest_complete(
     small_text: str, launcher: Launcher, straight: Path, tmp_path: Path
 ) -> None:
-    config = write_config(
-        tmp_path / "train.json",
-        train_config(
-            small_text,
-            tmp_path / "out",
-            training=TRAINING,
-            checkpoints={"everySteps": 1, "keep": 2},
-        ),
-    )
+    config = _config_file(tmp_path, small_text, checkpoints={"everySteps": 1, "keep": 2})
     workdir, staging = tmp_path / "work", tmp_path / "out" / "checkpoints"
     newest: int | None = None
     mid_write = 0
@@ -194,9 +166,7 @@ def test_sigkill_during_checkpoint_writes_resumes_from_newest_complete(
 def test_sigterm_saves_a_checkpoint_and_exits_143(
     small_text: str, launcher: Launcher, straight: Path, tmp_path: Path
 ) -> None:
-    config = write_config(
-        tmp_path / "train.json", train_config(small_text, tmp_path / "out", training=TRAINING)
-    )
+    config = _config_file(tmp_path, small_text)
     workdir = tmp_path / "work"
     child = launcher.start("train", config, workdir)
     child.wait_for(lambda: len(losses(workdir)) >= 3)

@@ -29,19 +29,14 @@ from trainer_support import (
     ENV,
     ROOT,
     Assets,
+    Launcher,
     result,
     resumed_step,
-    shared_launcher,
     train_config,
     write_config,
 )
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory: pytest.TempPathFactory) -> Assets:
-    return Assets(tmp_path_factory.getbasetemp() / "trainer-assets")
 
 
 def _failures(port: int) -> float:
@@ -57,7 +52,7 @@ def _failures(port: int) -> float:
 
 
 def test_uploads_retry_and_a_fresh_pod_resumes_from_s3(
-    assets: Assets, moto_endpoint: str, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+    assets: Assets, moto_endpoint: str, launcher: Launcher, tmp_path: Path
 ) -> None:
     s3 = S3Settings(endpoint=moto_endpoint, region="us-east-1")
     bucket = f"late-{uuid.uuid4().hex[:10]}"
@@ -66,7 +61,6 @@ def test_uploads_retry_and_a_fresh_pod_resumes_from_s3(
         k: os.environ[k]
         for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
     }
-    launcher = shared_launcher(tmp_path_factory.getbasetemp() / "launcher-logs")
     port = free_port()
     config = write_config(
         tmp_path / "train.json",

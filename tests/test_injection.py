@@ -19,10 +19,8 @@ from typing import Any
 import pytest
 import yaml
 
-from kubetrain_operator.api import InvalidRun, TrainingRun, parse_run
-from kubetrain_operator.plan import plan_run, upstream_model_uri
-from kubetrain_operator.render import render_all
-from runspecs import all_containers, pod_templates, string_leaves
+from kubetrain_operator.api import InvalidRun, TrainingRun
+from runspecs import all_containers, pod_templates, rendered, string_leaves
 
 PAYLOADS = [
     "$(touch /tmp/pwned)",
@@ -250,13 +248,9 @@ def get(node: Any, loc: tuple[Any, ...]) -> Any:
 def render(doc: dict[str, Any]) -> list[dict[str, Any]] | None:
     """The objects of an accepted document, or None when validation refuses it."""
     try:
-        run = parse_run(doc)
+        return rendered(doc, upstream=UPSTREAM)
     except InvalidRun:
         return None
-    upstream = None
-    if run.spec.model.from_run is not None:
-        upstream = upstream_model_uri(parse_run(UPSTREAM))
-    return render_all(run, plan_run(run, upstream_model=upstream), namespace="ml")
 
 
 def test_bases_are_valid_and_cover_every_string_field() -> None:

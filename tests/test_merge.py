@@ -20,10 +20,10 @@ from kubetrain_trainer.__main__ import main
 from trainer_support import Assets, merge_config, train_config, write_config
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory: pytest.TempPathFactory) -> Assets:
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> None:
+    """Training runs in this process here: torch on one thread."""
     torch.set_num_threads(1)
-    return Assets(tmp_path_factory.getbasetemp() / "trainer-assets")
 
 
 def _adapter_run(assets: Assets, root: Path, kind: str) -> Path:

@@ -18,11 +18,6 @@ from kubetrain_trainer.stage import EXIT_INVALID, InvalidInput, StageFailure
 from trainer_support import TINY, Assets, train_config
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory: pytest.TempPathFactory) -> Assets:
-    return Assets(tmp_path_factory.getbasetemp() / "trainer-assets")
-
-
 def _env(world: int) -> train.DistEnv:
     return train.DistEnv(rank=0, local_rank=0, world_size=world, local_world_size=world, node=0)
 

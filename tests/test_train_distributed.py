@@ -9,15 +9,12 @@ once (~35 s) into .cache/torch_extensions, reused afterwards.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from trainer_support import ENV, ROOT, Assets, losses, train_config, write_config
+from trainer_support import Assets, losses, torchrun, train_config, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -42,29 +39,6 @@ def deepspeed_zero3(micro_batch: int, world: int) -> dict[str, object]:
         "fp16": {"enabled": False},
         "steps_per_print": 10**9,
     }
-
-
-def torchrun(config: Path, workdir: Path) -> subprocess.CompletedProcess[str]:
-    command = [
-        str(Path(sys.executable).parent / "torchrun"),
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "kubetrain_trainer",
-        "train",
-        "--config",
-        str(config),
-        "--workdir",
-        str(workdir),
-    ]
-    env = {**os.environ, **ENV}
-    return subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory: pytest.TempPathFactory) -> Assets:
-    return Assets(tmp_path_factory.getbasetemp() / "trainer-assets")
 
 
 def test_zero3_matches_ddp_on_two_processes(assets: Assets, tmp_path: Path) -> None:

@@ -7,26 +7,18 @@ on the device machine with `pytest -m gpu`.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from kubetrain_trainer import train
-from trainer_support import ENV, ROOT, Assets, losses, train_config, write_config
+from trainer_support import Assets, losses, torchrun, train_config, write_config
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU"),
 ]
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory: pytest.TempPathFactory) -> Assets:
-    return Assets(tmp_path_factory.getbasetemp() / "trainer-assets")
 
 
 def test_bf16_training_reports_mfu_and_memory(assets: Assets, tmp_path: Path) -> None:
@@ -72,21 +64,7 @@ def test_nccl_ddp_on_two_gpus(assets: Assets, tmp_path: Path) -> None:
             distributed={"worldSize": 2},
         ),
     )
-    command = [
-        str(Path(sys.executable).parent / "torchrun"),
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "kubetrain_trainer",
-        "train",
-        "--config",
-        str(config),
-        "--workdir",
-        str(tmp_path / "work"),
-    ]
-    env = {**os.environ, **ENV, "DS_ACCELERATOR": "cuda"}
-    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = torchrun(config, tmp_path / "work", env={"DS_ACCELERATOR": "cuda"})
     assert done.returncode == 0, done.stderr[-4000:]
     got = losses(tmp_path / "work")
     assert sorted(got) == list(range(1, 11)) and got[10] < got[1]

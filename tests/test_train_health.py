@@ -18,23 +18,12 @@ from trainer_support import (
     Launcher,
     ledger,
     result,
-    shared_launcher,
     stage_config,
     train_config,
     write_config,
 )
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory: pytest.TempPathFactory) -> Assets:
-    return Assets(tmp_path_factory.getbasetemp() / "trainer-assets")
-
-
-@pytest.fixture(scope="module")
-def launcher(tmp_path_factory: pytest.TempPathFactory) -> Launcher:
-    return shared_launcher(tmp_path_factory.getbasetemp() / "launcher-logs")
 
 
 def test_nonfinite_loss_stops_within_one_logging_interval(

@@ -19,13 +19,13 @@ import torch
 from transformers import LlamaForCausalLM, TrainerCallback
 
 from kubetrain_trainer import data, train
-from trainer_support import Assets, train_config, train_log
+from trainer_support import Assets, dpo_config, train_config, train_log
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory: pytest.TempPathFactory) -> Assets:
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> None:
+    """Training runs in this process here: torch on one thread."""
     torch.set_num_threads(1)
-    return Assets(tmp_path_factory.getbasetemp() / "trainer-assets")
 
 
 def _mean(values: list[float]) -> float:
@@ -58,13 +58,10 @@ def test_sft_on_chat_loss_falls(assets: Assets, tmp_path: Path) -> None:
 @pytest.mark.parametrize("adapter", ["none", "lora"])
 def test_dpo_reward_accuracy_rises(assets: Assets, tmp_path: Path, adapter: str) -> None:
     """Chosen answers are plain text, rejected ones the same text in capitals: learnable."""
-    config = train_config(
-        assets.preference(),
+    config = dpo_config(
+        assets,
         tmp_path / "out",
-        method="dpo",
-        dpo={"beta": 0.1},
-        model={"uri": str(assets.base_model())},
-        adapter={"type": adapter, "r": 8, "alpha": 16, "dropout": 0.0},
+        adapter,
         training={"maxSteps": 12, "learningRate": 1e-3 if adapter == "none" else 5e-3},
     )
     train.run(config, tmp_path / "work")

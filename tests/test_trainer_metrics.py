@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import free_port
 from kubetrain_trainer import train
-from trainer_support import Assets, shared_launcher, train_config, write_config
+from trainer_support import Assets, Launcher, dpo_config, train_config, write_config
 
 #: The trainer series of docs/metrics.md every CPU run must serve (sample names as exposed).
 REQUIRED = {
@@ -45,11 +45,6 @@ REQUIRED = {
 }
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory: pytest.TempPathFactory) -> Assets:
-    return Assets(tmp_path_factory.getbasetemp() / "trainer-assets")
-
-
 def scrape(port: int) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
     """name → {labels: value} of every sample the endpoint serves."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
@@ -62,7 +57,7 @@ def scrape(port: int) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
 
 @pytest.mark.slow
 def test_endpoint_serves_every_series_during_a_run(
-    assets: Assets, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+    assets: Assets, launcher: Launcher, tmp_path: Path
 ) -> None:
     port = free_port()
     config = write_config(
@@ -75,7 +70,6 @@ def test_endpoint_serves_every_series_during_a_run(
             metricsPort=port,
         ),
     )
-    launcher = shared_launcher(tmp_path_factory.getbasetemp() / "launcher-logs")
     child = launcher.start("train", config, tmp_path / "work")
     seen: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
 
@@ -107,14 +101,8 @@ def test_endpoint_serves_every_series_during_a_run(
 
 
 def test_dpo_runs_export_reward_gauges(assets: Assets, tmp_path: Path) -> None:
-    config = train_config(
-        assets.preference(),
-        tmp_path / "out",
-        method="dpo",
-        dpo={"beta": 0.1},
-        model={"uri": str(assets.base_model())},
-        adapter={"type": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
-        training={"maxSteps": 4, "learningRate": 5e-3},
+    config = dpo_config(
+        assets, tmp_path / "out", "lora", training={"maxSteps": 4, "learningRate": 5e-3}
     )
     session = train.prepare(config, tmp_path / "work")
     session.train()

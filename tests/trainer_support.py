@@ -12,7 +12,6 @@ child then runs `kubetrain_trainer.__main__.main` exactly as `python -m` would.
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import re
@@ -102,16 +101,19 @@ class Assets:
             run(config, self.root / name / "work")
         return str(pointer)
 
-    def text(self) -> str:
-        """Python's standard library as text, with a trained BPE tokenizer (~2k blocks of 64)."""
-        corpus = self.root / "corpus.txt"
+    def stdlib_text(self, name: str, max_bytes: int, doc: dict[str, Any]) -> str:
+        """Python's standard library as text (its first max_bytes), preprocessed as `name`."""
+        corpus = self.root / f"{name}.txt"
         if not corpus.exists():
-            write_text_corpus(corpus, 400_000)
-        return self.preprocess(
+            write_text_corpus(corpus, max_bytes)
+        return self.preprocess(name, {"format": "text", "train": [str(corpus)], **doc})
+
+    def text(self) -> str:
+        """The standard library text with a trained BPE tokenizer (~2k blocks of 64)."""
+        return self.stdlib_text(
             "text",
+            400_000,
             {
-                "format": "text",
-                "train": [str(corpus)],
                 "validationFraction": 0.05,
                 "tokenizer": {"train": {"vocabSize": 1024, "specialTokens": SPECIALS}},
                 "chatTemplate": "chatml",
@@ -210,6 +212,21 @@ def train_config(pointer: str, output: Path | str, **changes: Any) -> TrainConfi
     return stage_config(merged(doc, changes))
 
 
+def dpo_config(
+    assets: Assets, output: Path | str, adapter: str, training: dict[str, Any]
+) -> TrainConfig:
+    """DPO (beta 0.1) of the tiny base on the preference pairs; adapter "none" trains it all."""
+    return train_config(
+        assets.preference(),
+        output,
+        method="dpo",
+        dpo={"beta": 0.1},
+        model={"uri": str(assets.base_model())},
+        adapter={"type": adapter, "r": 8, "alpha": 16, "dropout": 0.0},
+        training=training,
+    )
+
+
 def merge_config(pointer: str, base: str, output: Path | str, **changes: Any) -> MergeConfig:
     doc = {
         "stage": "merge",
@@ -247,6 +264,33 @@ def ledger(workdir: Path, rank: int = 0) -> dict[int, list[int]]:
 
 def result(workdir: Path, stage: str = "train") -> dict[str, Any]:
     return json.loads((workdir / f"result-{stage}.json").read_text(encoding="utf-8"))
+
+
+def torchrun(
+    config: Path, workdir: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """The train stage as two processes on this machine, under the real `torchrun --standalone`."""
+    command = [
+        str(Path(sys.executable).parent / "torchrun"),
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "kubetrain_trainer",
+        "train",
+        "--config",
+        str(config),
+        "--workdir",
+        str(workdir),
+    ]
+    return subprocess.run(
+        command,
+        env={**os.environ, **ENV, **(env or {})},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 _ZYGOTE = r"""
@@ -324,17 +368,6 @@ class Launcher:
         if self.proc.stdin is not None:
             self.proc.stdin.close()
         self.proc.wait(timeout=30)
-
-
-_SHARED: list[Launcher] = []
-
-
-def shared_launcher(log_dir: Path) -> Launcher:
-    """One warm launcher for the whole test session (its import cost is paid once)."""
-    if not _SHARED:
-        _SHARED.append(Launcher(log_dir))
-        atexit.register(_SHARED[0].close)
-    return _SHARED[0]
 
 
 class Child:

@@ -462,7 +462,7 @@ class _WithFactoryDefaults(GenerateJsonSchema):
         return value
 
 
-#: Keys copied as they are, in this order (a stable, readable order for the generated YAML).
+#: Every key of the output, in this order (a stable, readable order for the generated YAML).
 _ORDER = (
     "description",
     "type",
@@ -490,27 +490,17 @@ _ORDER = (
     "x-kubernetes-preserve-unknown-fields",
     "x-kubernetes-validations",
 )
-_SCALAR_KEYS = frozenset(
-    {
-        "type",
-        "format",
-        "enum",
-        "default",
-        "minimum",
-        "maximum",
-        "minLength",
-        "maxLength",
-        "pattern",
-        "minItems",
-        "maxItems",
-        "minProperties",
-        "maxProperties",
-        "x-kubernetes-list-type",
-        "x-kubernetes-list-map-keys",
-        "x-kubernetes-map-type",
-        "x-kubernetes-preserve-unknown-fields",
-    }
-)
+#: Keys `_structural` copies as they are: every output key but those it translates or adds itself.
+_SCALAR_KEYS = frozenset(_ORDER) - {
+    "description",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
+    "items",
+    "properties",
+    "required",
+    "additionalProperties",
+    "x-kubernetes-validations",
+}
 
 
 def _resolve(node: Schema, defs: Schema, where: str) -> Schema:

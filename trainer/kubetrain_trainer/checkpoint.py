@@ -165,6 +165,44 @@ def with_retries(upload: Callable[[], None], *, what: str, metrics: TrainerMetri
     raise UploadFailed(f"{what}: upload failed {1 + len(RETRY_DELAYS)} times; see the log")
 
 
+@dataclass(frozen=True)
+class ModelDir:
+    """A model directory of the run's output (`final/`, `merged/`), published only when whole.
+
+    The model is written into `building`, beside `target`: the output itself when it is local, a
+    copy of the same name in the workdir when it is remote. :meth:`publish` writes `COMPLETE`
+    last, renames the directory into place and, for a remote output, uploads it.
+    """
+
+    uri: str
+    target: Path
+    building: Path
+
+    @classmethod
+    def of(cls, output_uri: str, name: str, workdir: Path) -> ModelDir:
+        uri = storage.join(output_uri, name)
+        target = workdir / name if storage.is_s3(uri) else storage.local_path(uri)
+        return cls(uri, target, target.with_name(f".{target.name}.tmp"))
+
+    def publish(
+        self,
+        meta: dict[str, Any],
+        *,
+        s3: S3Settings,
+        what: str,
+        metrics: TrainerMetrics | None,
+    ) -> None:
+        write_marker(self.building, {**meta, "files": files_of(self.building)})
+        shutil.rmtree(self.target, ignore_errors=True)
+        self.building.rename(self.target)
+        if storage.is_s3(self.uri):
+            with_retries(
+                lambda: storage.upload_dir(self.target, self.uri, s3, marker=MARKER),
+                what=what,
+                metrics=metrics,
+            )
+
+
 class Uploader:
     """One background thread per node that copies finished checkpoints to the output store.
 
@@ -360,7 +398,7 @@ class CheckpointCallback(TrainerCallback):
         target = self.staging / step_name(step)
         shutil.rmtree(target, ignore_errors=True)
         written.rename(target)
-        fsync_dir(self.staging)
+        storage.fsync(self.staging)
         seconds = time.perf_counter() - self._save_started
         log.info("checkpoint %s: complete in %.2fs", target.name, seconds)
         self.rotate()
@@ -419,12 +457,3 @@ def install_signal_handlers(accounting: StepAccounting) -> dict[int, Any]:
 def restore_signal_handlers(previous: dict[int, Any]) -> None:
     for sig, handler in previous.items():
         signal.signal(sig, handler)
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename durable (the directory entry itself)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

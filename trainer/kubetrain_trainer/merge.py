@@ -215,22 +215,11 @@ def export(
     network: Any, tokenizer: Any, fields: dict[str, Any], config: MergeConfig, workdir: Path
 ) -> str:
     """merged/: safetensors, tokenizer, model card, COMPLETE last (uploaded when remote)."""
-    uri = storage.join(config.output_uri, "merged")
-    remote = storage.is_s3(uri)
-    target = workdir / "merged" if remote else storage.local_path(uri)
-    building = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(building, ignore_errors=True)
-    network.save_pretrained(str(building), safe_serialization=True)
-    tokenizer.save_pretrained(str(building))
-    write_card(building, fields)
-    checkpoint.write_marker(building, {"run": config.run, "files": checkpoint.files_of(building)})
-    shutil.rmtree(target, ignore_errors=True)
-    building.rename(target)
-    if remote:
-        checkpoint.with_retries(
-            lambda: storage.upload_dir(target, uri, config.s3, marker=checkpoint.MARKER),
-            what=f"merged model → {uri}",
-            metrics=None,
-        )
-    log.info("merged model: %s", uri)
-    return uri
+    out = checkpoint.ModelDir.of(config.output_uri, "merged", workdir)
+    shutil.rmtree(out.building, ignore_errors=True)
+    network.save_pretrained(str(out.building), safe_serialization=True)
+    tokenizer.save_pretrained(str(out.building))
+    write_card(out.building, fields)
+    out.publish({"run": config.run}, s3=config.s3, what=f"merged model → {out.uri}", metrics=None)
+    log.info("merged model: %s", out.uri)
+    return out.uri

@@ -241,6 +241,15 @@ def read_text(uri: str, s3: S3Settings | None = None) -> str:
         return f.read().decode("utf-8")
 
 
+def fsync(path: Path) -> None:
+    """Flush a file, or a directory's entries (what makes a rename in it durable), to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _atomic_local(path: Path, fill: Any) -> None:
     """Write via a temp file in the same directory, fsync, rename: readers see old or new."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -263,28 +262,21 @@ class Session:
     def save_final(self) -> str:
         """final/: the model (or adapter) in safetensors with its tokenizer, `COMPLETE` last."""
         config = self.config
-        uri = storage.join(config.output_uri, "final")
-        remote = storage.is_s3(uri)
-        target = self.workdir / "final" if remote else storage.local_path(uri)
-        building = target.with_name(f".{target.name}.tmp")
-        self.trainer.save_model(str(building))  # every rank: ZeRO-3 gathers weights for rank 0
+        out = checkpoint.ModelDir.of(config.output_uri, "final", self.workdir)
+        self.trainer.save_model(str(out.building))  # every rank: ZeRO-3 gathers weights for rank 0
         if self.env.rank != 0:
-            return uri
-        self.tokenizer.save_pretrained(str(building))
+            return out.uri
+        self.tokenizer.save_pretrained(str(out.building))
         # A pickle of TrainingArguments: not loadable safely, and the stage config says it all.
-        (building / "training_args.bin").unlink(missing_ok=True)
-        meta = {"run": config.run, "step": self.trainer.state.global_step}
-        checkpoint.write_marker(building, {**meta, "files": checkpoint.files_of(building)})
-        shutil.rmtree(target, ignore_errors=True)
-        building.rename(target)
-        if remote:
-            checkpoint.with_retries(
-                lambda: storage.upload_dir(target, uri, config.s3, marker=checkpoint.MARKER),
-                what=f"final model → {uri}",
-                metrics=self.metrics,
-            )
-        log.info("final model: %s", uri)
-        return uri
+        (out.building / "training_args.bin").unlink(missing_ok=True)
+        out.publish(
+            {"run": config.run, "step": self.trainer.state.global_step},
+            s3=config.s3,
+            what=f"final model → {out.uri}",
+            metrics=self.metrics,
+        )
+        log.info("final model: %s", out.uri)
+        return out.uri
 
 
 def load_policy(config: TrainConfig, tokenizer: Any, workdir: Path, device: str) -> Any:

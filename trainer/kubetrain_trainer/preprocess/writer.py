@@ -101,7 +101,7 @@ class SplitWriter:
         self._writer.close()
         self._file.close()
         path = self.directory / self.shards[-1]["file"]
-        _fsync(path)
+        storage.fsync(path)
         self.shards[-1].update(
             rows=self._shard_rows, bytes=path.stat().st_size, sha256=storage.sha256_file(path)
         )
@@ -116,17 +116,9 @@ class SplitWriter:
         return self.shards
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_json(path: Path, document: dict[str, Any]) -> None:
     path.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    _fsync(path)
+    storage.fsync(path)
 
 
 def remove_abandoned(base: Path) -> None:
@@ -202,6 +194,6 @@ def publish(staged: Path, dataset_uri: str, s3: S3Settings | None) -> bool:
                 return False
             _discard(final)  # a damaged leftover without _SUCCESS
             continue
-        _fsync(final.parent)
+        storage.fsync(final.parent)
         return True
     raise OSError(f"{final}: cannot publish the dataset; remove the directory and rerun")
