@@ -391,6 +391,24 @@ def test_pvc_is_refused_for_local_runs_naming_the_field(field: str) -> None:
     assert "pvc://" in caught.value.problem
 
 
+HF_FIELDS = {
+    "spec.model.uri": "hf://meta-llama/Llama-3.1-8B",
+    "spec.tokenizer": {"uri": "hf://meta-llama/Llama-3.1-8B"},
+    "spec.data.train": ["s3://d/a.jsonl", "hf://datasets/org/b.jsonl"],
+}
+
+
+@pytest.mark.parametrize("field", sorted(HF_FIELDS))
+@pytest.mark.parametrize("target", ["cluster", "local"])
+def test_hf_uris_are_refused_by_the_plan_naming_the_field(field: str, target: str) -> None:
+    doc = changed(example("llama-lora-merge"), {field: HF_FIELDS[field]})
+    parse_run(doc)  # the API reserves hf:// (api.md) …
+    with pytest.raises(SpecError) as caught:  # … but no stage downloads from the Hub
+        planned(doc, target=target)
+    assert caught.value.path.startswith(field), caught.value.path
+    assert "Hugging Face Hub" in caught.value.problem and "s3://" in caught.value.fix
+
+
 def test_local_runs_keep_local_and_s3_uris() -> None:
     doc = example("tinystories-cpu")
     _, plan = planned(doc, target="local")

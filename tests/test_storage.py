@@ -12,6 +12,7 @@ import json
 import os
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -113,9 +114,11 @@ def test_upload_dir_puts_the_marker_last_and_download_dir_fetches_once(
     order: list[str] = []
     real_upload = storage.upload_file
 
-    def recording_upload(path: Path, uri: str, s3: S3Settings | None = None) -> None:
+    def recording_upload(
+        path: Path, uri: str, s3: S3Settings | None = None, metadata: Any = None
+    ) -> None:
         order.append(uri.rsplit("/ds/", 1)[1])
-        real_upload(path, uri, s3)
+        real_upload(path, uri, s3, metadata)
 
     monkeypatch.setattr(storage, "upload_file", recording_upload)
     storage.upload_dir(tree, f"s3://{bucket}/ds", s3, marker="_SUCCESS")
@@ -137,3 +140,32 @@ def test_upload_dir_puts_the_marker_last_and_download_dir_fetches_once(
     assert (dest / "manifest.json").read_text() == "changed"
     with pytest.raises(storage.NotFound):
         storage.download_dir(f"s3://{bucket}/nothing-here", dest, s3)
+
+
+def test_metadata_head_streamed_hash_and_delete(
+    tmp_path: Path, s3: S3Settings, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(storage.MULTIPART_THRESHOLD_ENV, str(5 * 1024 * 1024))
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    big = os.urandom(6 * 1024 * 1024 + 3)  # multipart: the metadata must survive it
+    (tree / "big.bin").write_bytes(big)
+    (tree / "small.txt").write_text("small")
+    digest = hashlib.sha256(big).hexdigest()
+    storage.upload_dir(tree, f"s3://{bucket}/t", s3, metadata={"big.bin": {"sha256": digest}})
+    info = storage.head(f"s3://{bucket}/t/big.bin", s3)
+    assert info.etag.endswith("-2") and info.size == len(big)
+    assert info.metadata == {"sha256": digest}
+    assert storage.head(f"s3://{bucket}/t/small.txt", s3).metadata == {}
+    assert storage.sha256_uri(f"s3://{bucket}/t/big.bin", s3) == digest
+    assert storage.sha256_uri(str(tree / "big.bin")) == digest
+    assert storage.head(str(tree / "small.txt")) == storage.ObjectInfo(5, "", {})
+    with pytest.raises(storage.NotFound):
+        storage.head(f"s3://{bucket}/t/nope", s3)
+
+    storage.delete(f"s3://{bucket}/t/small.txt", s3)
+    storage.delete(f"s3://{bucket}/t/small.txt", s3)  # already gone: fine
+    assert not storage.exists(f"s3://{bucket}/t/small.txt", s3)
+    storage.delete(str(tree / "small.txt"))
+    storage.delete(str(tree / "small.txt"))
+    assert not (tree / "small.txt").exists()

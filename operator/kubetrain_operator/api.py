@@ -40,6 +40,8 @@ URI_SCHEMES = ("s3", "pvc", "hf", "file")
 DURATION_PATTERN = r"^([0-9]+h)?([0-9]+m)?([0-9]+s)?$"
 QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
 IDENTIFIER_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.\-]*$"
+#: An http(s) endpoint without user:password@ — credentials belong in the Secret, never in a spec.
+ENDPOINT_PATTERN = r"^(https?://[^\s@/]+(/[^\s@]*)?)?$"
 #: Kubernetes label values (also node selector and toleration values): at most 63 characters.
 LABEL_VALUE_PATTERN = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
 #: Kubernetes label keys (qualified names): an optional DNS-1123 prefix and a name of at most 63.
@@ -521,7 +523,7 @@ class S3Spec(_Model):
     """Key of the access key id in the Secret."""
     secret_access_key_key: Identifier = "AWS_SECRET_ACCESS_KEY"  # noqa: S105 (a key name)
     """Key of the secret access key in the Secret."""
-    endpoint: Annotated[str, Field(max_length=2048, pattern=r"^(https?://[^\s]+)?$")] = ""
+    endpoint: Annotated[str, Field(max_length=2048, pattern=ENDPOINT_PATTERN)] = ""
     """Endpoint URL for S3-compatible stores (MinIO, Ceph); empty for AWS."""
     region: Annotated[str, Field(max_length=64, pattern=r"^[a-z0-9\-]*$")] = ""
     """Region; empty lets boto3 decide."""
@@ -817,6 +819,19 @@ def _join(base: str, path: str) -> str:
     return f"{base}.{path}" if path else base
 
 
+PATTERN_HINTS = {
+    DURATION_PATTERN: "a duration such as 15m, 1h30m or 90s",
+    QUANTITY_PATTERN: "a Kubernetes quantity such as 48Gi, 512Mi or 8",
+    DNS1035: "a DNS-1035 label: lower-case letters, digits and '-', starting with a letter",
+    DNS1123_SUBDOMAIN: "a lower-case DNS name: letters, digits, '-' and '.'",
+    URI_PATTERN: "a URI without spaces or control characters",
+    IDENTIFIER_PATTERN: "a field name: letters, digits, '_', '.' and '-'",
+    LABEL_VALUE_PATTERN: "a label value: letters, digits, '-', '_' and '.', at most 63",
+    LABEL_KEY_PATTERN: "a label key such as example.com/gpu-type",
+    ENDPOINT_PATTERN: "an http(s) URL without user:password@ (credentials go in the Secret)",
+}
+
+
 def _friendly(err: Any) -> str:
     """pydantic's message plus what to do, for the error kinds users hit."""
     kind, msg, ctx = err["type"], err["msg"], err.get("ctx") or {}
@@ -827,7 +842,8 @@ def _friendly(err: Any) -> str:
     if kind == "literal_error":
         return f"{msg} — use one of the listed values"
     if kind == "string_pattern_mismatch":
-        return f"has characters or a shape that is not allowed (pattern {ctx.get('pattern')}) — fix the value"
+        hint = PATTERN_HINTS.get(str(ctx.get("pattern")), f"a value matching {ctx.get('pattern')}")
+        return f"has characters or a shape that is not allowed — write {hint}"
     if kind == "value_error":
         return str(msg).removeprefix("Value error, ")
     bound = {

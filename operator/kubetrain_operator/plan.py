@@ -180,6 +180,14 @@ class _UriMapper:
         self.claims: set[str] = set()
 
     def map(self, uri: str, path: str) -> str:
+        if uri.startswith("hf://"):
+            # The API reserves hf:// (api.md); the stages read only pinned copies, never the Hub.
+            raise SpecError(
+                path,
+                f"{uri!r}: the stages never download from the Hugging Face Hub",
+                "download it once (huggingface-cli download ORG/NAME --local-dir DIR), copy it to "
+                "s3:// or a PVC and point there",
+            )
         if "://" not in uri and self.base_dir is not None:
             return posixpath.normpath(posixpath.join(self.base_dir, uri))
         if not uri.startswith("pvc://"):

@@ -315,10 +315,9 @@ def _env(run: TrainingRun) -> list[dict[str, Any]]:
         {"name": "TRITON_CACHE_DIR", "value": f"{WORKDIR}/.cache/triton"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
         {"name": "KUBETRAIN_LOG_FORMAT", "value": "json"},
+        # Nothing is ever fetched from the Hugging Face Hub (plan refuses hf:// URIs).
+        {"name": "HF_HUB_OFFLINE", "value": "1"},
     ]
-    if not _uses_hub(run):
-        # Nothing is fetched from the Hugging Face Hub unless the run names an hf:// URI.
-        env.append({"name": "HF_HUB_OFFLINE", "value": "1"})
     s3 = run.spec.storage.s3
     if s3.secret_name:
         env += [
@@ -336,9 +335,3 @@ def _env(run: TrainingRun) -> list[dict[str, Any]]:
             },
         ]
     return env
-
-
-def _uses_hub(run: TrainingRun) -> bool:
-    spec = run.spec
-    uris = [spec.model.uri, spec.tokenizer.uri, *spec.data.train, *(spec.data.validation or [])]
-    return any(u is not None and u.startswith("hf://") for u in uris)

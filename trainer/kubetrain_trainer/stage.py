@@ -44,18 +44,37 @@ class Unhealthy(StageFailure):
 
 
 def write_result(stage: str, result: dict[str, Any], workdir: Path) -> Path:
-    """Write the ≤ 4 KiB summary to <workdir>/result-<stage>.json and the termination log."""
-    text = json.dumps(result, sort_keys=True, separators=(",", ":"))
-    if len(text.encode()) > RESULT_LIMIT:
-        trimmed = {k: v for k, v in result.items() if not isinstance(v, dict | list)}
-        trimmed["truncated"] = True
-        text = json.dumps(trimmed, sort_keys=True, separators=(",", ":"))[:RESULT_LIMIT]
+    """Write the summary to <workdir>/result-<stage>.json (whole) and the termination log
+    (the kubelet keeps 4 KiB: a shortened summary that is still valid JSON)."""
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / f"result-{stage}.json"
-    path.write_text(text + "\n", encoding="utf-8")
+    path.write_text(_compact(result) + "\n", encoding="utf-8")
     if TERMINATION_LOG.exists() and os.access(TERMINATION_LOG, os.W_OK):
-        TERMINATION_LOG.write_text(text, encoding="utf-8")
+        TERMINATION_LOG.write_text(termination_message(result), encoding="utf-8")
     return path
+
+
+def termination_message(result: dict[str, Any]) -> str:
+    """At most RESULT_LIMIT bytes of JSON: nested details go first, then the error's tail."""
+    text = _compact(result)
+    if len(text.encode()) <= RESULT_LIMIT:
+        return text
+    trimmed: dict[str, Any] = {k: v for k, v in result.items() if not isinstance(v, dict | list)}
+    trimmed["truncated"] = True
+    error = str(trimmed.pop("error", ""))
+    while error not in ("", "…"):
+        over = len(_compact({**trimmed, "error": error}).encode()) - RESULT_LIMIT
+        if over <= 0:
+            return _compact({**trimmed, "error": error})
+        body = error.removesuffix("…")
+        size = len(json.dumps(body, ensure_ascii=False).encode())  # escapes included
+        keep = min(len(body) - 1, len(body) * (size - over - 3) // size)  # "…" takes 3 bytes
+        error = body[: max(0, keep)] + "…"
+    return _compact(trimmed)
+
+
+def _compact(data: dict[str, Any]) -> str:
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 class JsonLines(logging.Formatter):

@@ -25,7 +25,8 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -139,9 +140,39 @@ def _head(uri: str, s3: S3Settings | None) -> dict[str, Any]:
         raise _client_error(uri, error) from None
 
 
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What one HEAD tells about an object (locally: the size; no ETag, no metadata)."""
+
+    size: int
+    etag: str
+    metadata: dict[str, str]
+
+
+def head(uri: str, s3: S3Settings | None = None) -> ObjectInfo:
+    """Size, ETag and user metadata (`x-amz-meta-*`, keys lower-case) without reading the data."""
+    if is_s3(uri):
+        found = _head(uri, s3)
+        return ObjectInfo(
+            int(found["ContentLength"]),
+            str(found["ETag"]).strip('"'),
+            {str(k).lower(): str(v) for k, v in found.get("Metadata", {}).items()},
+        )
+    return ObjectInfo(size(uri), "", {})
+
+
 def sha256_file(path: Path) -> str:
     with path.open("rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def sha256_uri(uri: str, s3: S3Settings | None = None) -> str:
+    """sha256 (hex) of an object's bytes, streamed: one full read, constant memory."""
+    digest = hashlib.sha256()
+    with open_binary(uri, s3) as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def fingerprint(uri: str, s3: S3Settings | None = None) -> str:
@@ -280,15 +311,27 @@ def write_text(uri: str, text: str, s3: S3Settings | None = None) -> None:
     _atomic_local(local_path(uri), lambda f: f.write(data))
 
 
-def upload_file(path: Path, uri: str, s3: S3Settings | None = None) -> None:
-    """Copy one local file to uri (multipart on S3 above the threshold; atomic locally)."""
+def upload_file(
+    path: Path,
+    uri: str,
+    s3: S3Settings | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Copy one local file to uri (multipart on S3 above the threshold; atomic locally).
+
+    `metadata` becomes the object's user metadata on S3 (`x-amz-meta-*`, read back by `head`);
+    local files have nowhere to keep it and ignore it.
+    """
     if is_s3(uri):
         from boto3.exceptions import S3UploadFailedError
         from botocore.exceptions import ClientError
 
         bucket, key = split_s3(uri)
+        extra = {"Metadata": dict(metadata)} if metadata else None
         try:
-            client(s3).upload_file(str(path), bucket, key, Config=transfer_config())
+            client(s3).upload_file(
+                str(path), bucket, key, ExtraArgs=extra, Config=transfer_config()
+            )
         except (ClientError, S3UploadFailedError) as error:
             raise _client_error(uri, error) from None
         return
@@ -322,10 +365,12 @@ def upload_dir(
     uri: str,
     s3: S3Settings | None = None,
     marker: str | Sequence[str] | None = None,
+    metadata: Mapping[str, Mapping[str, str]] | None = None,
 ) -> None:
     """Copy a directory tree to uri in a stable order; the `marker` file(s) go last, in order.
 
-    Readers that wait for the (last) marker never see a half-copied tree.
+    Readers that wait for the (last) marker never see a half-copied tree. `metadata` maps a
+    relative path to the user metadata of its object (S3 only, see `upload_file`).
     """
     files = _relative_files(local_dir)
     last = [marker] if isinstance(marker, str) else list(marker or ())
@@ -333,7 +378,21 @@ def upload_dir(
     if missing:
         raise StorageError(f"{local_dir}: marker {missing[0]} is missing; nothing uploaded")
     for rel in [f for f in files if f not in last] + last:
-        upload_file(local_dir / rel, join(uri, rel), s3)
+        upload_file(local_dir / rel, join(uri, rel), s3, (metadata or {}).get(rel))
+
+
+def delete(uri: str, s3: S3Settings | None = None) -> None:
+    """Remove one object or file; absent already is fine."""
+    if not is_s3(uri):
+        local_path(uri).unlink(missing_ok=True)
+        return
+    from botocore.exceptions import ClientError
+
+    bucket, key = split_s3(uri)
+    try:
+        client(s3).delete_object(Bucket=bucket, Key=key)
+    except ClientError as error:
+        raise _client_error(uri, error) from None
 
 
 def list_objects(uri: str, s3: S3Settings | None = None) -> Iterator[tuple[str, int, str]]:

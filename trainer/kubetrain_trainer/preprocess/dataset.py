@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -24,10 +25,14 @@ from kubetrain_trainer import storage
 from kubetrain_trainer.config import PreprocessConfig, S3Settings
 from kubetrain_trainer.stage import InvalidInput
 
+log = logging.getLogger(__name__)
+
 FORMAT_VERSION = "dataset-v1"
 MANIFEST = "manifest.json"
 SUCCESS = "_SUCCESS"
 TOKENIZER_DIR = "tokenizer"
+#: User metadata key of a shard object on S3: its sha256, set at upload, compared on a cache hit.
+SHA256_METADATA = "sha256"
 SPLITS = ("train", "validation")
 #: Best-fit packing keeps this many blocks open; part of the cache key (it changes the output).
 OPEN_BINS = 256
@@ -120,21 +125,74 @@ def load_manifest(uri: str, s3: S3Settings | None = None) -> dict[str, Any]:
     return manifest
 
 
+#: How a user reruns the stage that repairs a damaged dataset (named in DatasetError messages).
+RERUN = "kubetrain run RUN.yaml --stage preprocess"
+
+
 def shard_files(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     return [s for split in manifest["splits"].values() for s in split["shards"]]
 
 
-def verify_local(path: Path, manifest: dict[str, Any]) -> None:
-    """Check every shard's size and sha256 against the manifest (DatasetError naming the shard)."""
+def damaged_shards(path: Path, manifest: dict[str, Any]) -> dict[str, str]:
+    """Shards of a local copy that differ from the manifest: {file: what is wrong}."""
+    damaged = {}
     for shard in shard_files(manifest):
         file = path / shard["file"]
         if not file.is_file():
-            raise DatasetError(f"{file}: missing — the dataset is damaged; delete it and rerun")
-        if file.stat().st_size != shard["bytes"] or storage.sha256_file(file) != shard["sha256"]:
-            raise DatasetError(
-                f"{file}: sha256 does not match the manifest — the shard is corrupt; delete "
-                f"{path} and rerun the preprocess stage"
-            )
+            damaged[shard["file"]] = "missing"
+        elif file.stat().st_size != shard["bytes"]:
+            damaged[shard["file"]] = _size_problem(file.stat().st_size, shard["bytes"])
+        elif storage.sha256_file(file) != shard["sha256"]:
+            damaged[shard["file"]] = "sha256 does not match the manifest"
+    return damaged
+
+
+def _size_problem(found: int, expected: int) -> str:
+    return f"size {found} does not match the manifest's {expected} bytes"
+
+
+def _listing(damaged: dict[str, str]) -> str:
+    return "; ".join(f"{name}: {why}" for name, why in damaged.items())
+
+
+def verify_local(path: Path, manifest: dict[str, Any]) -> None:
+    """Check every shard's size and sha256 against the manifest (DatasetError naming the shard)."""
+    damaged = damaged_shards(path, manifest)
+    if damaged:
+        raise DatasetError(
+            f"{path}: the dataset is damaged ({_listing(damaged)}); rerun the preprocess stage "
+            f"(e.g. `{RERUN}`): on a cache hit it checks every shard and rebuilds a damaged "
+            "dataset"
+        )
+
+
+def damaged_objects(
+    uri: str, manifest: dict[str, Any], s3: S3Settings | None = None
+) -> dict[str, str]:
+    """Shard objects under an S3 prefix that differ from the manifest: {file: what is wrong}.
+
+    One HEAD per shard: its size, and the sha256 the writer stored as the object's user metadata
+    (`x-amz-meta-sha256`, see `writer.publish`). An object without that metadata — replaced by
+    another tool, or published before it existed — is hashed by streaming it (one full read).
+    """
+    damaged = {}
+    for shard in shard_files(manifest):
+        object_uri = storage.join(uri, shard["file"])
+        try:
+            info = storage.head(object_uri, s3)
+        except storage.NotFound:
+            damaged[shard["file"]] = "missing"
+            continue
+        if info.size != shard["bytes"]:
+            damaged[shard["file"]] = _size_problem(info.size, shard["bytes"])
+            continue
+        digest = info.metadata.get(SHA256_METADATA)
+        if digest is None:
+            log.info("%s: no sha256 metadata; hashing the object to check it", object_uri)
+            digest = storage.sha256_uri(object_uri, s3)
+        if digest != shard["sha256"]:
+            damaged[shard["file"]] = "sha256 does not match the manifest"
+    return damaged
 
 
 def verify_dataset(
@@ -143,15 +201,33 @@ def verify_dataset(
     """A verified local copy of a dataset: (directory, manifest).
 
     Local datasets are checked in place; S3 datasets are fetched once into
-    `cache_dir/<key>` (default: the temp dir) and checked there.
+    `cache_dir/<key>` (default: the temp dir) and checked there. A damaged file of that local
+    copy is fetched again once; if the object itself is damaged, the error names it on S3.
     """
     manifest = load_manifest(uri, s3)
-    if storage.is_s3(uri):
-        root = cache_dir or Path(tempfile.gettempdir()) / "kubetrain-datasets"
-        path = storage.download_dir(uri, root / manifest["key"], s3)
-    else:
+    if not storage.is_s3(uri):
         path = storage.local_path(uri)
-    verify_local(path, manifest)
+        verify_local(path, manifest)
+        return path, manifest
+    root = cache_dir or Path(tempfile.gettempdir()) / "kubetrain-datasets"
+    path = storage.download_dir(uri, root / manifest["key"], s3)
+    damaged = damaged_shards(path, manifest)
+    if damaged:
+        log.warning("%s: local copy damaged (%s); fetching it again", path, _listing(damaged))
+        for name in damaged:
+            (path / name).unlink(missing_ok=True)
+        storage.download_dir(uri, path, s3)
+        damaged = damaged_shards(path, manifest)
+    if damaged:
+        for name in damaged:  # never keep a bad copy: the next attempt fetches it again
+            (path / name).unlink(missing_ok=True)
+        raise DatasetError(
+            f"{uri}: the dataset on S3 is damaged — "
+            + "; ".join(f"{storage.join(uri, n)}: {why}" for n, why in damaged.items())
+            + f". Rerun the preprocess stage of this run (e.g. `{RERUN}`): on a cache hit it "
+            "checks every shard object, and rebuilds and republishes a damaged dataset under the "
+            "same prefix; then rerun this stage."
+        )
     return path, manifest
 
 

@@ -9,7 +9,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,9 +30,13 @@ from kubetrain_trainer.stage import EXIT_TERMINATED, InvalidInput
 log = logging.getLogger("kubetrain_trainer.preprocess")
 
 PROGRESS_SECONDS = 15.0
-#: First offending locations per reason in the result JSON; the manifest keeps more. The result
-#: must fit the 4 KiB termination message.
-RESULT_FIRST = 2
+#: First offending locations per reason in the result JSON and the exit-2 message; the manifest
+#: keeps rows.FIRST_PER_REASON (10).
+RESULT_FIRST = 3
+#: Bytes of JSON the stage hands to `stage.write_result`: the 4 KiB termination message less room
+#: for the `stage`/`ok`/`exitCode` fields added around it. Fewer locations per reason are kept
+#: (3, 2, 1, then none) until the result fits; the counts are always there.
+RESULT_BUDGET = 3584
 
 
 @dataclass(frozen=True)
@@ -124,18 +128,32 @@ def _describe(src: readers.Source, config: PreprocessConfig) -> InputFile:
 
 
 def _cached(uri: str, config: PreprocessConfig) -> dict[str, Any] | None:
-    """The manifest of a complete, intact dataset under the key; a damaged one is discarded."""
+    """The manifest of a complete, intact dataset under the key; a damaged one is discarded.
+
+    Every shard is checked against the manifest: locally by size and sha256; on S3 by one HEAD
+    per shard (size, and the sha256 stored as object metadata at upload; an object without it is
+    hashed by streaming). A damaged dataset is discarded, rebuilt and republished (`cacheHit`
+    false), so a rerun repairs what the trainer refused.
+    """
     if not dataset.is_complete(uri, config.s3):
         return None
     try:
         manifest = dataset.load_manifest(uri, config.s3)
-        if not storage.is_s3(uri):  # S3 shards are verified by the reader that downloads them
-            dataset.verify_local(storage.local_path(uri), manifest)
+        if storage.is_s3(uri):
+            damaged = dataset.damaged_objects(uri, manifest, config.s3)
+        else:
+            damaged = dataset.damaged_shards(storage.local_path(uri), manifest)
     except dataset.DatasetError as error:
-        log.warning("%s — discarding it and building it again", error.message)
-        writer.discard(uri)
-        return None
-    return manifest
+        damaged = {dataset.MANIFEST: error.message}
+    if not damaged:
+        return manifest
+    log.warning(
+        "%s is damaged (%s) — discarding it and building it again",
+        uri,
+        "; ".join(f"{name}: {why}" for name, why in damaged.items()),
+    )
+    writer.discard(uri, config.s3)
+    return None
 
 
 def _metered(
@@ -350,41 +368,61 @@ def _check_rejections(counts: dict[str, Any], limit: float) -> None:
         raise InvalidInput("the inputs hold no rows — check the files and textSplit")
     if counts["accepted"] and rejected / rows <= limit:
         return
-    lines = [
-        f"  {reason}: {count} (first at {', '.join(counts['firstRejected'][reason])})"
-        for reason, count in counts["rejected"].items()
-    ]
-    raise InvalidInput(
-        f"{rejected} of {rows} rows rejected ({rejected / rows:.2%}), above maxRejectedFraction "
-        f"{limit:.2%}:\n" + "\n".join(lines) + "\nFix or remove these rows, or raise "
-        "data.maxRejectedFraction if losing them is acceptable.",
-        {"rejected": counts["rejected"], "firstRejected": _first(counts)},
-    )
+    for reason, where in counts["firstRejected"].items():  # all the manifest would keep
+        log.error("rejected %s rows, the first at %s", reason, ", ".join(where))
+
+    def failure(first: int) -> dict[str, Any]:
+        def places(reason: str) -> str:
+            shown = counts["firstRejected"][reason][:first]
+            return f"first at {', '.join(shown)}" if shown else "locations in the log"
+
+        lines = [f"  {r}: {count} ({places(r)})" for r, count in counts["rejected"].items()]
+        message = (
+            f"{rejected} of {rows} rows rejected ({rejected / rows:.2%}), above "
+            f"maxRejectedFraction {limit:.2%}:\n" + "\n".join(lines) + "\nFix or remove these "
+            "rows, or raise data.maxRejectedFraction if losing them is acceptable."
+        )
+        details = {"rejected": counts["rejected"], "firstRejected": _first(counts, first)}
+        return {"error": message, **details}
+
+    fitted = _fit(failure)
+    raise InvalidInput(fitted.pop("error"), fitted)
 
 
-def _first(counts: dict[str, Any]) -> dict[str, list[str]]:
-    return {r: where[:RESULT_FIRST] for r, where in counts["firstRejected"].items()}
+def _first(counts: dict[str, Any], first: int) -> dict[str, list[str]]:
+    return {r: where[:first] for r, where in counts["firstRejected"].items()}
+
+
+def _fit(build: Callable[[int], dict[str, Any]]) -> dict[str, Any]:
+    """build(n) with the most locations per reason (≤ RESULT_FIRST) that fits RESULT_BUDGET."""
+    for first in range(RESULT_FIRST, 0, -1):
+        built = build(first)
+        if len(json.dumps(built, separators=(",", ":")).encode()) <= RESULT_BUDGET:
+            return built
+    return build(0)
 
 
 def _result(manifest: dict[str, Any], pointer: dict[str, Any], seconds: float) -> dict[str, Any]:
     """The ≤ 4 KiB summary the operator reads (status.dataset)."""
     counts, splits = manifest["counts"], manifest["splits"]
-    return {
-        "key": pointer["key"],
-        "uri": pointer["uri"],
-        "cacheHit": pointer["cacheHit"],
-        "format": manifest["format"],
-        "rowsRead": counts["rowsRead"],
-        "accepted": counts["accepted"],
-        "rejected": counts["rejected"],
-        "firstRejected": _first(counts),
-        "trainTokens": splits["train"]["tokens"],
-        "validationTokens": splits["validation"]["tokens"],
-        "trainRows": splits["train"]["rows"],
-        "validationRows": splits["validation"]["rows"],
-        "tokens": counts["tokens"],
-        "blocks": counts["blocks"],
-        "paddingFraction": counts["paddingFraction"],
-        "droppedTokens": counts["droppedTokens"],
-        "seconds": round(seconds, 3),
-    }
+    return _fit(
+        lambda first: {
+            "key": pointer["key"],
+            "uri": pointer["uri"],
+            "cacheHit": pointer["cacheHit"],
+            "format": manifest["format"],
+            "rowsRead": counts["rowsRead"],
+            "accepted": counts["accepted"],
+            "rejected": counts["rejected"],
+            "firstRejected": _first(counts, first),
+            "trainTokens": splits["train"]["tokens"],
+            "validationTokens": splits["validation"]["tokens"],
+            "trainRows": splits["train"]["rows"],
+            "validationRows": splits["validation"]["rows"],
+            "tokens": counts["tokens"],
+            "blocks": counts["blocks"],
+            "paddingFraction": counts["paddingFraction"],
+            "droppedTokens": counts["droppedTokens"],
+            "seconds": round(seconds, 3),
+        }
+    )

@@ -27,7 +27,7 @@ import pyarrow as pa
 
 from kubetrain_trainer import storage
 from kubetrain_trainer.config import S3Settings
-from kubetrain_trainer.preprocess.dataset import MANIFEST, SUCCESS
+from kubetrain_trainer.preprocess.dataset import MANIFEST, SHA256_METADATA, SUCCESS, shard_files
 
 log = logging.getLogger(__name__)
 
@@ -170,17 +170,29 @@ def _discard(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def discard(dataset_uri: str) -> None:
-    """Move a damaged local dataset out of the way (atomically) and delete it."""
-    if not storage.is_s3(dataset_uri):
-        with contextlib.suppress(FileNotFoundError):
-            _discard(storage.local_path(dataset_uri))
+def discard(dataset_uri: str, s3: S3Settings | None = None) -> None:
+    """Take a damaged dataset out of use before it is rebuilt.
+
+    Local: moved out of the way (atomically) and deleted. S3: its `_SUCCESS` is deleted, so no
+    reader takes it for complete; the rebuild overwrites every object and writes `_SUCCESS` last.
+    """
+    if storage.is_s3(dataset_uri):
+        storage.delete(storage.join(dataset_uri, SUCCESS), s3)
+        return
+    with contextlib.suppress(FileNotFoundError):
+        _discard(storage.local_path(dataset_uri))
 
 
 def publish(staged: Path, dataset_uri: str, s3: S3Settings | None) -> bool:
-    """Make the staged dataset visible; False if another run published the same key first."""
+    """Make the staged dataset visible; False if another run published the same key first.
+
+    On S3 every shard object carries its sha256 as user metadata (`x-amz-meta-sha256`), so a
+    cache hit can check it with one HEAD (`dataset.damaged_objects`).
+    """
     if storage.is_s3(dataset_uri):
-        storage.upload_dir(staged, dataset_uri, s3, marker=(MANIFEST, SUCCESS))
+        manifest = json.loads((staged / MANIFEST).read_text(encoding="utf-8"))
+        checksums = {s["file"]: {SHA256_METADATA: s["sha256"]} for s in shard_files(manifest)}
+        storage.upload_dir(staged, dataset_uri, s3, marker=(MANIFEST, SUCCESS), metadata=checksums)
         return True
     final = storage.local_path(dataset_uri)
     for _ in range(2):
