@@ -123,6 +123,23 @@ BROKEN: dict[str, tuple[dict[str, Any], str]] = {
     "unknown stage": ({"stage": "evaluate"}, "stage"),
     "wrong type": ({"training.microBatchSize": "two"}, "microBatchSize"),
     "sanity stage without its gate": ({"stage": "sanity"}, "sanity"),
+    "missing field": ({"datasetPointer": None}, "datasetPointer"),
+    "value out of range": ({"distributed.zeroStage": 5}, "zeroStage"),
+    "value not allowed": ({"training.precision": "fp8"}, "precision"),
+}
+#: What each message must tell the user to do (every line also says it after a dash).
+FIXES = {
+    "unknown top-level field": "same release",
+    "unknown nested field": "same release",
+    "unknown adapter field": "remove it from a hand-written config",
+    "wrong apiVersion": "align them",
+    "missing apiVersion": "align them",
+    "unknown stage": "same release",
+    "wrong type": "write the value with that JSON type",
+    "sanity stage without its gate": "fix it in the TrainingRun",
+    "missing field": "required field is missing — set it",
+    "value out of range": "use a value in that range",
+    "value not allowed": "use one of these values",
 }
 
 
@@ -147,6 +164,8 @@ def test_trainer_rejects_configs_it_does_not_understand(case: str) -> None:
         parse_stage_config(data, "train.json")
     assert needle in str(caught.value)
     assert str(caught.value).startswith("train.json")
+    assert FIXES[case] in str(caught.value)
+    assert all(" — " in line for line in str(caught.value).splitlines()), str(caught.value)
 
 
 @pytest.mark.parametrize("case", ["unknown top-level field", "wrong apiVersion"])

@@ -3,7 +3,8 @@
 Real: the preprocess and train stages producing the LoRA/QLoRA adapters, PEFT's merge_and_unload,
 bitsandbytes 4-bit quantization (on CPU) for the adapter training and for the pre-quantized base
 that must be refused, safetensors files, the `python -m kubetrain_trainer merge` entry point
-(called in this process) and its exit code. Emulated: nothing.
+(called in this process) and its exit code. Emulated: nothing. The evaluation on a GPU
+(`test_merge_evaluates_on_the_gpu`, marked gpu) runs only where CUDA is; elsewhere it is skipped.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from kubetrain_trainer import merge, model, train
+from kubetrain_trainer import data, merge, model, train
 from kubetrain_trainer.__main__ import main
+from kubetrain_trainer.config import S3Settings
 from trainer_support import Assets, merge_config, train_config, write_config
 
 
@@ -70,6 +72,7 @@ def test_merged_model_matches_the_adapter_model(assets: Assets, tmp_path: Path, 
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["evalTokens"] > 0 and 1 < metrics["perplexity"] < 2000
+    assert metrics["evalDevice"] == ("cuda" if torch.cuda.is_available() else "cpu")
     card = (out / "README.md").read_text()
     assert "validation perplexity" in card and str(base) in card
 
@@ -100,3 +103,20 @@ def test_merge_into_a_prequantized_base_is_refused(assets: Assets, tmp_path: Pat
     error = json.loads((tmp_path / "w2" / "result-merge.json").read_text())["error"]
     assert str(quantized_dir) in error and "bitsandbytes" in error
     assert not (out / "merged").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_merge_evaluates_on_the_gpu(assets: Assets, tmp_path: Path) -> None:
+    """With a GPU the merged model is evaluated there, in the run's precision (bf16), and its
+    perplexity is the one an fp32 evaluation on the CPU finds, to bf16's precision."""
+    out = _adapter_run(assets, tmp_path / "run", "lora")
+    config = merge_config(assets.chat(), str(assets.base_model()), out, precision="bf16")
+    result = merge.run(config, tmp_path / "merge-work")
+    assert result["evalDevice"] == "cuda"
+    merged = AutoModelForCausalLM.from_pretrained(str(out / "merged"), dtype=torch.float32)
+    assert next(merged.parameters()).device.type == "cpu"
+    dataset = data.open_dataset(assets.chat(), tmp_path / "cpu-eval", S3Settings())
+    on_cpu = merge.perplexity(merged, dataset, 8)
+    assert on_cpu["evalTokens"] == result["evalTokens"] > 0
+    assert abs(result["perplexity"] / on_cpu["perplexity"] - 1) < 0.02

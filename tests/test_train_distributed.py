@@ -1,52 +1,88 @@
-"""Two processes under torchrun: DeepSpeed ZeRO-3 trains exactly like plain DDP.
+"""Two processes under torchrun: DeepSpeed ZeRO-2 and ZeRO-3 train exactly like plain DDP, with
+the DeepSpeed config the operator generates; an S3 model is fetched once per node.
 
-Real: `torchrun --standalone --nproc_per_node 2 -m kubetrain_trainer train` (gloo on CPU),
-DeepSpeed 0.19 ZeRO-3 with its parameters really sharded (each rank writes its own optimizer
-partition), the preprocess stage's dataset. Emulated: GPUs — these are CPU processes; NCCL and bf16
-kernels are covered by test_train_gpu.py on a GPU machine. DeepSpeed JIT-builds its shm_comm op
-once (~35 s) into .cache/torch_extensions, reused afterwards.
+Real: `torchrun --standalone --nproc_per_node 2` (gloo on CPU) running the train stage — through
+`python -m kubetrain_trainer train`, or through tests/zero_probe.py, which runs the same
+`train.prepare` + `Session.train` and records what each rank holds of the parameters and the
+optimizer state. DeepSpeed 0.19 with the config of the operator's `plan.deepspeed_config`; the
+preprocess stage's dataset; a `moto_server` S3 endpoint holding the model. Emulated: GPUs — these
+are CPU processes; NCCL and bf16 kernels are covered by test_train_gpu.py on a GPU machine.
+DeepSpeed JIT-builds its shm_comm op once (~35 s) into .cache/torch_extensions, reused afterwards.
 """
 
 from __future__ import annotations
 
+import json
+import re
+import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 from safetensors.torch import load_file
 
-from trainer_support import Assets, losses, torchrun, train_config, write_config
+from kubetrain_operator.api import parse_run
+from kubetrain_operator.plan import deepspeed_config
+from kubetrain_trainer import storage
+from kubetrain_trainer.config import S3Settings
+from trainer_support import ROOT, Assets, losses, torchrun, train_config, write_config
 
 pytestmark = pytest.mark.slow
 
-TRAINING = {"maxSteps": 10, "microBatchSize": 4, "lrScheduler": "cosine", "warmupRatio": 0.1}
+TRAINING = {
+    "maxSteps": 10,
+    "microBatchSize": 4,
+    "learningRate": 3e-3,
+    "lrScheduler": "cosine",
+    "warmupRatio": 0.1,
+    "precision": "fp32",
+}
+PROBE = [str(ROOT / "tests" / "zero_probe.py")]
 
 
-def deepspeed_zero3(micro_batch: int, world: int) -> dict[str, object]:
-    """The shape of config the operator's plan generates for zeroStage 3 (explicit batch sizes)."""
-    return {
-        "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": 1,
-        "train_batch_size": micro_batch * world,
-        "gradient_clipping": 1.0,
-        "zero_optimization": {
-            "stage": 3,
-            "overlap_comm": True,
-            "contiguous_gradients": True,
-            "reduce_bucket_size": 5e8,
-            "stage3_gather_16bit_weights_on_model_save": True,
-        },
-        "bf16": {"enabled": False},
-        "fp16": {"enabled": False},
-        "steps_per_print": 10**9,
+def operator_deepspeed(zero_stage: int, world: int) -> dict[str, Any]:
+    """The DeepSpeed config the operator's plan generates for a run trained like TRAINING."""
+    run = parse_run(
+        {
+            "apiVersion": "kubetrain.dev/v1alpha1",
+            "kind": "TrainingRun",
+            "metadata": {"name": f"zero{zero_stage}"},
+            "spec": {
+                "model": {
+                    "architecture": {
+                        "hiddenSize": 64,
+                        "layers": 2,
+                        "heads": 4,
+                        "contextLength": 128,
+                    }
+                },
+                "tokenizer": {"train": {"vocabSize": 1024}},
+                "data": {"format": "text", "train": ["corpus.txt"], "blockSize": 64},
+                "method": {"stage": "pretrain"},
+                "training": TRAINING,
+                "distributed": {"zeroStage": zero_stage},
+                "output": {"uri": "s3://unused/out"},
+            },
+        }
+    )
+    config = deepspeed_config(run.spec, world)
+    assert config is not None
+    if zero_stage == 3:
+        # The operator keeps parameters below 1e6 elements whole on every rank (gathering them
+        # costs more than they save on real models); every tensor of this tiny model is below
+        # that, so nothing would be sharded and the test would prove nothing. 0 shards them all.
+        config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    return config
+
+
+def test_zero2_and_zero3_match_ddp_on_two_processes(assets: Assets, tmp_path: Path) -> None:
+    runs = {
+        "ddp": {"zeroStage": 0, "worldSize": 2},
+        "zero2": {"zeroStage": 2, "worldSize": 2, "deepspeed": operator_deepspeed(2, 2)},
+        "zero3": {"zeroStage": 3, "worldSize": 2, "deepspeed": operator_deepspeed(3, 2)},
     }
-
-
-def test_zero3_matches_ddp_on_two_processes(assets: Assets, tmp_path: Path) -> None:
-    runs = {}
-    for name, distributed in (
-        ("ddp", {"zeroStage": 0, "worldSize": 2}),
-        ("zero3", {"zeroStage": 3, "worldSize": 2, "deepspeed": deepspeed_zero3(4, 2)}),
-    ):
+    probes: dict[str, list[dict[str, Any]]] = {}
+    for name, distributed in runs.items():
         config = write_config(
             tmp_path / f"{name}.json",
             train_config(
@@ -57,23 +93,88 @@ def test_zero3_matches_ddp_on_two_processes(assets: Assets, tmp_path: Path) -> N
                 distributed=distributed,
             ),
         )
-        done = torchrun(config, tmp_path / f"{name}-work")
+        work = tmp_path / f"{name}-work"
+        done = torchrun(config, work, entry=PROBE)
         assert done.returncode == 0, done.stderr[-4000:]
-        runs[name] = tmp_path / name
+        probes[name] = [json.loads((work / f"probe-rank-{r}.json").read_text()) for r in (0, 1)]
 
-    ddp, zero3 = losses(tmp_path / "ddp-work"), losses(tmp_path / "zero3-work")
-    assert sorted(ddp) == list(range(1, 11)) and sorted(zero3) == list(range(1, 11))
-    assert max(abs(ddp[s] - zero3[s]) for s in ddp) <= 1e-5, (ddp, zero3)
-    assert ddp[10] < ddp[1]
+    ddp = losses(tmp_path / "ddp-work")
+    assert sorted(ddp) == list(range(1, 11)) and ddp[10] < ddp[1]
+    for name in ("zero2", "zero3"):
+        got = losses(tmp_path / f"{name}-work")
+        assert sorted(got) == list(range(1, 11))
+        assert max(abs(ddp[s] - got[s]) for s in ddp) <= 1e-5, (name, ddp, got)
 
-    # ZeRO-3 really sharded: one optimizer partition per rank, and the final weights gathered.
-    checkpoint = runs["zero3"] / "checkpoints" / "step-00000010"
-    shards = sorted(p.name for p in checkpoint.glob("global_step10/*optim_states.pt"))
-    assert shards == [
-        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
-        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
-    ]
-    final_ddp = load_file(runs["ddp"] / "final" / "model.safetensors")
-    final_zero3 = load_file(runs["zero3"] / "final" / "model.safetensors")
-    assert final_ddp.keys() == final_zero3.keys()
-    assert max(float((final_ddp[k] - final_zero3[k]).abs().max()) for k in final_ddp) <= 1e-4
+    # What each rank holds: [partition, full size, materialised] per parameter (zero_probe.py).
+    # DDP: every parameter whole and all optimizer state, on both ranks.
+    full = {name: numel for name, (_, numel, _) in probes["ddp"][0]["parameters"].items()}
+    total = sum(full.values())
+    whole = {name: [numel, numel, numel] for name, numel in full.items()}
+    for rank in probes["ddp"]:
+        assert rank["parameters"] == whole and rank["optimizerElements"] == total
+    # ZeRO-2 and ZeRO-3: each rank steps only its partition of the fp32 master weights.
+    for name in ("zero2", "zero3"):
+        elements = [rank["optimizerElements"] for rank in probes[name]]
+        assert all(e < total for e in elements) and sum(elements) >= total, (name, elements)
+    # ZeRO-2 shards gradients and optimizer state, not parameters.
+    assert all(rank["parameters"] == whole for rank in probes["zero2"])
+    # ZeRO-3: every parameter is sharded — each rank holds only its part (the two parts cover
+    # the tensor) and nothing stays materialised whole between steps.
+    largest = max(full, key=full.__getitem__)
+    assert full[largest] >= 64 * 1000  # the embedding: vocabulary × hidden size
+    for name, numel in full.items():
+        held = [rank["parameters"][name] for rank in probes["zero3"]]
+        assert all(part < numel and size == numel and data == 0 for part, size, data in held), (
+            name,
+            held,
+        )
+        assert sum(part for part, _, _ in held) >= numel
+
+    # The checkpoints hold one optimizer partition per rank, and the final weights are whole.
+    for name in ("zero2", "zero3"):
+        checkpoint = tmp_path / name / "checkpoints" / "step-00000010"
+        shards = sorted(p.name for p in checkpoint.glob("global_step10/*optim_states.pt"))
+        assert len(shards) == 2 and "rank_0" in shards[0] and "rank_1" in shards[1], shards
+    final_ddp = load_file(tmp_path / "ddp" / "final" / "model.safetensors")
+    for name in ("zero2", "zero3"):
+        final = load_file(tmp_path / name / "final" / "model.safetensors")
+        assert final.keys() == final_ddp.keys()
+        assert max(float((final_ddp[k] - final[k]).abs().max()) for k in final_ddp) <= 1e-4
+
+
+def test_an_s3_model_is_fetched_once_per_node(
+    assets: Assets, moto_endpoint: str, tmp_path: Path
+) -> None:
+    """LoRA SFT of a model (and its tokenizer) from S3 on two processes: one download."""
+    s3 = S3Settings(endpoint=moto_endpoint, region="us-east-1")
+    bucket = f"models-{uuid.uuid4().hex[:10]}"
+    storage.client(s3).create_bucket(Bucket=bucket)
+    uri = f"s3://{bucket}/base"
+    storage.upload_dir(assets.base_model(), uri, s3)
+    config = write_config(
+        tmp_path / "train.json",
+        train_config(
+            assets.chat(),
+            tmp_path / "out",
+            method="sft",
+            model={"uri": uri},
+            tokenizerUri=uri,
+            adapter={"type": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+            training={"maxSteps": 3, "microBatchSize": 2, "learningRate": 1e-2},
+            checkpoints={"everySteps": 100, "keep": 1},
+            distributed={"worldSize": 2},
+            s3={"endpoint": moto_endpoint, "region": "us-east-1"},
+        ),
+    )
+    work = tmp_path / "work"
+    done = torchrun(config, work)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert sorted(losses(work)) == [1, 2, 3]
+    assert (tmp_path / "out" / "final" / "adapter_model.safetensors").exists()
+
+    # storage.download_dir logs one line per call; model.uri and tokenizerUri share it.
+    downloads = re.findall(rf"{re.escape(uri)}: \d+ files in (\S+)", done.stdout + done.stderr)
+    assert len(downloads) == 1, done.stderr[-4000:]
+    fetched = [p for p in (work / "models").iterdir()]
+    assert [str(p) for p in fetched] == downloads
+    assert not [p for p in fetched[0].rglob("*.part")]

@@ -8,6 +8,7 @@ nothing. Not on CPU, by design: MFU (no known peak) and GPU memory — see test_
 
 from __future__ import annotations
 
+import json
 import time
 import urllib.request
 from pathlib import Path
@@ -17,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import free_port
 from kubetrain_trainer import train
-from trainer_support import Assets, Launcher, dpo_config, train_config, write_config
+from trainer_support import Assets, Launcher, dpo_config, losses, train_config, write_config
 
 #: The trainer series of docs/metrics.md every CPU run must serve (sample names as exposed).
 REQUIRED = {
@@ -98,6 +99,14 @@ def test_endpoint_serves_every_series_during_a_run(
     assert 0 < seen["kubetrain_train_loss"][run] < 10 and seen["kubetrain_eval_loss"][run] > 0
     assert time.time() - seen["kubetrain_train_last_step_timestamp_seconds"][run] < 120
     assert "kubetrain_train_mfu_ratio" not in seen  # no known peak on a CPU
+
+    # Trainer is told to log every step (for the health checks), but the history it saves in
+    # every checkpoint keeps only the logging intervals, with the interval's mean loss.
+    state = tmp_path / "out" / "checkpoints" / "step-00000150" / "trainer_state.json"
+    history = json.loads(state.read_text())["log_history"]
+    interval_losses = {e["step"]: e["loss"] for e in history if "loss" in e}
+    assert sorted(interval_losses) == list(range(10, 151, 10))
+    assert interval_losses == pytest.approx(losses(tmp_path / "work"))
 
 
 def test_dpo_runs_export_reward_gauges(assets: Assets, tmp_path: Path) -> None:

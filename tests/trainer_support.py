@@ -267,17 +267,21 @@ def result(workdir: Path, stage: str = "train") -> dict[str, Any]:
 
 
 def torchrun(
-    config: Path, workdir: Path, env: dict[str, str] | None = None
+    config: Path,
+    workdir: Path,
+    env: dict[str, str] | None = None,
+    entry: list[str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """The train stage as two processes on this machine, under the real `torchrun --standalone`."""
+    """The train stage as two processes on this machine, under the real `torchrun --standalone`.
+
+    `entry` replaces `-m kubetrain_trainer train` (e.g. a test script that runs the same stage
+    and reports what each rank holds, tests/zero_probe.py)."""
     command = [
         str(Path(sys.executable).parent / "torchrun"),
         "--standalone",
         "--nproc_per_node",
         "2",
-        "-m",
-        "kubetrain_trainer",
-        "train",
+        *(entry or ["-m", "kubetrain_trainer", "train"]),
         "--config",
         str(config),
         "--workdir",

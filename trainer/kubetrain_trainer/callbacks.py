@@ -152,9 +152,12 @@ class TelemetryCallback(TrainerCallback):
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.rows, self.position, self.rank = rows, position, rank
         (workdir / f"{stage}-samples").mkdir(parents=True, exist_ok=True)
+        # Buffered, flushed at every logging interval, every save (before the checkpoint counts:
+        # a resume replays only steps after it) and at the end — not one write per step.
         self._ledger: IO[str] = (workdir / f"{stage}-samples" / f"rank-{rank:05d}.jsonl").open(
-            "a", encoding="utf-8", buffering=1
+            "a", encoding="utf-8"
         )
+        self._cuda = torch.cuda.is_available()
         self._log: IO[str] | None = (
             (workdir / f"{stage}-log.jsonl").open("a", encoding="utf-8", buffering=1)
             if rank == 0
@@ -228,7 +231,7 @@ class TelemetryCallback(TrainerCallback):
         if self.flops_per_token and self.peak_flops:
             per_device = self._tokens_per_second / max(self.accounting.world_size, 1)
             self._labels(m.mfu).set(per_device * self.flops_per_token / self.peak_flops)
-        if torch.cuda.is_available():
+        if self._cuda:
             self._labels(m.gpu_memory_allocated, rank=str(self.rank)).set(
                 torch.cuda.memory_allocated()
             )
@@ -257,10 +260,21 @@ class TelemetryCallback(TrainerCallback):
                 self._labels(m.grad_norm).set(logs["grad_norm"])
             self._labels(m.learning_rate).set(logs.get("learning_rate", 0.0))
         if state.global_step % self.logging_steps and state.global_step < state.max_steps:
+            # Trainer appended this step's entry to state.log_history (saved in every
+            # checkpoint's trainer_state.json): keep only the intervals users see, or the history
+            # grows by one entry per step for the whole run.
+            if state.log_history and state.log_history[-1].get("step") == state.global_step:
+                state.log_history.pop()
             return
         window, self._window = self._window, {}
         mean = {key: _mean(values) for key, values in window.items()}
         self.last_loss = mean["loss"]
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            logged = state.log_history[-1]  # the interval's numbers, as Trainer's own logging has
+            logged["loss"] = mean["loss"]
+            if "grad_norm" in window:
+                logged["grad_norm"] = max(window["grad_norm"])
+        self._ledger.flush()
         entry = {
             "step": state.global_step,
             "totalSteps": state.max_steps,
@@ -316,6 +330,7 @@ class TelemetryCallback(TrainerCallback):
     def on_save(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        self._ledger.flush()  # before CheckpointCallback (added after this one) commits the save
         self._last_step_end = time.perf_counter()  # the save is accounted separately
 
     def close(self) -> None:

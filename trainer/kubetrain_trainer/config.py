@@ -266,7 +266,10 @@ _BY_STAGE: dict[str, type[BaseModel]] = {
 def parse_stage_config(data: Any, source: str = "<config>") -> StageConfig:
     """Validate a stage config document; raises :class:`ConfigError` naming each bad field."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        raise ConfigError(
+            f"{source}: expected a JSON object, got {type(data).__name__} — pass the stage "
+            "config file the operator wrote (kubetrain render / the run's ConfigMap)"
+        )
     if data.get("apiVersion") != STAGE_API_VERSION:
         raise ConfigError(
             f"{source}: apiVersion: expected {STAGE_API_VERSION!r}, got {data.get('apiVersion')!r}"
@@ -276,17 +279,53 @@ def parse_stage_config(data: Any, source: str = "<config>") -> StageConfig:
     if model is None:
         raise ConfigError(
             f"{source}: stage: expected one of {', '.join(sorted(_BY_STAGE))}, "
-            f"got {data.get('stage')!r}"
+            f"got {data.get('stage')!r} — {_SAME_RELEASE}"
         )
     try:
         # Wire names only: a config written with Python names (world_size) is not the contract.
         return model.model_validate(data, by_alias=True, by_name=False)  # type: ignore[return-value]
     except ValidationError as error:
         lines = [
-            f"{source}: {'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}"
+            f"{source}: {'.'.join(str(p) for p in e['loc']) or '(root)'}: {_explain(e)}"
             for e in error.errors(include_url=False)
         ]
         raise ConfigError("\n".join(lines)) from None
+
+
+#: Said after every problem the operator could have caused: it writes these files.
+_SAME_RELEASE = (
+    "the operator writes this file, so check that operator and trainer images are the same release"
+)
+
+
+def _explain(error: Any) -> str:
+    """pydantic's message for one field, the value it got, and what to do about it."""
+    kind, message = str(error["type"]), str(error["msg"])
+    value = error.get("input")
+    got = ""
+    if kind != "missing" and isinstance(value, str | int | float | bool | None):
+        shown = repr(value)
+        got = f" (got {shown[:60] + '…' if len(shown) > 60 else shown})"
+    if kind == "extra_forbidden":
+        return (
+            f"unknown field{got} — this trainer image does not know it: {_SAME_RELEASE}; "
+            "remove it from a hand-written config"
+        )
+    if kind == "missing":
+        return f"required field is missing — set it; {_SAME_RELEASE}"
+    if kind == "value_error":  # the cross-field rules above: their message says what is wrong
+        message = message.removeprefix("Value error, ")
+        return (
+            f"{message} — fix it in the TrainingRun and render the stage configs again "
+            "(or fix the hand-written config)"
+        )
+    if kind in ("literal_error", "enum"):
+        return f"{message}{got} — use one of these values; {_SAME_RELEASE}"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        return f"{message}{got} — use a value in that range (the run's field of the same name)"
+    if kind.endswith(("_type", "_parsing")):
+        return f"{message}{got} — write the value with that JSON type; {_SAME_RELEASE}"
+    return f"{message}{got} — fix the field in the stage config; {_SAME_RELEASE}"
 
 
 def load_stage_config(path: str | Path) -> StageConfig:

@@ -72,7 +72,8 @@ class BlockDataset(torch.utils.data.Dataset[dict[str, Any]]):
         if len(lengths) and (lengths != self.block_size).any():
             raise InvalidInput(
                 f"dataset: column {name} has rows of {int(lengths.min())}–{int(lengths.max())} "
-                f"tokens, the manifest says blockSize {self.block_size}"
+                f"tokens, the manifest says blockSize {self.block_size} — the dataset is damaged "
+                "or from another release: delete its directory and rerun preprocessing"
             )
         values = part.flatten().to_numpy(zero_copy_only=True)
         return values.reshape(-1, self.block_size)
@@ -116,25 +117,41 @@ class BatchStats:
     tokens: int
 
 
+def count_labelled_tokens(batch: Mapping[str, Any]) -> int:
+    """Non-padding tokens of a collated text batch: its labelled positions (one vector op)."""
+    return int((batch["labels"] != IGNORE_INDEX).sum())
+
+
 class AccountingCollator:
-    """Wraps a collator: takes the `row` ids out of the items and attaches :class:`BatchStats`."""
+    """Wraps a collator: takes the `row` ids out of the items and attaches :class:`BatchStats`.
+
+    Tokens are counted per item (`count_tokens`) or, where one operation on the collated batch
+    gives the same number, once per batch (`count_batch`: text blocks, a step's hot path).
+    """
 
     def __init__(
         self,
         inner: Callable[[list[dict[str, Any]]], dict[str, Any]],
-        count_tokens: Callable[[Mapping[str, Any]], int],
+        count_tokens: Callable[[Mapping[str, Any]], int] | None = None,
         prompt_limit: int | None = None,
+        count_batch: Callable[[Mapping[str, Any]], int] | None = None,
     ) -> None:
+        assert (count_tokens is None) != (count_batch is None), "one way of counting tokens"
         self.inner, self.count_tokens, self.prompt_limit = inner, count_tokens, prompt_limit
+        self.count_batch = count_batch
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         rows = [int(item.pop("row")) for item in items]
         if self.prompt_limit is not None:  # dpo.maxPromptLength: keep the prompt's end
             for item in items:
                 item["prompt_ids"] = item["prompt_ids"][-self.prompt_limit :]
-        stats = BatchStats(rows=rows, tokens=sum(self.count_tokens(item) for item in items))
+        tokens = 0
+        if self.count_tokens is not None:
+            tokens = sum(self.count_tokens(item) for item in items)
         batch = self.inner(items)
-        batch[STATS_KEY] = stats
+        if self.count_batch is not None:
+            tokens = self.count_batch(batch)
+        batch[STATS_KEY] = BatchStats(rows=rows, tokens=tokens)
         return batch
 
 
@@ -153,7 +170,10 @@ class StreamSampler(torch.utils.data.Sampler[int]):
 
     def __init__(self, rows: int, seed: int, start: int, stop: int) -> None:
         if rows <= 0:
-            raise InvalidInput("dataset: the training split has no rows")
+            raise InvalidInput(
+                "datasetPointer: the dataset's training split has no rows — check data.train and "
+                "the rejected-row counts in the dataset's manifest.json, then rerun preprocessing"
+            )
         self.rows, self.seed, self.start, self.stop = rows, seed, start, stop
 
     def permutation(self, epoch: int) -> np.ndarray:
@@ -240,6 +260,8 @@ class PackedDataset:
         inner: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None,
         prompt_limit: int | None = None,
     ) -> AccountingCollator:
+        if self.format == "text":  # padding is exactly the unlabelled positions
+            return AccountingCollator(inner or stack_blocks, count_batch=count_labelled_tokens)
         count = count_preference_tokens if self.format == "preference" else count_block_tokens
         return AccountingCollator(inner or stack_blocks, count, prompt_limit)
 
@@ -261,7 +283,11 @@ def open_dataset(
             f"{pointer.get('key')} — the cache directory was overwritten; rerun preprocessing"
         )
     if manifest["format"] not in COLUMNS:
-        raise InvalidInput(f"dataset {uri}: unknown format {manifest['format']!r}")
+        raise InvalidInput(
+            f"datasetPointer: the dataset {uri} has format {manifest['format']!r}, this trainer "
+            f"reads {', '.join(COLUMNS)} — it was written by another release of the preprocess "
+            "stage: rerun preprocessing with the trainer image of the operator's release"
+        )
     log.info(
         "dataset %s: %s, block %d, %d train / %d validation rows",
         manifest["key"][:12],

@@ -9,6 +9,11 @@ the merged model is what a user serving the base in 16-bit gets. A base that is 
 is refused (exit 2) — declared by `model.quantized` or found in its config.json — because the
 adapter's deltas cannot be folded into 4-bit codes without corrupting the model. Full fine-tunes
 and `merge: false` runs are evaluated and documented as they are.
+
+Evaluation runs where the pod's accelerator is: on the GPU (CUDA) in the run's `precision` when
+there is one, on the CPU otherwise (`evalDevice` in metrics.json says which). The merge itself
+is done in fp32 in host memory — cheap next to the evaluation, and the GPU never has to hold an
+fp32 copy of the base — and the merged model is then cast and moved to the GPU.
 """
 
 from __future__ import annotations
@@ -52,6 +57,12 @@ Trained and exported by kubetrain. Load it with
 """
 
 
+def eval_device() -> str:
+    """Where the model is evaluated: the GPU when the pod has one (the plan gives merge one GPU
+    on GPU runs), the CPU otherwise."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def perplexity(network: Any, dataset: data.PackedDataset, batch_size: int) -> dict[str, Any]:
     """Token-weighted NLL over the validation split's labelled tokens, and its exponential."""
     if not dataset.rows("validation"):
@@ -64,7 +75,7 @@ def perplexity(network: Any, dataset: data.PackedDataset, batch_size: int) -> di
     device = next(network.parameters()).device
     total, tokens = 0.0, 0
     network.eval()
-    with torch.no_grad():
+    with torch.inference_mode():
         for ids, labels, positions in _batches(dataset, batch_size):
             kwargs = {"position_ids": positions.to(device)} if positions is not None else {}
             logits = network(input_ids=ids.to(device), **kwargs).logits.float()
@@ -154,9 +165,12 @@ def run(config: MergeConfig, workdir: Path) -> dict[str, Any]:
             f"adapter.type: {config.adapter.type}, but {final_uri} holds "
             f"{'an adapter' if is_adapter else 'a full model'} — the stage configs disagree"
         )
-    tokenizer = model.load_tokenizer(final_dir)
+    tokenizer = model.load_tokenizer(
+        final_dir, "final model", f"{final_uri} is incomplete: run the train stage again"
+    )
     dataset = data.open_dataset(config.dataset_pointer, workdir, config.s3)
     dtype = model.DTYPES[config.precision]
+    device = eval_device()
 
     base_uri = config.model.uri or "(trained from scratch)"
     outputs = {"final": final_uri}
@@ -168,14 +182,24 @@ def run(config: MergeConfig, workdir: Path) -> dict[str, Any]:
         base_dir = model.local_dir(config.model.uri, workdir, config.s3, "model.uri")
         if config.merge:
             refuse_quantized_base(config, base_dir)
-        base = model.load_pretrained(base_dir, dtype=torch.float32)
-        network = PeftModel.from_pretrained(base, str(final_dir))
-        if config.merge:
-            network = network.merge_and_unload()
+            # The adapter is folded into fp32 weights in host memory (a few small matmuls per
+            # layer); only the merged model, in the run's precision, goes to the GPU.
+            base = model.load_pretrained(base_dir, dtype=torch.float32)
+            network = PeftModel.from_pretrained(base, str(final_dir)).merge_and_unload()
+        else:
+            base = model.load_pretrained(base_dir, dtype=dtype, device=device)
+            network = PeftModel.from_pretrained(base, str(final_dir))
     else:
-        network = model.load_pretrained(final_dir, dtype=torch.float32)
-    network = network.to(dtype)
-    numbers = perplexity(network, dataset, config.micro_batch_size)
+        network = model.load_pretrained(
+            final_dir,
+            dtype=dtype,
+            device=device,
+            what="final model",
+            fix=f"{final_uri} is incomplete: run the train stage again",
+        )
+    network = network.to(device=device, dtype=dtype)
+    log.info("evaluating on %s in %s", device, config.precision)
+    numbers = {**perplexity(network, dataset, config.micro_batch_size), "evalDevice": device}
     log.info("validation perplexity: %s on %d tokens", numbers["perplexity"], numbers["evalTokens"])
 
     fields = {

@@ -30,24 +30,62 @@ log = logging.getLogger(__name__)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def local_dir(uri: str, workdir: Path, s3: S3Settings, what: str) -> Path:
-    """A model or tokenizer directory on local disk (S3 prefixes fetched once into the workdir)."""
+def local_dir(uri: str, workdir: Path, s3: S3Settings, what: str, *, fetch: bool = True) -> Path:
+    """A model or tokenizer directory on local disk (S3 prefixes fetched into the workdir).
+
+    `fetch=False` only names the directory another process of this node fetched (the trainer's
+    ranks share one download: `train.fetch_inputs`); local and pvc paths are used in place.
+    """
     dest = workdir / "models" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    if not fetch and storage.is_s3(uri):
+        if not dest.is_dir():
+            raise InvalidInput(
+                f"{what}: {uri} is not in {dest}, where this node's first process was to fetch "
+                "it — see that process's error; the processes of a node must share the workdir"
+            )
+        return dest
     try:
         return storage.download_dir(uri, dest, s3)
     except storage.NotFound:
-        raise InvalidInput(f"{what}: {uri} does not exist") from None
+        raise InvalidInput(
+            f"{what}: {uri} does not exist — point {what} at a directory saved with "
+            "save_pretrained (config.json and *.safetensors for a model, tokenizer.json for a "
+            "tokenizer)"
+        ) from None
     except storage.StorageError as error:
         raise InvalidInput(f"{what}: {error}") from None
 
 
-def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+#: What `save_pretrained` writes that loading needs, per kind of directory.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+def load_tokenizer(
+    path: Path, what: str = "tokenizerUri", fix: str | None = None
+) -> PreTrainedTokenizerBase:
+    """The tokenizer saved in `path`. `what` names where the directory came from (a config
+    field), `fix` what the user should do if it holds none (default: point `what` elsewhere)."""
     from transformers import AutoTokenizer
 
+    fix = fix or f"point {what} at a directory written by tokenizer.save_pretrained(DIR)"
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise InvalidInput(
+            f"{what}: {path} holds no tokenizer (expected tokenizer.json and "
+            f"tokenizer_config.json) — {fix}"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as error:
-        raise InvalidInput(f"tokenizer: cannot load {path}: {error}") from None
+        raise InvalidInput(
+            f"{what}: cannot load the tokenizer in {path}: {error} — re-save it with "
+            "tokenizer.save_pretrained(DIR) using the transformers release of the trainer image"
+        ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -105,41 +143,65 @@ def bnb_config(precision: str) -> Any:
 
 
 def load_pretrained(
-    model_dir: Path, *, dtype: torch.dtype, quantize: str | None = None, device: str = "cpu"
+    model_dir: Path,
+    *,
+    dtype: torch.dtype,
+    quantize: str | None = None,
+    device: str = "cpu",
+    what: str = "model.uri",
+    fix: str | None = None,
 ) -> PreTrainedModel:
-    """from_pretrained on a local directory; `quantize` = precision for a 4-bit QLoRA base."""
+    """from_pretrained on a local directory, onto `device`; `quantize` = precision for a 4-bit
+    QLoRA base. `what` names where the directory came from (a config field), `fix` what the user
+    should do if it holds no model (default: point `what` at one)."""
     from transformers import AutoModelForCausalLM
 
+    fix = fix or (
+        f"point {what} at a directory written by model.save_pretrained(DIR) (nothing is fetched "
+        "from the Hugging Face hub)"
+    )
+    missing = [
+        expected
+        for expected, names in (("config.json", ("config.json",)), ("weights", WEIGHT_FILES))
+        if not any((model_dir / name).is_file() for name in names)
+    ]
+    if missing:
+        raise InvalidInput(
+            f"{what}: {model_dir} is not a saved model (no {' and no '.join(missing)}) — "
+            "expected config.json and model.safetensors (or sharded model-*.safetensors with "
+            f"model.safetensors.index.json) — {fix}"
+        )
     kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": True}
     if quantize is not None:
         kwargs.update(quantization_config=bnb_config(quantize), device_map={"": device})
+    elif device != "cpu":
+        kwargs["device_map"] = {"": device}
     try:
         return AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
     except (OSError, ValueError) as error:
-        raise InvalidInput(f"model.uri: cannot load {model_dir}: {error}") from None
+        raise InvalidInput(
+            f"{what}: cannot load the model in {model_dir}: {error} — re-save it with "
+            "save_pretrained(DIR, safe_serialization=True); a causal LM of a model type the "
+            "trainer image's transformers knows is required"
+        ) from None
 
 
 def load_base(
     source: ModelSource,
+    model_dir: Path | None,
     tokenizer: PreTrainedTokenizerBase,
     *,
     adapter: AdapterConfig,
     precision: str,
-    workdir: Path,
-    s3: S3Settings,
     device: str,
 ) -> PreTrainedModel:
-    """The model a run starts from: fp32 for full training (mixed precision keeps fp32 masters),
-    the compute dtype for a frozen LoRA base, 4-bit NF4 for QLoRA."""
+    """The model a run starts from: built from the architecture, or loaded from `model_dir` (the
+    local copy of `model.uri`): fp32 for full training (mixed precision keeps fp32 masters), the
+    compute dtype for a frozen LoRA base, 4-bit NF4 for QLoRA. The refusals of
+    `train.refuse_broken_combinations` (adapters on an architecture) have run before."""
     if source.architecture is not None:
-        if adapter.type != "none":
-            raise InvalidInput(
-                "method.adapter: an adapter on a randomly initialised model trains nothing useful "
-                "and its base is never saved — use adapter type none with model.architecture"
-            )
         return build_llama(source.architecture, tokenizer)
-    assert source.uri is not None
-    model_dir = local_dir(source.uri, workdir, s3, "model.uri")
+    assert source.uri is not None and model_dir is not None
     declared = quantization_of(model_dir)
     if declared is not None and adapter.type == "none":
         raise InvalidInput(

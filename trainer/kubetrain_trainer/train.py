@@ -69,8 +69,30 @@ class DistEnv:
 
 
 def refuse_broken_combinations(config: TrainConfig, env: DistEnv, cuda: bool) -> None:
-    """The checks api.md makes at admission, made again here: the config may come from anywhere."""
-    t, dist = config.training, config.distributed
+    """The combinations api.md refuses at admission, refused again here (exit 2): the config may
+    come from anywhere — an older operator, a hand-edited file, `kubetrain run` on another box.
+    Each message names the stage-config field and the fix (the run's field where they differ)."""
+    t, dist, adapter = config.training, config.distributed, config.adapter.type
+    if config.method == "dpo" and config.model.architecture is not None:
+        raise InvalidInput(
+            "model.architecture: method dpo needs a trained policy, not random weights — set "
+            "model.uri (or model.fromRun in the run) to the model to align, e.g. an SFT run's"
+        )
+    if adapter != "none" and config.method == "pretrain":
+        raise InvalidInput(
+            f"method.adapter: a {adapter} adapter with method pretrain — adapters fine-tune a "
+            "trained model, pretraining trains all weights; use adapter type none, or method sft"
+        )
+    if adapter != "none" and config.model.architecture is not None:
+        raise InvalidInput(
+            f"method.adapter: a {adapter} adapter on model.architecture (random weights) trains "
+            "nothing useful and its base is never saved — use adapter type none with "
+            "model.architecture, or set model.uri to a trained model"
+        )
+    if adapter == "qlora" and t.precision == "fp32" and cuda:
+        raise InvalidInput(
+            "training.precision: qlora computes in bf16 or fp16 on GPUs, not fp32 — use bf16"
+        )
     if t.optimizer.endswith("_8bit") and dist.zero_stage >= 1 and env.world_size > 1:
         raise InvalidInput(
             f"training.optimizer: {t.optimizer} with zeroStage {dist.zero_stage} on "
@@ -82,8 +104,25 @@ def refuse_broken_combinations(config: TrainConfig, env: DistEnv, cuda: bool) ->
             f"distributed.worldSize: the plan expects {dist.world_size} processes, the launcher "
             f"started {env.world_size} — launch with torchrun --nproc_per_node matching the plan"
         )
+    if dist.zero_stage == 0 and dist.deepspeed is not None:
+        raise InvalidInput(
+            "distributed.deepspeed: set with zeroStage 0, where DeepSpeed is not used and the "
+            "config would be ignored — set distributed.zeroStage to its zero_optimization.stage, "
+            "or regenerate the stage config with the operator"
+        )
+    zero = (dist.deepspeed or {}).get("zero_optimization", {})
+    offloaded = [
+        name
+        for name in ("offload_optimizer", "offload_param")
+        if (zero.get(name) or {}).get("device", "none") != "none"
+    ]
+    if offloaded and dist.zero_stage < 2:
+        raise InvalidInput(
+            f"distributed.deepspeed: zero_optimization.{offloaded[0]} needs zeroStage 2 or 3, "
+            f"zeroStage is {dist.zero_stage} — set distributed.zeroStage: 2 or 3, or "
+            "distributed.offload: none in the run"
+        )
     if dist.zero_stage >= 1:
-        zero = (dist.deepspeed or {}).get("zero_optimization", {})
         if zero.get("stage") != dist.zero_stage:
             raise InvalidInput(
                 f"distributed.deepspeed: zero_optimization.stage is {zero.get('stage')!r}, "
@@ -92,7 +131,8 @@ def refuse_broken_combinations(config: TrainConfig, env: DistEnv, cuda: bool) ->
         if dist.zero_stage == 3 and not zero.get("stage3_gather_16bit_weights_on_model_save"):
             raise InvalidInput(
                 "distributed.deepspeed: stage 3 without "
-                "stage3_gather_16bit_weights_on_model_save would save a final model with no weights"
+                "stage3_gather_16bit_weights_on_model_save would save a final model with no "
+                "weights — set it to true, or regenerate the stage config with the operator"
             )
     if t.precision == "fp16" and not cuda:
         raise InvalidInput("training.precision: fp16 needs a GPU — use bf16 or fp32 on CPU")
@@ -279,18 +319,60 @@ class Session:
         return out.uri
 
 
-def load_policy(config: TrainConfig, tokenizer: Any, workdir: Path, device: str) -> Any:
+def check_dataset(config: TrainConfig, dataset: data.PackedDataset) -> None:
+    """The dataset fits the method and has something to train on."""
+    if dataset.format not in FORMATS[config.method]:
+        raise InvalidInput(
+            f"method: {config.method} trains on {' or '.join(FORMATS[config.method])} data, "
+            f"the dataset is {dataset.format} — set data.format accordingly"
+        )
+    if not dataset.rows("train"):
+        raise InvalidInput(
+            f"datasetPointer: the dataset {dataset.key[:12]} at {dataset.root} has no training "
+            "rows — check data.train and the rejected-row counts in its manifest.json, then "
+            "rerun preprocessing"
+        )
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """The local directories of the model and tokenizer (None: built / the dataset's)."""
+
+    model_dir: Path | None
+    tokenizer_dir: Path | None
+
+
+def fetch_inputs(config: TrainConfig, workdir: Path, *, fetch: bool) -> Inputs:
+    """Local copies of `model.uri` and `tokenizerUri`. S3 prefixes are downloaded by one process
+    per node (`fetch=True`, run under `main_process_first(local=True)`); the others only name
+    the directory it filled. Local and pvc paths are used in place. The same URI is fetched once
+    even when both fields name it (a model directory usually holds its tokenizer)."""
+    fetched: dict[str, Path] = {}
+
+    def local(uri: str | None, what: str) -> Path | None:
+        if uri is None:
+            return None
+        if uri not in fetched:
+            fetched[uri] = model.local_dir(uri, workdir, config.s3, what, fetch=fetch)
+        return fetched[uri]
+
+    return Inputs(
+        model_dir=local(config.model.uri, "model.uri"),
+        tokenizer_dir=local(config.tokenizer_uri, "tokenizerUri"),
+    )
+
+
+def load_policy(config: TrainConfig, model_dir: Path | None, tokenizer: Any, device: str) -> Any:
     """The starting model, seeded so that a built model (and a reference copy) is reproducible."""
     from transformers import set_seed
 
     set_seed(config.training.seed)
     return model.load_base(
         config.model,
+        model_dir,
         tokenizer,
         adapter=config.adapter,
         precision=config.training.precision,
-        workdir=workdir,
-        s3=config.s3,
         device=device,
     )
 
@@ -300,13 +382,13 @@ def make_trainer(
     args: Any,
     tokenizer: Any,
     dataset: data.PackedDataset,
-    workdir: Path,
+    model_dir: Path | None,
 ) -> Any:
     """The library trainer for the method, with kubetrain's collator (sampler set by prepare)."""
     from transformers import PrinterCallback, Trainer
 
     device = str(args.device)
-    policy = load_policy(config, tokenizer, workdir, device)
+    policy = load_policy(config, model_dir, tokenizer, device)
     model.check_compatible(policy, tokenizer, dataset.manifest)
     adapter = config.adapter.type != "none"
     trainer: Any
@@ -323,7 +405,7 @@ def make_trainer(
             model=policy,
             # Full DPO: a frozen copy of the starting policy. Adapters: the base with the adapter
             # disabled, which is TRL's default with peft_config.
-            ref_model=None if adapter else load_policy(config, tokenizer, workdir, device),
+            ref_model=None if adapter else load_policy(config, model_dir, tokenizer, device),
             peft_config=model.lora_config(config.adapter) if adapter else None,
             args=args,
             train_dataset=dataset.preference_split("train"),
@@ -377,22 +459,25 @@ def prepare(config: TrainConfig, workdir: Path) -> Session:
     finalizer = env.local_rank == 0 if remote else env.rank == 0
 
     args = training_arguments(config, staging, env, cuda)
-    with args.main_process_first(local=True, desc="dataset"):  # one fetch and check per node
-        dataset = data.open_dataset(
-            config.dataset_pointer, workdir, config.s3, check=args.local_process_index == 0
-        )
-    if dataset.format not in FORMATS[config.method]:
-        raise InvalidInput(
-            f"method: {config.method} trains on {' or '.join(FORMATS[config.method])} data, "
-            f"the dataset is {dataset.format} — set data.format accordingly"
-        )
+    # One fetch and check per node: the node's first process downloads (S3) and verifies the
+    # dataset, model and tokenizer while the others wait, then they open what it fetched. Only
+    # downloads happen here — loading the model may be collective (ZeRO-3) and comes after.
+    first = args.local_process_index == 0
+    with args.main_process_first(local=True, desc="dataset, model and tokenizer download"):
+        dataset = data.open_dataset(config.dataset_pointer, workdir, config.s3, check=first)
+        check_dataset(config, dataset)  # before a model download that would be wasted
+        inputs = fetch_inputs(config, workdir, fetch=first)
     if not dataset.rows("validation") and args.eval_strategy != "no":
         log.warning("training.evalSteps: the dataset has no validation split; not evaluating")
         args.eval_strategy = "no"
-    tokenizer = model.load_tokenizer(
-        model.local_dir(config.tokenizer_uri, workdir, config.s3, "tokenizerUri")
-        if config.tokenizer_uri
-        else dataset.tokenizer_dir
+    tokenizer = (
+        model.load_tokenizer(inputs.tokenizer_dir, "tokenizerUri")
+        if inputs.tokenizer_dir is not None
+        else model.load_tokenizer(
+            dataset.tokenizer_dir,
+            "datasetPointer",
+            "the dataset's tokenizer/ is missing: rerun preprocessing, or set tokenizerUri",
+        )
     )
 
     # The gate judges the first steps of a fresh start: resuming a finished gate would judge none.
@@ -418,7 +503,7 @@ def prepare(config: TrainConfig, workdir: Path) -> Session:
     rows = dataset.rows("train")
     args.max_steps = total_steps(config, rows, position)
 
-    trainer = make_trainer(config, args, tokenizer, dataset, workdir)
+    trainer = make_trainer(config, args, tokenizer, dataset, inputs.model_dir)
     accounting = StepAccounting(world_size=env.world_size, device=args.device)
     trainer.kubetrain_accounting = accounting
     trainer.kubetrain_sampler = data.StreamSampler(
