@@ -348,12 +348,16 @@ def download_file(uri: str, path: Path, s3: S3Settings | None = None) -> None:
 
     bucket, key = split_s3(uri)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.part")
+    # A name of its own: processes of two nodes may share this directory on a PVC.
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    os.close(fd)
     try:
-        client(s3).download_file(bucket, key, str(tmp), Config=transfer_config())
+        client(s3).download_file(bucket, key, name, Config=transfer_config())
+        os.replace(name, path)
     except ClientError as error:
         raise _client_error(uri, error) from None
-    os.replace(tmp, path)
+    finally:
+        Path(name).unlink(missing_ok=True)
 
 
 def _relative_files(root: Path) -> list[str]:
