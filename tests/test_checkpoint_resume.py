@@ -74,16 +74,29 @@ def _complete(directory: Path) -> bool:
         meta = json.loads((directory / "COMPLETE").read_text())
     except (OSError, ValueError):
         return False
-    return all(
-        (directory / rel).is_file() and (directory / rel).stat().st_size == size
-        for rel, size in meta["files"].items()
-    )
+    try:
+        return all((directory / rel).stat().st_size == size for rel, size in meta["files"].items())
+    except FileNotFoundError:  # rotated away while we looked
+        return False
+
+
+def _entries(staging: Path) -> list[Path]:
+    """What the directory holds now (the trainer renames and rotates under our feet)."""
+    try:
+        return list(staging.iterdir())
+    except FileNotFoundError:
+        return []
+
+
+def _created_after(path: Path, started: float) -> bool:
+    try:
+        return path.stat().st_ctime > started
+    except FileNotFoundError:  # renamed to step-N or rotated away since the listing
+        return False
 
 
 def _newest_complete(staging: Path) -> int | None:
-    steps = [
-        int(p.name.rpartition("-")[2]) for p in staging.iterdir() if p.is_dir() and _complete(p)
-    ]
+    steps = [int(p.name.rpartition("-")[2]) for p in _entries(staging) if _complete(p)]
     return max(steps, default=None)
 
 
@@ -96,7 +109,7 @@ def test_resume_after_two_sigkills_is_exact(
     newest: int | None = None
     for kill_after in (10, 20):
         child = launcher.start("train", config, workdir)
-        child.wait_for(lambda s=kill_after: (staging / f"step-{s:08d}" / "COMPLETE").exists())
+        child.wait_for(lambda s=kill_after: (_newest_complete(staging) or 0) >= s)
         child.signal(signal.SIGKILL)
         assert child.wait() == -signal.SIGKILL
         resumed_from.append(resumed_step(child.output()))
@@ -139,9 +152,9 @@ def test_sigkill_during_checkpoint_writes_resumes_from_newest_complete(
 
         def writing(started: float = started) -> bool:
             """A checkpoint directory this process created (crash leftovers are older)."""
-            return staging.exists() and any(
-                p.name.startswith("checkpoint-") and p.stat().st_ctime > started
-                for p in staging.iterdir()
+            return any(
+                p.name.startswith("checkpoint-") and _created_after(p, started)
+                for p in _entries(staging)
             )
 
         child.wait_for(writing, poll=0.0005)
@@ -150,7 +163,7 @@ def test_sigkill_during_checkpoint_writes_resumes_from_newest_complete(
         assert resumed_step(child.output()) == newest
         mid_write += any(
             p.name.startswith("checkpoint-") and not (p / "COMPLETE").exists()
-            for p in staging.iterdir()
+            for p in _entries(staging)
         )
         newest = _newest_complete(staging)
     assert mid_write >= 8, f"only {mid_write} of 10 kills landed inside a checkpoint write"

@@ -12,9 +12,11 @@ child then runs `kubetrain_trainer.__main__.main` exactly as `python -m` would.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -247,7 +249,8 @@ def train_log(workdir: Path, stage: str = "train") -> list[dict[str, Any]]:
     path = workdir / f"{stage}-log.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    lines = path.read_text(encoding="utf-8").split("\n")
+    return [json.loads(line) for line in lines[:-1]]  # the last piece: "" or a line mid-write
 
 
 def losses(workdir: Path) -> dict[int, float]:
@@ -342,6 +345,7 @@ class Launcher:
             cwd=ROOT,
         )
         assert self._read() == {"ready": True}
+        self.current: Child | None = None
 
     def _read(self) -> dict[str, Any]:
         assert self.proc.stdout is not None
@@ -354,6 +358,7 @@ class Launcher:
         self, stage: str, config_path: Path, workdir: Path, env: dict[str, str] | None = None
     ) -> Child:
         assert self.proc.stdin is not None
+        self._reap()
         log = self.log_dir / f"{workdir.name}-{int(time.time() * 1000)}.log"
         request = {
             "argv": [stage, "--config", str(config_path), "--workdir", str(workdir)],
@@ -362,13 +367,22 @@ class Launcher:
         }
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
-        return Child(self, int(self._read()["pid"]), log)
+        self.current = Child(self, int(self._read()["pid"]), log)
+        return self.current
+
+    def _reap(self) -> None:
+        """Kill and collect a child a failed test left running, so replies stay in step."""
+        if self.current is not None and self.current.code is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.current.signal(signal.SIGKILL)
+            self.current.wait()
 
     def run(self, stage: str, config_path: Path, workdir: Path, **kwargs: Any) -> tuple[int, str]:
         child = self.start(stage, config_path, workdir, **kwargs)
         return child.wait(), child.output()
 
     def close(self) -> None:
+        self._reap()
         if self.proc.stdin is not None:
             self.proc.stdin.close()
         self.proc.wait(timeout=30)
