@@ -419,10 +419,9 @@ class Child:
                     f"condition not met in {timeout}s; log:\n{self.output()[-3000:]}"
                 )
             try:
-                os.kill(self.pid, 0)
                 if Path(f"/proc/{self.pid}/stat").read_text().split()[2] == "Z":
                     raise ProcessLookupError
-            except ProcessLookupError:
+            except OSError:  # ProcessLookupError, or reaped: /proc/PID is gone
                 raise AssertionError(
                     f"the process exited early; log:\n{self.output()[-3000:]}"
                 ) from None
