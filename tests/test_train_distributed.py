@@ -97,6 +97,7 @@ def test_zero2_and_zero3_match_ddp_on_two_processes(assets: Assets, tmp_path: Pa
         done = torchrun(config, work, entry=PROBE)
         assert done.returncode == 0, done.stderr[-4000:]
         probes[name] = [json.loads((work / f"probe-rank-{r}.json").read_text()) for r in (0, 1)]
+        assert [p["processGroupAfterStage"] for p in probes[name]] == [False, False], name
 
     ddp = losses(tmp_path / "ddp-work")
     assert sorted(ddp) == list(range(1, 11)) and ddp[10] < ddp[1]

@@ -10,7 +10,8 @@ tensor, elements materialised in `param.data`]. DeepSpeed ZeRO-3 keeps the parti
 (empty) — except for "persistent" parameters below `stage3_param_persistence_threshold`, which
 stay whole on every rank although they have a partition too. Without ZeRO-3 all three are equal.
 `optimizerElements` counts the fp32 master elements this rank's optimizer steps (ZeRO-1/2/3 hold
-a partition, DDP all of them). Read by tests/test_train_distributed.py.
+a partition, DDP all of them). `processGroupAfterStage`: whether the process group was still up
+when the stage returned (it must not be). Read by tests/test_train_distributed.py.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import TrainerCallback
 
 from kubetrain_trainer import train
@@ -81,8 +83,13 @@ def main() -> None:
     assert isinstance(config, TrainConfig)
     session = train.prepare(config, args.workdir)
     rank = int(os.environ.get("RANK", 0))
-    session.trainer.add_callback(Probe(args.workdir / f"probe-rank-{rank}.json"))
+    probe = args.workdir / f"probe-rank-{rank}.json"
+    session.trainer.add_callback(Probe(probe))
     session.train()
+    # The stage leaves the process group itself (interpreter exit with Gloo threads can abort).
+    record = json.loads(probe.read_text(encoding="utf-8"))
+    record["processGroupAfterStage"] = torch.distributed.is_initialized()
+    probe.write_text(json.dumps(record), encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -243,7 +243,19 @@ class Session:
     saver: checkpoint.CheckpointCallback
 
     def train(self) -> dict[str, Any]:
-        """Train to the last step (or a termination signal), then save final/ or judge the gate."""
+        """Train to the last step (or a termination signal), save final/ or judge the gate, then
+        leave the process group — after a deliberate stop (SIGTERM, health, gate) too, which
+        every rank takes. Any other error propagates without it: tearing down while other
+        ranks may still wait in a collective can hang (torchtitan makes the same choice)."""
+        try:
+            result = self._train()
+        except StageFailure:
+            leave_process_group()
+            raise
+        leave_process_group()
+        return result
+
+    def _train(self) -> dict[str, Any]:
         config, trainer = self.config, self.trainer
         previous = checkpoint.install_signal_handlers(self.telemetry.accounting)
         started = time.monotonic()
@@ -317,6 +329,14 @@ class Session:
         )
         log.info("final model: %s", out.uri)
         return out.uri
+
+
+def leave_process_group() -> None:
+    """Destroy the process group while the interpreter is whole. Left to interpreter exit, Gloo's
+    worker threads can abort the process ("terminate called without an active exception",
+    SIGABRT): a rank that finished its work exits -6 and torchrun fails the node."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def check_dataset(config: TrainConfig, dataset: data.PackedDataset) -> None:
