@@ -19,8 +19,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 lint: setup
-	$(BIN)/ruff check operator trainer tests bench
-	$(BIN)/ruff format --check operator trainer tests bench
+	$(BIN)/ruff check operator trainer tests bench examples
+	$(BIN)/ruff format --check operator trainer tests bench examples
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 

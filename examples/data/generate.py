@@ -1,8 +1,8 @@
 """Generate the demo corpus `tinystories-cpu.txt`: short children's stories from a small grammar.
 
-TinyStories itself is 2 GB and cannot ship with the repository; this grammar gives text with the same
-flavour (simple words, recurring characters, cause and effect) that a 2-layer model learns visibly within
-a few hundred steps on a CPU. Deterministic: the same seed writes the same bytes.
+TinyStories itself is 2 GB and cannot ship with the repository; this grammar gives text with the
+same flavour (simple words, recurring characters, cause and effect) that a 2-layer model learns
+visibly within a few hundred steps on a CPU. Deterministic: the same seed writes the same bytes.
 
     python examples/data/generate.py            # rewrites examples/data/tinystories-cpu.txt
 """
@@ -29,11 +29,11 @@ OPENINGS = [
 ]
 MIDDLES = [
     "{kid} wanted to {action}, but the {animal} was {feeling}.",
-    "Then {kid} saw a {thing} under a tree. \"What is this?\" {kid} asked.",
+    'Then {kid} saw a {thing} under a tree. "What is this?" {kid} asked.',
     "The {animal} ran away with the {thing}. {kid} felt {feeling}.",
     "{kid} and {friend} wanted to {action} together at the {place}.",
     "Suddenly, it became {weather}. {kid} and the {animal} had to go home.",
-    "\"Can I have your {thing}?\" asked {friend}. {kid} said, \"Yes, we can share.\"",
+    '"Can I have your {thing}?" asked {friend}. {kid} said, "Yes, we can share."',
 ]
 ENDINGS = [
     "In the end, {kid} and {friend} were {feeling} and played all day.",
@@ -69,8 +69,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("tinystories-cpu.txt"))
     args = parser.parse_args()
-    rng = random.Random(args.seed)
-    args.out.write_text("\n\n".join(story(rng) for _ in range(args.stories)) + "\n", encoding="utf-8")
+    rng = random.Random(args.seed)  # noqa: S311 — a reproducible corpus, not a secret
+    text = "\n\n".join(story(rng) for _ in range(args.stories)) + "\n"
+    args.out.write_text(text, encoding="utf-8")
 
 
 if __name__ == "__main__":
