@@ -54,7 +54,7 @@ def _failures(port: int) -> float:
 def test_uploads_retry_and_a_fresh_pod_resumes_from_s3(
     assets: Assets, moto_endpoint: str, launcher: Launcher, tmp_path: Path
 ) -> None:
-    s3 = S3Settings(endpoint=moto_endpoint, region="us-east-1")
+    s3 = S3Settings(endpoint=moto_endpoint, region="us-east-1", allow_insecure_endpoint=True)
     bucket = f"late-{uuid.uuid4().hex[:10]}"
     output = f"s3://{bucket}/runs/r1"
     env = {
@@ -70,7 +70,7 @@ def test_uploads_retry_and_a_fresh_pod_resumes_from_s3(
             training={"maxSteps": 40},
             checkpoints={"everySteps": 10, "keep": 2},
             metricsPort=port,
-            s3={"endpoint": moto_endpoint, "region": "us-east-1"},
+            s3={"endpoint": moto_endpoint, "region": "us-east-1", "allowInsecureEndpoint": True},
         ),
     )
     child = launcher.start("train", config, tmp_path / "pod-1", env=env)
@@ -103,7 +103,7 @@ def test_uploads_retry_and_a_fresh_pod_resumes_from_s3(
             output,
             training={"maxSteps": 45},
             checkpoints={"everySteps": 10, "keep": 2},
-            s3={"endpoint": moto_endpoint, "region": "us-east-1"},
+            s3={"endpoint": moto_endpoint, "region": "us-east-1", "allowInsecureEndpoint": True},
         ),
     )
     child = launcher.start("train", more, tmp_path / "pod-2", env=env)
@@ -116,7 +116,7 @@ def test_uploads_retry_and_a_fresh_pod_resumes_from_s3(
 def test_two_nodes_upload_their_parts_and_resume_from_the_bucket(
     assets: Assets, moto_endpoint: str, tmp_path: Path
 ) -> None:
-    s3 = {"endpoint": moto_endpoint, "region": "us-east-1"}
+    s3 = {"endpoint": moto_endpoint, "region": "us-east-1", "allowInsecureEndpoint": True}
     bucket = f"nodes-{uuid.uuid4().hex[:10]}"
     storage.client(S3Settings(**s3)).create_bucket(Bucket=bucket)
     output = f"s3://{bucket}/run"

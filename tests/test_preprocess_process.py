@@ -105,7 +105,7 @@ def test_the_metrics_endpoint_serves_growing_series_while_the_stage_runs(tmp_pat
     result = json.loads((tmp_path / "work" / "result-preprocess.json").read_text())
     assert result["rejected"] == bad and result["cacheHit"] is False
 
-    rows, read = "kubetrain_preprocess_rows_total", "kubetrain_preprocess_bytes_read_total"
+    rows, read = "kubetrain_preprocess_rows_total", "kubetrain_preprocess_read_bytes_total"
     series = {
         "accepted rows": [value(s, rows, result="accepted", reason="") for s in seen],
         "bytes read": [value(s, read) for s in seen],

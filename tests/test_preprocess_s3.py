@@ -32,7 +32,7 @@ def test_s3_inputs_and_outputs_with_multipart_shards(
     tmp_path: Path, moto_endpoint: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(storage.MULTIPART_THRESHOLD_ENV, str(5 << 20))
-    s3 = S3Settings(endpoint=moto_endpoint, region="us-east-1")
+    s3 = S3Settings(endpoint=moto_endpoint, region="us-east-1", allow_insecure_endpoint=True)
     bucket = f"kt-{uuid.uuid4().hex[:10]}"
     storage.client(s3).create_bucket(Bucket=bucket)
     texts = [t for t in docs(3_000_000) if all(line.strip() for line in t.split("\n"))]
@@ -100,7 +100,7 @@ def test_a_damaged_s3_dataset_is_caught_on_a_hit_rebuilt_and_republished(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    s3 = S3Settings(endpoint=moto_endpoint, region="us-east-1")
+    s3 = S3Settings(endpoint=moto_endpoint, region="us-east-1", allow_insecure_endpoint=True)
     bucket = f"kt-{uuid.uuid4().hex[:10]}"
     client = storage.client(s3)
     client.create_bucket(Bucket=bucket)

@@ -177,7 +177,7 @@ def test_metrics_pointer_and_result(tmp_path: Path) -> None:
     rows_total = "kubetrain_preprocess_rows_total"
     assert sample(rows_total, result="accepted", reason="") == len(texts)
     assert sample(rows_total, result="rejected", reason="wrongType") == 1
-    assert sample("kubetrain_preprocess_bytes_read_total") == source.stat().st_size
+    assert sample("kubetrain_preprocess_read_bytes_total") == source.stat().st_size
     assert sample("kubetrain_preprocess_tokens_total") == result["tokens"]
     assert sample("kubetrain_preprocess_blocks_total") == result["blocks"]
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:

@@ -22,7 +22,7 @@ from kubetrain_trainer.config import S3Settings
 
 @pytest.fixture
 def s3(moto_endpoint: str) -> S3Settings:
-    return S3Settings(endpoint=moto_endpoint, region="us-east-1")
+    return S3Settings(endpoint=moto_endpoint, region="us-east-1", allow_insecure_endpoint=True)
 
 
 @pytest.fixture

@@ -147,7 +147,7 @@ def test_an_s3_model_is_fetched_once_per_node(
     assets: Assets, moto_endpoint: str, tmp_path: Path
 ) -> None:
     """LoRA SFT of a model (and its tokenizer) from S3 on two processes: one download."""
-    s3 = S3Settings(endpoint=moto_endpoint, region="us-east-1")
+    s3 = S3Settings(endpoint=moto_endpoint, region="us-east-1", allow_insecure_endpoint=True)
     bucket = f"models-{uuid.uuid4().hex[:10]}"
     storage.client(s3).create_bucket(Bucket=bucket)
     uri = f"s3://{bucket}/base"
@@ -164,7 +164,7 @@ def test_an_s3_model_is_fetched_once_per_node(
             training={"maxSteps": 3, "microBatchSize": 2, "learningRate": 1e-2},
             checkpoints={"everySteps": 100, "keep": 1},
             distributed={"worldSize": 2},
-            s3={"endpoint": moto_endpoint, "region": "us-east-1"},
+            s3={"endpoint": moto_endpoint, "region": "us-east-1", "allowInsecureEndpoint": True},
         ),
     )
     work = tmp_path / "work"

@@ -116,7 +116,7 @@ def test_dpo_runs_export_reward_gauges(assets: Assets, tmp_path: Path) -> None:
     session = train.prepare(config, tmp_path / "work")
     session.train()
     registry = session.metrics.registry
-    accuracy = registry.get_sample_value("kubetrain_dpo_reward_accuracy", {"run": "t"})
+    accuracy = registry.get_sample_value("kubetrain_dpo_reward_accuracy_ratio", {"run": "t"})
     margin = registry.get_sample_value("kubetrain_dpo_reward_margin", {"run": "t"})
     assert accuracy is not None and 0 <= accuracy <= 1
     assert margin is not None

@@ -1,7 +1,8 @@
 """`python -m kubetrain_trainer <stage> --config FILE [--workdir DIR]` — what the pods run.
 
 The stage config is the whole interface (see `config.py`); heavy libraries are imported only by the
-stage that needs them.
+stage that needs them. A stage process dies with the process that launched it (`kubetrain run`,
+torchrun): see `lifetime.die_with_parent`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
+from kubetrain_trainer import lifetime
 from kubetrain_trainer.config import ConfigError, load_stage_config
 from kubetrain_trainer.stage import (
     EXIT_INVALID,
@@ -37,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         "--workdir", type=Path, default=Path.cwd(), help="where result-<stage>.json is written"
     )
     args = parser.parse_args(argv)
+    lifetime.die_with_parent()
     setup_logging()
     try:
         config = load_stage_config(args.config)
@@ -51,8 +54,11 @@ def main(argv: list[str] | None = None) -> int:
         message = f"{args.config}: stage: the config is for {config.stage!r}, not {args.stage!r}"
         log.error("%s", message)
         return EXIT_INVALID
-    module = importlib.import_module(STAGES[args.stage])
     try:
+        from kubetrain_trainer import storage
+
+        storage.check_config(config)  # credential URIs and unsafe endpoints: before any I/O
+        module = importlib.import_module(STAGES[args.stage])
         result = module.run(config, args.workdir)
     except StageFailure as failure:
         log.error("%s", failure.message)

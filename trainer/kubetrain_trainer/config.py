@@ -47,6 +47,8 @@ class S3Settings(_Config):
     """Endpoint URL for S3-compatible stores; empty for AWS."""
     region: str = ""
     """Region; empty lets boto3 decide."""
+    allow_insecure_endpoint: bool = False
+    """Allow a plain http:// endpoint (a trusted in-cluster store); https:// otherwise."""
 
 
 class Fields(_Config):
@@ -109,6 +111,10 @@ class PreprocessConfig(_Config):
     validation_fraction: Fraction = 0.0
     fields: Fields = Field(default_factory=Fields)
     text_split: Literal["paragraph", "line"] = "paragraph"
+    document_separator: str | None = Field(default=None, min_length=1, max_length=256)
+    """.txt: documents end at this text (e.g. <|endoftext|>); None: textSplit decides."""
+    cross_document_attention: bool = True
+    """Text packing: False restarts position_ids per document, keeping attention within it."""
     chat_template: Literal["chatml", "tulu", "llama3"] | None = None
     block_size: PositiveInt
     partial_block: Literal["pad", "drop"] = "pad"
@@ -250,6 +256,8 @@ class MergeConfig(_Config):
     output_uri: Uri
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     micro_batch_size: PositiveInt = 1
+    max_perplexity: float | None = Field(default=None, gt=0)
+    """Validation perplexity above this fails the stage (exit 3); None: not checked."""
     metrics_port: int = Field(default=METRICS_PORT, ge=0, le=65535)
     s3: S3Settings = Field(default_factory=S3Settings)
 

@@ -238,11 +238,18 @@ class PackedDataset:
     def table(self, split: str) -> pa.Table:
         return dataset_format.open_split(self.root, self.manifest, split)
 
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The format's columns; text packed per document adds position_ids."""
+        if self.manifest.get("packing") == dataset_format.TEXT_PER_DOCUMENT:
+            return (*COLUMNS[self.format], "position_ids")
+        return COLUMNS[self.format]
+
     def split(self, split: str) -> BlockDataset | None:
         """A text/chat split as a :class:`BlockDataset` (None when it has no rows)."""
         if not self.rows(split):
             return None
-        return BlockDataset(self.table(split), COLUMNS[self.format], self.block_size)
+        return BlockDataset(self.table(split), self.columns, self.block_size)
 
     def preference_split(self, split: str) -> datasets.Dataset | None:
         """A preference split as a `datasets.Dataset` (what TRL takes), with a `row` column."""

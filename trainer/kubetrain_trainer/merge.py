@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from kubetrain_trainer import checkpoint, data, model, storage
+from kubetrain_trainer import checkpoint, data, lifetime, model, storage
 from kubetrain_trainer.config import MergeConfig
 from kubetrain_trainer.stage import InvalidInput
 
@@ -147,6 +147,12 @@ def write_card(directory: Path, fields: dict[str, Any]) -> str:
 
 
 def run(config: MergeConfig, workdir: Path) -> dict[str, Any]:
+    """Merge (adapters), evaluate, export, with the output locked (see `lifetime`)."""
+    with lifetime.OutputLock(config.output_uri, "merge"):
+        return _run(config, workdir)
+
+
+def _run(config: MergeConfig, workdir: Path) -> dict[str, Any]:
     """Merge (adapters), evaluate, export; returns where the model and the numbers went."""
     from transformers.utils import logging as hf_logging
 

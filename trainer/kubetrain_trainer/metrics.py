@@ -35,8 +35,14 @@ class PreprocessMetrics:
             ["run", "result", "reason"],
             registry=r,
         )
-        self.bytes_read = Counter(
-            "kubetrain_preprocess_bytes_read", "Input bytes read", labels, registry=r
+        self.read_bytes = Counter(
+            "kubetrain_preprocess_read_bytes", "Input bytes read (as stored)", labels, registry=r
+        )
+        self.input_bytes = Gauge(
+            "kubetrain_preprocess_input_bytes",
+            "Input bytes to read in all (as stored): the denominator of progress",
+            labels,
+            registry=r,
         )
         self.tokens = Counter("kubetrain_preprocess_tokens", "Tokens produced", labels, registry=r)
         self.blocks = Counter(
@@ -122,4 +128,6 @@ class TrainerMetrics:
         self.dpo_reward_margin = gauge(
             "kubetrain_dpo_reward_margin", "DPO chosen-rejected reward margin"
         )
-        self.dpo_reward_accuracy = gauge("kubetrain_dpo_reward_accuracy", "DPO reward accuracy")
+        self.dpo_reward_accuracy = gauge(
+            "kubetrain_dpo_reward_accuracy_ratio", "DPO reward accuracy (0-1)"
+        )

@@ -1,7 +1,8 @@
-"""Models and tokenizers: built from an architecture, or loaded from a directory — never the hub.
+"""Models and tokenizers: built from an architecture, or loaded from a local directory.
 
 A model comes from `model.architecture` (a Llama built from its config, vocabulary from the
-tokenizer) or `model.uri` (local, pvc, or S3 downloaded once into the workdir). Adapters are PEFT
+tokenizer) or `model.uri` (local, pvc, or S3 and `hf://` downloaded once into the workdir;
+transformers itself never reaches the Hub: `local_files_only`). Adapters are PEFT
 LoRA; QLoRA loads the base in 4-bit NF4 with bitsandbytes. Every mismatch that would otherwise
 surface as an index error hours into a run — a tokenizer larger than the embeddings, blocks longer
 than the context — is refused here with exit 2 and a message that says what to change.
@@ -19,7 +20,7 @@ import torch
 
 from kubetrain_trainer import storage
 from kubetrain_trainer.config import AdapterConfig, Architecture, ModelSource, S3Settings
-from kubetrain_trainer.stage import InvalidInput
+from kubetrain_trainer.stage import InvalidInput, StageFailure
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -37,7 +38,7 @@ def local_dir(uri: str, workdir: Path, s3: S3Settings, what: str, *, fetch: bool
     ranks share one download: `train.fetch_inputs`); local and pvc paths are used in place.
     """
     dest = workdir / "models" / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    if not fetch and storage.is_s3(uri):
+    if not fetch and (storage.is_s3(uri) or storage.is_hf(uri)):
         if not dest.is_dir():
             raise InvalidInput(
                 f"{what}: {uri} is not in {dest}, where this node's first process was to fetch "
@@ -46,14 +47,14 @@ def local_dir(uri: str, workdir: Path, s3: S3Settings, what: str, *, fetch: bool
         return dest
     try:
         return storage.download_dir(uri, dest, s3)
-    except storage.NotFound:
+    except storage.NotFound as error:
         raise InvalidInput(
-            f"{what}: {uri} does not exist — point {what} at a directory saved with "
+            f"{what}: {error.message} — point {what} at a directory saved with "
             "save_pretrained (config.json and *.safetensors for a model, tokenizer.json for a "
             "tokenizer)"
         ) from None
-    except storage.StorageError as error:
-        raise InvalidInput(f"{what}: {error}") from None
+    except storage.StorageError as error:  # its own exit code: refused (2) or transient (1)
+        raise StageFailure(error.exit_code, f"{what}: {error.message}", error.details) from None
 
 
 #: What `save_pretrained` writes that loading needs, per kind of directory.

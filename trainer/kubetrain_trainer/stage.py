@@ -17,6 +17,8 @@ EXIT_OK = 0
 EXIT_INVALID = 2
 EXIT_UNHEALTHY = 3
 EXIT_TERMINATED = 143
+#: Transient trouble (S3 throttling, a reset connection, a full disk): the operator retries.
+EXIT_RETRY = 1
 TERMINATION_LOG = Path("/dev/termination-log")
 RESULT_LIMIT = 4096  # bytes the kubelet keeps of a termination message
 
@@ -41,6 +43,13 @@ class Unhealthy(StageFailure):
 
     def __init__(self, message: str, details: dict[str, Any] | None = None) -> None:
         super().__init__(EXIT_UNHEALTHY, message, details)
+
+
+class Retryable(StageFailure):
+    """Trouble that may pass (throttling, 5xx, a full disk): exit 1, retried with backoff."""
+
+    def __init__(self, message: str, details: dict[str, Any] | None = None) -> None:
+        super().__init__(EXIT_RETRY, message, details)
 
 
 def write_result(stage: str, result: dict[str, Any], workdir: Path) -> Path:
@@ -92,8 +101,24 @@ class JsonLines(logging.Formatter):
         return json.dumps(entry)
 
 
+#: bitsandbytes logs this at import on every CPU machine (an optional kernels package for its
+#: 4-bit CPU matmul is absent; its own fallback runs): said once in docs/trainer.md, not per stage.
+_QUIET = {"bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward"}
+
+
+class _Drop(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
 def setup_logging() -> None:
     """One logging configuration per entry point; JSON lines when KUBETRAIN_LOG_FORMAT=json."""
+    for name, prefix in _QUIET.items():
+        logging.getLogger(name).addFilter(_Drop(prefix))
     handler = logging.StreamHandler()
     if os.environ.get("KUBETRAIN_LOG_FORMAT") == "json":
         handler.setFormatter(JsonLines())

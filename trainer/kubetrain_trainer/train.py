@@ -16,13 +16,14 @@ import logging
 import math
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from kubetrain_trainer import checkpoint, data, model, storage
+from kubetrain_trainer import checkpoint, data, lifetime, model, storage
 from kubetrain_trainer.callbacks import (
     HealthCallback,
     StepAccounting,
@@ -594,5 +595,7 @@ def prepare(config: TrainConfig, workdir: Path) -> Session:
 
 
 def run(config: TrainConfig, workdir: Path) -> dict[str, Any]:
-    """The train/sanity stage: prepare, train, save or judge."""
-    return prepare(config, workdir).train()
+    """The train/sanity stage: lock the output (rank 0), prepare, train, save or judge."""
+    rank_zero = DistEnv.from_environ().rank == 0
+    with lifetime.OutputLock(config.output_uri, config.stage) if rank_zero else nullcontext():
+        return prepare(config, workdir).train()

@@ -46,10 +46,24 @@ SCHEMAS = {
     ),
 }
 PACKING = {"text": "concatenate", "chat": f"best-fit-{OPEN_BINS}", "preference": "none"}
+#: Text packing with position_ids restarting per document (crossDocumentAttention: false).
+TEXT_PER_DOCUMENT = "concatenate-position-ids"
 
 
 class DatasetError(InvalidInput):
     """A dataset that must not be trained on (incomplete, corrupt, other format): exit 2."""
+
+
+def packing(config: PreprocessConfig) -> str:
+    """How rows are packed (recorded in the manifest and the cache key)."""
+    if config.format == "text" and not config.cross_document_attention:
+        return TEXT_PER_DOCUMENT
+    return PACKING[config.format]
+
+
+def schema(fmt: str, packing: str) -> pa.Schema:
+    """The columns of a dataset: text packed per document carries position_ids, like chat."""
+    return SCHEMAS["chat"] if packing == TEXT_PER_DOCUMENT else SCHEMAS[fmt]
 
 
 def identity(
@@ -83,10 +97,13 @@ def identity(
         "chatTemplate": template,
         "fields": names,
         "blockSize": config.block_size,
-        "packing": PACKING[config.format],
+        "packing": packing(config),
     }
     if any(i["kind"] == "txt" for i in inputs):
-        key["textSplit"] = config.text_split
+        if config.document_separator is not None:
+            key["documentSeparator"] = config.document_separator
+        else:
+            key["textSplit"] = config.text_split
     if config.format == "text":
         key["partialBlock"] = config.partial_block
     if config.validation_fraction > 0 and not config.validation:
@@ -233,12 +250,12 @@ def verify_dataset(
 
 def open_split(path: Path, manifest: dict[str, Any], split: str = "train") -> pa.Table:
     """All shards of a split as one memory-mapped table (no copy into RAM)."""
-    schema = SCHEMAS[manifest["format"]]
+    columns = schema(manifest["format"], manifest.get("packing", ""))
     tables = [
         pa.ipc.open_file(pa.memory_map(str(path / shard["file"]))).read_all()
         for shard in manifest["splits"].get(split, {"shards": []})["shards"]
     ]
-    return pa.concat_tables(tables) if tables else schema.empty_table()
+    return pa.concat_tables(tables) if tables else columns.empty_table()
 
 
 def read_pointer(uri: str, s3: S3Settings | None = None) -> dict[str, Any]:

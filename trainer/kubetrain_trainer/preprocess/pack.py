@@ -1,7 +1,9 @@
 """Encoded rows → training rows of the dataset format (runs in the main process, in input order).
 
 * text: one token stream cut into exact blocks with numpy; only the final partial block is padded
-  (labels -100) or dropped, and counted either way.
+  (labels -100) or dropped, and counted either way. With `crossDocumentAttention: false` the
+  blocks carry position_ids that restart at every document (padding is a segment of its own), so
+  attention stays within documents as it does for chat rows.
 * chat: whole examples packed best-fit into blocks, never split. Streaming best-fit: each example
   goes into the open block with the least room that still fits it; when none fits and OPEN_BINS
   blocks are open, the fullest is written out. Memory is OPEN_BINS blocks whatever the input size,
@@ -51,24 +53,35 @@ class TextPacker:
     block_size: int
     pad_id: int
     partial: str
+    per_document: bool = False
+    """Add position_ids restarting at each document (no attention across documents)."""
     stats: PackStats = field(default_factory=PackStats)
     rest: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int32))
+    rest_positions: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int32))
 
-    def _batch(self, ids: np.ndarray, labels: np.ndarray) -> pa.RecordBatch:
+    def _batch(self, ids: np.ndarray, labels: np.ndarray, positions: np.ndarray) -> pa.RecordBatch:
         lengths = np.full(len(ids) // self.block_size, self.block_size, dtype=np.int32)
         self.stats.rows += len(lengths)
-        return pa.RecordBatch.from_arrays(
-            [list_array(ids, lengths), list_array(labels, lengths)], schema=SCHEMAS["text"]
-        )
+        arrays = [list_array(ids, lengths), list_array(labels, lengths)]
+        if not self.per_document:
+            return pa.RecordBatch.from_arrays(arrays, schema=SCHEMAS["text"])
+        arrays.append(list_array(positions, lengths))
+        return pa.RecordBatch.from_arrays(arrays, schema=SCHEMAS["chat"])
 
     def add(self, columns: Columns) -> pa.RecordBatch | None:
         tokens, lengths = columns["input_ids"]
         self.stats.documents += len(lengths)
         stream = np.concatenate([self.rest, tokens]) if self.rest.size else tokens
+        positions = self.rest_positions
+        if self.per_document:  # 0, 1, … within each document (lengths include its EOS)
+            starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+            own = np.arange(len(tokens), dtype=np.int32) - starts.astype(np.int32)
+            positions = np.concatenate([self.rest_positions, own])
         full = len(stream) // self.block_size * self.block_size
         self.rest = stream[full:].copy()
+        self.rest_positions = positions[full:].copy() if self.per_document else positions
         self.stats.tokens += full
-        return self._batch(stream[:full], stream[:full]) if full else None
+        return self._batch(stream[:full], stream[:full], positions[:full]) if full else None
 
     def finish(self) -> pa.RecordBatch | None:
         rest, self.rest = self.rest, self.rest[:0]
@@ -82,7 +95,8 @@ class TextPacker:
         self.stats.padding += pad
         ids = np.concatenate([rest, np.full(pad, self.pad_id, dtype=np.int32)])
         labels = np.concatenate([rest, np.full(pad, IGNORE, dtype=np.int32)])
-        return self._batch(ids, labels)
+        positions = np.concatenate([self.rest_positions, np.arange(pad, dtype=np.int32)])
+        return self._batch(ids, labels, positions)
 
 
 @dataclass
@@ -178,9 +192,11 @@ class PreferencePacker:
 Packer = TextPacker | ChatPacker | PreferencePacker
 
 
-def packer(fmt: str, block_size: int, pad_id: int, partial: str) -> Packer:
+def packer(
+    fmt: str, block_size: int, pad_id: int, partial: str, *, per_document: bool = False
+) -> Packer:
     if fmt == "text":
-        return TextPacker(block_size, pad_id, partial)
+        return TextPacker(block_size, pad_id, partial, per_document)
     if fmt == "chat":
         return ChatPacker(block_size, pad_id)
     return PreferencePacker()

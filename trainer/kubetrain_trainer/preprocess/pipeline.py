@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
+import shutil
 import signal
 import threading
 import time
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kubetrain_trainer import storage
+from kubetrain_trainer import lifetime, storage
 from kubetrain_trainer.config import PreprocessConfig
 from kubetrain_trainer.metrics import PreprocessMetrics, serve
 from kubetrain_trainer.preprocess import dataset, pack, parallel, readers, tokenizer, writer
@@ -25,7 +27,7 @@ from kubetrain_trainer.preprocess.encode import (
     EncodeSettings,
 )
 from kubetrain_trainer.preprocess.rows import Tally
-from kubetrain_trainer.stage import EXIT_TERMINATED, InvalidInput
+from kubetrain_trainer.stage import EXIT_TERMINATED, InvalidInput, Retryable
 
 log = logging.getLogger("kubetrain_trainer.preprocess")
 
@@ -80,9 +82,11 @@ def run(
     """Publish the dataset of this config (or find it published) and point the run at it."""
     started = time.monotonic()
     metrics = metrics or PreprocessMetrics(config.run)
-    serve(metrics.registry, config.metrics_port)
-    with _terminate_on_sigterm():
+    output = config.dataset_pointer.rpartition("/")[0] or "."
+    with lifetime.OutputLock(output, "preprocess"), _terminate_on_sigterm():
+        serve(metrics.registry, config.metrics_port)
         where = locate(config, workdir)
+        metrics.input_bytes.labels(config.run).set(sum(i.nbytes for i in where.inputs))
         manifest = _cached(where.uri, config)
         hit = manifest is not None
         if not storage.is_s3(where.uri):
@@ -159,9 +163,9 @@ def _cached(uri: str, config: PreprocessConfig) -> dict[str, Any] | None:
 def _metered(
     chunks: Iterable[readers.Chunk], metrics: PreprocessMetrics
 ) -> Iterator[readers.Chunk]:
-    bytes_read = metrics.bytes_read.labels(metrics.run)
+    read_bytes = metrics.read_bytes.labels(metrics.run)
     for chunk in chunks:
-        bytes_read.inc(chunk.nbytes)
+        read_bytes.inc(chunk.nbytes)
         yield chunk
 
 
@@ -186,7 +190,9 @@ def _train_tokenizer(
         plan.vocab_size,
     )
     train_inputs = [i.source for i in inputs if i.source.split == "train"]
-    chunks = readers.read_chunks(train_inputs, config.text_split, _columns(config), config.s3)
+    chunks = readers.read_chunks(
+        train_inputs, config.text_split, _columns(config), config.s3, config.document_separator
+    )
     return tokenizer.train(pool.map(ChunkTexts, (config.format, config.fields), chunks), plan)
 
 
@@ -235,6 +241,7 @@ def _build(
     log.info("%d worker process(es), %d tokenizer thread(s) each", workers, threads)
     with (
         writer.staging(where.uri, where.key, workdir) as staged,
+        _disk_full_is_retried(staged, where, metrics),
         parallel.Pool(workers, threads) as pool,
     ):
         trained = None
@@ -269,6 +276,7 @@ def _build(
             "key": where.key,
             "format": config.format,
             "blockSize": config.block_size,
+            "packing": dataset.packing(config),
             "inputs": [
                 {
                     "uri": i.source.uri,
@@ -303,6 +311,37 @@ def _build(
     return manifest
 
 
+@contextlib.contextmanager
+def _disk_full_is_retried(
+    staged: Path, where: Located, metrics: PreprocessMetrics
+) -> Iterator[None]:
+    """ENOSPC: exit 1 (retryable) naming the path and an estimate of the bytes needed — what
+    was written, scaled by the share of the input read; the staging directory is removed."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        written = sum(p.stat().st_size for p in staged.rglob("*") if p.is_file())
+        total = sum(i.nbytes for i in where.inputs)
+        read = (
+            metrics.registry.get_sample_value(
+                "kubetrain_preprocess_read_bytes_total", {"run": metrics.run}
+            )
+            or 0.0
+        )
+        needed = int(written * total / read) if read else None
+        free = shutil.disk_usage(staged).free
+        estimate = f"about {needed} bytes are needed" if needed else "the need is unknown"
+        raise Retryable(
+            f"{error.filename or staged}: no space left on device — {written} bytes written "
+            f"when {read / max(total, 1):.0%} of the input was read: {estimate}, {free} are "
+            "free. The staging directory was removed; give the cache more room (the volume "
+            "under cacheRoot) and the stage is retried.",
+            {"reason": "DiskFull", "bytesNeeded": needed, "bytesFree": free},
+        ) from None
+
+
 def _pack(
     config: PreprocessConfig,
     where: Located,
@@ -313,17 +352,28 @@ def _pack(
     metrics: PreprocessMetrics,
 ) -> tuple[Tally, dict[str, dict[str, Any]]]:
     """Encode every chunk in the workers; pack and write the results here, in input order."""
+    packing = dataset.packing(config)
     packers = {
-        split: pack.packer(config.format, config.block_size, pad_id, config.partial_block)
+        split: pack.packer(
+            config.format,
+            config.block_size,
+            pad_id,
+            config.partial_block,
+            per_document=not config.cross_document_attention,
+        )
         for split in dataset.SPLITS
     }
     writers = {
-        split: writer.SplitWriter(staged, split, dataset.SCHEMAS[config.format])
+        split: writer.SplitWriter(staged, split, dataset.schema(config.format, packing))
         for split in dataset.SPLITS
     }
     progress = _Progress(metrics, packers)
     chunks = readers.read_chunks(
-        [i.source for i in where.inputs], config.text_split, _columns(config), config.s3
+        [i.source for i in where.inputs],
+        config.text_split,
+        _columns(config),
+        config.s3,
+        config.document_separator,
     )
     for encoded in pool.map(ChunkEncoder, (settings,), _metered(chunks, metrics)):
         progress.add(encoded)

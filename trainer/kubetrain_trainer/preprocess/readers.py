@@ -10,10 +10,14 @@ How each kind is read (docs/preprocessing.md):
 * `.json`: a JSON array of objects, streamed element by element; a file that does not start with
   `[` is read as JSON Lines (many tools write JSON Lines with this extension). A broken array cannot
   be cut into rows, so it fails the stage naming the line.
-* `.txt`: `textSplit: paragraph` — blank-line-separated paragraphs; `line` — each non-blank line.
+* `.txt`: `documentSeparator` set — the text between two occurrences of it (TinyStories'
+  `<|endoftext|>` lines), blank lines kept; otherwise `textSplit: paragraph` — blank-line-separated
+  paragraphs; `line` — each non-blank line.
 * `.parquet`: one row per table row (S3 objects are first copied to a local temp file: Parquet needs
   random access to its footer).
 A record longer than MAX_RECORD_BYTES is skipped without being held in memory (reason tooLong).
+A truncated or corrupt `.gz`/`.zst` stream and an invalid Parquet file stop the stage with exit 2,
+naming the file and the last line read: the file itself must be replaced.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import io
 import json
 import re
 import tempfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,10 +101,13 @@ def source(uri: str, split: str, where: str) -> Source:
 
 
 def sources(config: PreprocessConfig) -> list[Source]:
-    """The inputs in order: train files, then validation files."""
-    found = [source(uri, "train", f"train[{i}]") for i, uri in enumerate(config.train)]
-    found += [
-        source(uri, "validation", f"validation[{i}]") for i, uri in enumerate(config.validation)
+    """The inputs in order: train files, then validation files; prefixes and globs expanded
+    (sorted), so each file found is fingerprinted into the cache key on its own."""
+    found = [
+        source(uri, split, f"{split}[{i}]")
+        for split, uris in (("train", config.train), ("validation", config.validation))
+        for i, pattern in enumerate(uris)
+        for uri in storage.expand(pattern, f"{split}[{i}]", config.s3)
     ]
     if config.format != "text":
         for src in found:
@@ -112,7 +120,7 @@ def sources(config: PreprocessConfig) -> list[Source]:
 
 
 class _Counting(io.RawIOBase):
-    """Counts the stored (compressed) bytes read, for kubetrain_preprocess_bytes_read_total."""
+    """Counts the stored (compressed) bytes read, for kubetrain_preprocess_read_bytes_total."""
 
     def __init__(self, inner: IO[bytes]) -> None:
         self.inner, self.count = inner, 0
@@ -183,6 +191,33 @@ def _paragraphs(stream: IO[bytes]) -> Iterator[tuple[int, bytes | None]]:
             size += len(line) + 1
     if start:
         yield start, (b"\n".join(parts) if size <= MAX_RECORD_BYTES else None)
+
+
+def _separated(stream: IO[bytes], separator: bytes) -> Iterator[tuple[int, bytes | None]]:
+    """Documents ending at each occurrence of `separator` (blank lines inside are kept); empty
+    documents (two separators in a row, a trailing one) are not rows."""
+    parts: list[bytes] = []
+    start, size = 0, 0
+
+    def document() -> tuple[int, bytes | None]:
+        text = b"\n".join(parts).strip(b"\r\n")
+        return start, (text if size <= MAX_RECORD_BYTES else None)
+
+    for number, line in _lines(stream):
+        pieces = [None] if line is None else line.split(separator)
+        for k, piece in enumerate(pieces):
+            if k:  # a separator ended the document before this piece
+                if start and (size > MAX_RECORD_BYTES or b"".join(parts).strip()):
+                    yield document()
+                start, parts, size = 0, [], 0
+            if piece is None or size > MAX_RECORD_BYTES:
+                start, size, parts = start or number, MAX_RECORD_BYTES + 1, []
+            elif piece.strip() or start:
+                start = start or number
+                parts.append(piece)
+                size += len(piece) + 1
+    if start and (size > MAX_RECORD_BYTES or b"".join(parts).strip()):
+        yield document()
 
 
 _WS = re.compile(r"\s*")
@@ -272,7 +307,7 @@ def _is_array(stream: IO[bytes]) -> bool:
 
 @contextlib.contextmanager
 def _opened(
-    src: Source, text_split: str, columns: list[str], s3: S3Settings | None
+    src: Source, text_split: str, columns: list[str], s3: S3Settings | None, separator: str | None
 ) -> Iterator[tuple[RecordKind, Iterator[tuple[int, bytes | object | None]], _Counting]]:
     """The records of one input, and the counter of stored bytes read so far."""
     with contextlib.ExitStack() as stack:
@@ -288,7 +323,9 @@ def _opened(
             return
         counting = _Counting(stack.enter_context(storage.open_binary(src.uri, s3)))
         stream = stack.enter_context(_decompressed(counting, src.compression))
-        if src.kind == "txt":
+        if src.kind == "txt" and separator is not None:
+            yield "text", _separated(stream, separator.encode()), counting
+        elif src.kind == "txt":
             split = _paragraphs if text_split == "paragraph" else _non_blank_lines
             yield "text", split(stream), counting
         elif src.kind == "json" and _is_array(stream):
@@ -297,17 +334,58 @@ def _opened(
             yield "json", _non_blank_lines(stream), counting
 
 
+def _corruption_errors(src: Source) -> tuple[type[BaseException], ...]:
+    """What a damaged file of this kind raises while it is read (not a transient I/O error)."""
+    if src.kind == "parquet":
+        import pyarrow as pa
+
+        return (pa.ArrowException,)
+    if src.compression == "zst":
+        import zstandard
+
+        return (zstandard.ZstdError, EOFError)
+    return (gzip.BadGzipFile, EOFError, zlib.error) if src.compression == "gz" else ()
+
+
+def _guarded(
+    records: Iterator[tuple[int, bytes | object | None]], src: Source
+) -> Iterator[tuple[int, bytes | object | None]]:
+    """The records, or exit 2 naming the file and where it broke: corrupt data is bad input."""
+    damaged = _corruption_errors(src)
+    number = 0
+    while True:
+        try:
+            number, record = next(records)
+        except StopIteration:
+            return
+        except damaged as error:
+            if src.kind == "parquet":
+                problem = f"not a valid Parquet file ({error})"
+                fix = "write it again (pyarrow.parquet.write_table) or convert it to .jsonl"
+            else:
+                problem = f"the {src.compression} stream is truncated or corrupt ({error})"
+                fix = "the file was cut short or damaged in transfer: replace it (test it with "
+                fix += "`gzip -t` or `zstd -t`)"
+            after = f" after line {number}" if number else " at its start"
+            raise InvalidInput(f"{src.uri}: {problem}{after} — {fix}") from None
+        yield number, record
+
+
 def read_chunks(
-    inputs: list[Source], text_split: str, columns: list[str], s3: S3Settings | None = None
+    inputs: list[Source],
+    text_split: str,
+    columns: list[str],
+    s3: S3Settings | None = None,
+    separator: str | None = None,
 ) -> Iterator[Chunk]:
     """All records of all inputs, in input order, cut into chunks of about CHUNK_BYTES."""
     index = 0
     for src in inputs:
-        with _opened(src, text_split, columns, s3) as (kind, records, counting):
+        with _opened(src, text_split, columns, s3, separator) as (kind, records, counting):
             lines: list[int] = []
             batch: list[bytes | object | None] = []
             size, reported = 0, 0
-            for number, record in records:
+            for number, record in _guarded(records, src):
                 lines.append(number)
                 batch.append(record)
                 size += len(record) if isinstance(record, bytes) else 0
