@@ -1,0 +1,99 @@
+"""Kopf handlers: thin glue. Indexes keep runs, children and pods in memory; every event and the
+resync timer only poke the run's reconcile (reconcile.py), which does the work."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kopf
+
+from kubetrain_operator.api import API_GROUP, API_VERSION, PLURAL
+from kubetrain_operator.reconcile import Indexes, Reconciler, run_key
+from kubetrain_operator.render import LABEL_RUN
+from kubetrain_operator.settings import OperatorSettings
+
+#: Read once at import: the timer's interval is fixed when the handler is registered.
+SETTINGS = OperatorSettings.from_env()
+RUN = (API_GROUP, API_VERSION, PLURAL)
+CHILD_FILTER = {LABEL_RUN: kopf.PRESENT}
+
+
+def _plain(body: kopf.Body) -> dict[str, Any]:
+    return {
+        "apiVersion": body.get("apiVersion"),
+        "kind": body.get("kind"),
+        "metadata": dict(body.get("metadata", {})),
+        "spec": dict(body.get("spec", {})),
+        "status": dict(body.get("status", {})),
+    }
+
+
+def _pod(body: kopf.Body) -> dict[str, Any]:
+    """What status.py reads of a pod: labels, phase, container states."""
+    meta = body.get("metadata", {})
+    return {
+        "metadata": {"name": meta.get("name"), "labels": dict(meta.get("labels", {}))},
+        "status": dict(body.get("status", {})),
+    }
+
+
+@kopf.index(*RUN)
+def runs(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+    return {(namespace or "", name): _plain(body)}
+
+
+@kopf.index("batch", "v1", "jobs", labels=CHILD_FILTER)
+def run_jobs(
+    namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
+) -> dict[Any, Any]:
+    return {(namespace or "", labels[LABEL_RUN]): _plain(body)}
+
+
+@kopf.index("kubeflow.org", "v1", "pytorchjobs", labels=CHILD_FILTER)
+def run_pytorchjobs(
+    namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
+) -> dict[Any, Any]:
+    return {(namespace or "", labels[LABEL_RUN]): _plain(body)}
+
+
+@kopf.index("", "v1", "pods", labels=CHILD_FILTER)
+def run_pods(
+    namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
+) -> dict[Any, Any]:
+    return {(namespace or "", labels[LABEL_RUN]): _pod(body)}
+
+
+def _reconciler(memo: kopf.Memo, kwargs: dict[str, Any]) -> Reconciler:
+    reconciler: Reconciler = memo.reconciler
+    if reconciler.indexes is None:
+        reconciler.indexes = Indexes(
+            runs=kwargs["runs"],
+            jobs=kwargs["run_jobs"],
+            pytorchjobs=kwargs["run_pytorchjobs"],
+            pods=kwargs["run_pods"],
+        )
+    return reconciler
+
+
+@kopf.on.event(*RUN)
+def run_changed(namespace: str | None, name: str, memo: kopf.Memo, **kwargs: Any) -> None:
+    reconciler = _reconciler(memo, kwargs)
+    reconciler.poke((namespace or "", name))
+    reconciler.poke_dependents((namespace or "", name))
+
+
+@kopf.on.event("batch", "v1", "jobs", labels=CHILD_FILTER)
+@kopf.on.event("kubeflow.org", "v1", "pytorchjobs", labels=CHILD_FILTER)
+@kopf.on.event("", "v1", "pods", labels=CHILD_FILTER)
+def child_changed(
+    namespace: str | None, labels: kopf.Labels, memo: kopf.Memo, **kwargs: Any
+) -> None:
+    key = run_key(labels, namespace or "")
+    if key is not None:
+        _reconciler(memo, kwargs).poke(key, scrape=True)
+
+
+@kopf.timer(*RUN, interval=SETTINGS.resync_seconds, initial_delay=SETTINGS.resync_seconds)
+def resync(namespace: str | None, name: str, memo: kopf.Memo, **kwargs: Any) -> None:
+    """Repairs a missed event and polls progress; the scrape itself is rate-limited."""
+    _reconciler(memo, kwargs).poke((namespace or "", name))

@@ -1,0 +1,177 @@
+"""The only module that talks to the API server (besides Kopf's own watching and posting).
+
+Every call here has an RBAC rule in `permissions.py`; `CALLS` names them so a test can compare the
+two. The Kubernetes client is synchronous: calls run in worker threads with a connection pool sized
+for many runs at once. The kubeconfig (or the in-cluster service account) decides where they go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any, cast
+
+import kopf
+from kubernetes import client, config
+from kubernetes.client.rest import ApiException
+
+log = logging.getLogger(__name__)
+
+#: kind → plural of every object the operator writes.
+PLURALS = {
+    "ConfigMap": "configmaps",
+    "Service": "services",
+    "Job": "jobs",
+    "PyTorchJob": "pytorchjobs",
+    "TrainingRun": "trainingruns",
+}
+
+#: (verb, group, resource) of every request this module makes — each must be in permissions.py.
+CALLS: frozenset[tuple[str, str, str]] = frozenset(
+    {
+        ("create", "", "configmaps"),
+        ("patch", "", "configmaps"),
+        ("create", "", "services"),
+        ("create", "batch", "jobs"),
+        ("patch", "batch", "jobs"),
+        ("delete", "batch", "jobs"),
+        ("create", "kubeflow.org", "pytorchjobs"),
+        ("patch", "kubeflow.org", "pytorchjobs"),
+        ("delete", "kubeflow.org", "pytorchjobs"),
+        ("patch", "kubetrain.dev", "trainingruns/status"),
+    }
+)
+
+REQUEST_TIMEOUT = 30.0
+
+
+class ApiError(Exception):
+    """An API call failed; `permanent` when retrying the same request cannot help (4xx)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+        self.permanent = 400 <= status < 500 and status not in (408, 409, 429)
+
+
+def load_configuration(pool_size: int = 32) -> Any:
+    """The in-cluster service account, else the kubeconfig (KUBECONFIG / ~/.kube/config)."""
+    configuration = client.Configuration()
+    try:
+        config.load_incluster_config(client_configuration=configuration)
+    except config.ConfigException:
+        config.load_kube_config(client_configuration=configuration)
+    configuration.connection_pool_maxsize = pool_size
+    return configuration
+
+
+def _path(api_version: str, plural: str, namespace: str, name: str | None = None) -> str:
+    root = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+    path = f"{root}/namespaces/{namespace}/{plural}"
+    return f"{path}/{name}" if name else path
+
+
+class Cluster:
+    """Create-if-absent, patch and delete of a run's children; status patches of runs."""
+
+    def __init__(self, configuration: Any) -> None:
+        self.api = client.ApiClient(configuration)
+
+    def close(self) -> None:
+        self.api.close()
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        content_type: str = "application/json",
+        query: list[tuple[str, str]] | None = None,
+    ) -> dict[str, Any]:
+        try:
+            response = self.api.call_api(
+                path,
+                method,
+                query_params=query or [],
+                header_params={"Content-Type": content_type, "Accept": "application/json"},
+                body=body,
+                auth_settings=["BearerToken"],
+                _preload_content=False,
+                _request_timeout=REQUEST_TIMEOUT,
+            )
+        except ApiException as error:
+            raise ApiError(error.status or 0, _reason(error)) from None
+        data = response[0].data if isinstance(response, tuple) else response.data
+        return json.loads(data) if data else {}
+
+    async def create(self, body: Mapping[str, Any]) -> bool:
+        """True when created, False when an object of that name already exists."""
+        meta = body["metadata"]
+        path = _path(body["apiVersion"], PLURALS[body["kind"]], meta["namespace"])
+        try:
+            await asyncio.to_thread(self._call, "POST", path, dict(body))
+        except ApiError as error:
+            if error.status == 409:
+                return False
+            raise
+        return True
+
+    async def update_data(self, body: Mapping[str, Any]) -> None:
+        """Bring an existing ConfigMap's data up to date (merge patch)."""
+        meta = body["metadata"]
+        path = _path(body["apiVersion"], PLURALS[body["kind"]], meta["namespace"], meta["name"])
+        patch = {"data": body.get("data") or {}}
+        await asyncio.to_thread(self._call, "PATCH", path, patch, "application/merge-patch+json")
+
+    async def delete(self, api_version: str, kind: str, namespace: str, name: str) -> bool:
+        """Delete in the background (pods follow by owner reference); False if already gone."""
+        path = _path(api_version, PLURALS[kind], namespace, name)
+        options = {"propagationPolicy": "Background"}
+        try:
+            await asyncio.to_thread(self._call, "DELETE", path, options)
+        except ApiError as error:
+            if error.status == 404:
+                return False
+            raise
+        return True
+
+    async def set_suspend(
+        self, api_version: str, kind: str, namespace: str, name: str, suspend: bool
+    ) -> None:
+        """Job: spec.suspend; PyTorchJob: spec.runPolicy.suspend (merge patch)."""
+        path = _path(api_version, PLURALS[kind], namespace, name)
+        spec: dict[str, Any] = (
+            {"suspend": suspend} if kind == "Job" else {"runPolicy": {"suspend": suspend}}
+        )
+        await asyncio.to_thread(
+            self._call, "PATCH", path, {"spec": spec}, "application/merge-patch+json"
+        )
+
+    async def patch_status(
+        self, namespace: str, name: str, status: Mapping[str, Any], removed: list[str]
+    ) -> dict[str, Any]:
+        """Merge-patch the run's status subresource; `removed` top-level keys are nulled."""
+        path = _path("kubetrain.dev/v1alpha1", "trainingruns", namespace, name) + "/status"
+        patch = {"status": {**dict(status), **dict.fromkeys(removed)}}
+        return await asyncio.to_thread(
+            self._call, "PATCH", path, patch, "application/merge-patch+json"
+        )
+
+
+def post_event(run: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+    """An event on the run, through Kopf's poster (queued, non-blocking)."""
+    kopf.event(kopf.Body(cast(kopf.RawBody, dict(run))), type=type_, reason=reason, message=message)
+
+
+def adopt(body: dict[str, Any], run: Mapping[str, Any]) -> None:
+    """Owner reference to the run (garbage collection deletes children with it)."""
+    kopf.adopt(body, owner=kopf.Body(cast(kopf.RawBody, dict(run))))
+
+
+def _reason(error: ApiException) -> str:
+    try:
+        return str(json.loads(error.body or "{}").get("message") or error.reason)
+    except ValueError:
+        return str(error.reason)

@@ -1,0 +1,62 @@
+"""The operator process:
+
+    kopf run --standalone -m kubetrain_operator.main --all-namespaces   # or --namespace NS
+    kubetrain operator [--namespace NS]                                  # the same
+
+Peering: off (`--standalone`). Run one replica (the chart uses the Recreate strategy); two
+operators would still never create two trainers (names are deterministic and creation is
+create-if-absent), but they would reconcile everything twice. All Kopf settings are here, in one
+startup handler; the operator's own settings come from the environment (settings.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+from kubetrain_operator import handlers, k8s
+from kubetrain_operator.api import API_GROUP
+from kubetrain_operator.operator_metrics import OperatorMetrics
+from kubetrain_operator.reconcile import Reconciler
+
+__all__ = ["configure", "handlers", "probe_runs", "shutdown"]
+
+FINALIZER = f"{API_GROUP}/finalizer"
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    ours = handlers.SETTINGS
+    # Our own finalizer and annotation prefix (Kopf's defaults are under kopf.zalando.org).
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=API_GROUP, key="last-handled-configuration"
+    )
+    # Only warnings and errors of Kopf's own log become events; ours are posted explicitly.
+    settings.posting.level = logging.WARNING
+    # Watches: the server ends a watch after this long; the client gives up a little later.
+    settings.watching.server_timeout = ours.watch_server_timeout
+    settings.watching.client_timeout = ours.watch_server_timeout + 30
+    settings.watching.connect_timeout = 30
+    # Peering: none (see the module docstring); `--standalone` says the same on the command line.
+    settings.peering.standalone = True
+    metrics = OperatorMetrics()
+    if ours.metrics_port:
+        metrics.serve(ours.metrics_port)
+    memo.reconciler = Reconciler(k8s.Cluster(k8s.load_configuration()), ours, metrics)
+
+
+@kopf.on.cleanup()
+async def shutdown(memo: kopf.Memo, **_: Any) -> None:
+    reconciler: Reconciler = memo.reconciler
+    await reconciler.close()
+
+
+@kopf.on.probe(id="runs")
+def probe_runs(memo: kopf.Memo, **_: Any) -> int:
+    """The liveness endpoint (`--liveness=http://0.0.0.0:8080/healthz`) reports runs in memory."""
+    reconciler: Reconciler = memo.reconciler
+    return reconciler.tracked()

@@ -1,0 +1,75 @@
+"""Scrape a run's metrics Service into a `status.Progress` (the trainer's own series).
+
+Where the Service answers is one setting: `KUBETRAIN_METRICS_URL`, a template with `{service}`,
+`{namespace}` and `{port}` (default `http://{service}.{namespace}.svc:{port}/metrics`, the cluster
+DNS name). Outside a cluster (tests, the stand-in, a laptop with port-forwards) the JSON file named
+by `KUBETRAIN_METRICS_ENDPOINTS` maps `"namespace/service"` to a URL; it is read at every scrape,
+so entries can be added while the operator runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from kubetrain_operator.status import PROGRESS_METRICS, Progress
+
+DEFAULT_URL = "http://{service}.{namespace}.svc:{port}/metrics"
+SCRAPE_TIMEOUT = 2.0
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """How a Service name becomes a URL (see the module docstring)."""
+
+    template: str = DEFAULT_URL
+    overrides: Path | None = None
+
+    @classmethod
+    def from_env(cls) -> Endpoints:
+        file = os.environ.get("KUBETRAIN_METRICS_ENDPOINTS")
+        return cls(
+            template=os.environ.get("KUBETRAIN_METRICS_URL", DEFAULT_URL),
+            overrides=Path(file) if file else None,
+        )
+
+    def url(self, namespace: str, service: str, port: int) -> str:
+        if self.overrides is not None:
+            try:
+                mapping = json.loads(self.overrides.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                mapping = {}
+            found = mapping.get(f"{namespace}/{service}")
+            if found:
+                return str(found)
+        return self.template.format(service=service, namespace=namespace, port=port)
+
+
+def parse_samples(text: str) -> dict[str, float]:
+    """The progress series by name (first sample of each; every series carries `run`)."""
+    samples: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in PROGRESS_METRICS and sample.name not in samples:
+                samples[sample.name] = float(sample.value)
+    return samples
+
+
+async def scrape(session: aiohttp.ClientSession, url: str) -> Progress | None:
+    """One scrape; None when the endpoint does not answer (pod starting, between stages)."""
+    try:
+        timeout = aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT)
+        async with session.get(url, timeout=timeout) as response:
+            if response.status != 200:
+                return None
+            text = await response.text()
+    except (aiohttp.ClientError, TimeoutError, OSError):
+        return None
+    samples = parse_samples(text)
+    return Progress(samples, time.time()) if samples else None

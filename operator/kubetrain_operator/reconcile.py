@@ -1,0 +1,282 @@
+"""One reconcile per run at a time: read the caches, derive, patch the status, act.
+
+Every trigger — the run's own events, its children's and pods' events, the resync timer, a backoff
+wake-up — pokes the same per-run queue entry. Pokes that arrive while a reconcile runs coalesce into
+one more pass, so a burst of child events costs one status patch. The world is read from Kopf's
+in-memory indexes (no GETs); the status this operator wrote last is preferred over a cached run body
+that has not caught up with it yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from kubetrain_operator import k8s
+from kubetrain_operator.operator_metrics import OperatorMetrics
+from kubetrain_operator.plan import METRICS_PORT
+from kubetrain_operator.progress import Endpoints, scrape
+from kubetrain_operator.render import LABEL_RUN, LABEL_STAGE, child_name
+from kubetrain_operator.settings import OperatorSettings
+from kubetrain_operator.status import (
+    DeleteObject,
+    EnsureObject,
+    Progress,
+    RecordEvent,
+    RequeueAfter,
+    SetSuspend,
+    derive_status,
+    pod_terminated,
+    redact,
+)
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, str]
+ERROR_BACKOFF_MAX = 30.0
+
+
+@dataclass
+class Indexes:
+    """Kopf's live indexes, keyed by (namespace, run name)."""
+
+    runs: Mapping[Key, Iterable[dict[str, Any]]]
+    jobs: Mapping[Key, Iterable[dict[str, Any]]]
+    pytorchjobs: Mapping[Key, Iterable[dict[str, Any]]]
+    pods: Mapping[Key, Iterable[dict[str, Any]]]
+
+
+@dataclass
+class _Entry:
+    dirty: bool = False
+    scrape: bool = False
+    task: asyncio.Task[None] | None = None
+    wake: asyncio.TimerHandle | None = None
+    wake_at: float = 0.0
+    errors: int = 0
+    progress: Progress | None = None
+    scraped_at: float = 0.0
+    written: tuple[str, dict[str, Any]] | None = None
+
+
+def metrics_service(run_name: str) -> str:
+    """The run's metrics Service (render.metrics_service_name; a test keeps the two equal)."""
+    return child_name(run_name, "metrics")
+
+
+def _items(index: Mapping[Key, Iterable[dict[str, Any]]], key: Key) -> list[dict[str, Any]]:
+    try:
+        return list(index[key])
+    except KeyError:
+        return []
+
+
+@dataclass
+class Reconciler:
+    cluster: k8s.Cluster
+    settings: OperatorSettings
+    metrics: OperatorMetrics
+    endpoints: Endpoints = field(default_factory=Endpoints.from_env)
+    indexes: Indexes | None = None
+    session: aiohttp.ClientSession | None = None
+    _entries: dict[Key, _Entry] = field(default_factory=dict)
+    _dependents: dict[Key, set[Key]] = field(default_factory=dict)
+
+    # ----------------------------------------------------------------------------- triggering
+    def poke(self, key: Key, *, scrape: bool = False, delay: float = 0.0) -> None:
+        """Reconcile `key` now (or after `delay` seconds); repeated pokes coalesce."""
+        entry = self._entries.setdefault(key, _Entry())
+        loop = asyncio.get_running_loop()
+        if delay > 0:
+            at = loop.time() + delay
+            if entry.wake is not None and entry.wake_at <= at and not entry.wake.cancelled():
+                return
+            if entry.wake is not None:
+                entry.wake.cancel()
+            entry.wake_at = at
+            entry.wake = loop.call_later(delay, self._wake, key)
+            return
+        entry.dirty = True
+        entry.scrape = entry.scrape or scrape
+        if entry.task is None or entry.task.done():
+            entry.task = asyncio.create_task(self._drain(key), name=f"reconcile {key[0]}/{key[1]}")
+
+    def _wake(self, key: Key) -> None:
+        entry = self._entries.get(key)
+        if entry is not None:
+            entry.wake = None
+        self.poke(key)
+
+    def poke_dependents(self, key: Key) -> None:
+        """Runs chained to `key` (model.fromRun) learn at once that their parent changed."""
+        for dependent in sorted(self._dependents.get(key, ())):
+            self.poke(dependent)
+
+    def tracked(self) -> int:
+        """Runs this operator has reconciled and still holds state for."""
+        return len(self._entries)
+
+    async def idle(self) -> None:
+        """Wait until no reconcile is running (tests, shutdown)."""
+        while tasks := [e.task for e in self._entries.values() if e.task and not e.task.done()]:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _drain(self, key: Key) -> None:
+        entry = self._entries[key]
+        while entry.dirty:
+            entry.dirty = False
+            scrape_now, entry.scrape = entry.scrape, False
+            try:
+                await self.reconcile(key, scrape_now)
+                entry.errors = 0
+            except k8s.ApiError as error:
+                kind = "permanent" if error.permanent else "temporary"
+                self._failed(key, entry, kind, redact(str(error)))
+            except Exception as error:  # a bug must not stop the other runs' reconciles
+                log.exception("reconcile of %s/%s failed", *key)
+                self._failed(key, entry, "temporary", redact(repr(error)))
+
+    def _failed(self, key: Key, entry: _Entry, kind: str, message: str) -> None:
+        self.metrics.errors.labels(kind).inc()
+        entry.errors += 1
+        delay = min(ERROR_BACKOFF_MAX, 0.5 * 2 ** (entry.errors - 1))
+        log.warning("reconcile of %s/%s: %s error: %s; retry in %.1fs", *key, kind, message, delay)
+        self.poke(key, delay=delay)
+
+    # ------------------------------------------------------------------------------ reconcile
+    def _run(self, key: Key) -> dict[str, Any] | None:
+        assert self.indexes is not None
+        bodies = _items(self.indexes.runs, key)
+        if not bodies:
+            return None
+        body = bodies[0]
+        entry = self._entries.get(key)
+        uid = (body.get("metadata") or {}).get("uid", "")
+        if entry is not None and entry.written is not None and entry.written[0] == uid:
+            body = {**body, "status": entry.written[1]}
+        return body
+
+    async def reconcile(self, key: Key, scrape_now: bool = False) -> None:
+        if self.indexes is None:
+            return  # no handler has run yet: nothing is cached
+        run = self._run(key)
+        if run is None:
+            self._forget(key)
+            return
+        meta = run.get("metadata") or {}
+        if meta.get("deletionTimestamp"):
+            return  # children go with it (owner references); nothing to start
+        uid = meta.get("uid")
+        children = [
+            c
+            for c in _items(self.indexes.jobs, key) + _items(self.indexes.pytorchjobs, key)
+            if any(
+                o.get("uid") == uid for o in (c.get("metadata") or {}).get("ownerReferences") or []
+            )
+        ]
+        pods = _items(self.indexes.pods, key)
+        progress = await self._progress(key, pods, scrape_now)
+        upstream = None
+        parent = ((run.get("spec") or {}).get("model") or {}).get("fromRun")
+        if isinstance(parent, str):
+            parent_key = (key[0], parent)
+            self._dependents.setdefault(parent_key, set()).add(key)
+            upstream = self._run(parent_key)
+        status, actions = derive_status(
+            run,
+            children,
+            pods,
+            progress,
+            time.time(),
+            upstream=upstream,
+            timing=self.settings.timing,
+        )
+        old = run.get("status") or {}
+        if status != old:
+            removed = [k for k in old if k not in status]
+            updated = await self.cluster.patch_status(key[0], key[1], status, removed)
+            written = updated.get("status")
+            self._entries.setdefault(key, _Entry()).written = (
+                str(uid),
+                written if isinstance(written, dict) else status,
+            )
+        self.metrics.set_phase(key, status.get("phase"))
+        for action in actions:
+            await self._execute(key, run, action)
+
+    async def _execute(self, key: Key, run: dict[str, Any], action: object) -> None:
+        if isinstance(action, EnsureObject):
+            body = {**action.body, "metadata": dict(action.body["metadata"])}
+            k8s.adopt(body, run)
+            created = await self.cluster.create(body)
+            if not created and action.update:
+                await self.cluster.update_data(body)
+            if created:
+                log.info("%s/%s: created %s %s", *key, body["kind"], body["metadata"]["name"])
+                if action.attempt_reason is not None:
+                    self.metrics.attempts.labels(action.attempt_reason).inc()
+        elif isinstance(action, DeleteObject):
+            deleted = await self.cluster.delete(
+                action.api_version, action.kind, key[0], action.name
+            )
+            if deleted:
+                log.info("%s/%s: deleted %s %s (%s)", *key, action.kind, action.name, action.why)
+                if action.why == "stalled":
+                    self.metrics.stalls.inc()
+        elif isinstance(action, SetSuspend):
+            await self.cluster.set_suspend(
+                action.api_version, action.kind, key[0], action.name, action.suspend
+            )
+        elif isinstance(action, RecordEvent):
+            k8s.post_event(run, action.type, action.reason, action.message)
+        elif isinstance(action, RequeueAfter):
+            self.poke(key, delay=action.seconds)
+
+    async def _progress(
+        self, key: Key, pods: list[dict[str, Any]], scrape_now: bool
+    ) -> Progress | None:
+        """The latest scrape; a new one when a training pod runs and one is due."""
+        entry = self._entries.setdefault(key, _Entry())
+        training = any(
+            ((p.get("metadata") or {}).get("labels") or {})
+            .get(LABEL_STAGE, "")
+            .startswith(("train", "sanity"))
+            and (p.get("status") or {}).get("phase") == "Running"
+            and not pod_terminated(p)
+            for p in pods
+        )
+        due = time.monotonic() - entry.scraped_at >= self.settings.progress_seconds
+        if training and (scrape_now or due):
+            if self.session is None:
+                self.session = aiohttp.ClientSession()
+            url = self.endpoints.url(key[0], metrics_service(key[1]), METRICS_PORT)
+            entry.scraped_at = time.monotonic()
+            fresh = await scrape(self.session, url)
+            if fresh is not None:
+                entry.progress = fresh
+        return entry.progress
+
+    def _forget(self, key: Key) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None and entry.wake is not None:
+            entry.wake.cancel()
+        self.metrics.set_phase(key, None)
+        for dependents in self._dependents.values():
+            dependents.discard(key)
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+        self.cluster.close()
+
+
+def run_key(labels: Mapping[str, str], namespace: str) -> Key | None:
+    """The run a child or pod belongs to, from its kubetrain.dev/run label."""
+    name = labels.get(LABEL_RUN)
+    return (namespace, name) if name else None
