@@ -75,7 +75,10 @@ def _complete(directory: Path) -> bool:
     except (OSError, ValueError):
         return False
     try:
-        return all((directory / rel).stat().st_size == size for rel, size in meta["files"].items())
+        return all(
+            (directory / rel).stat().st_size == entry["bytes"]
+            for rel, entry in meta["files"].items()
+        )
     except FileNotFoundError:  # rotated away while we looked
         return False
 

@@ -1,10 +1,11 @@
-"""What kubetrain adds to the HF training loop, as `TrainerCallback`s: telemetry and health.
+"""What kubetrain adds to the HF training loop, as single-purpose `TrainerCallback`s (as TRL does):
+the step clock, the sample ledger, the Prometheus export, the training log, and health.
 
 Trainer is told to log every step (cheap: one scalar gather), so these callbacks see every loss and
 gradient norm: a NaN or an exploding gradient stops the run at the step it appears (exit 3), and the
 sanity gate judges every step. Users still get one log line per `loggingSteps`. Counters that need
 all ranks (tokens, samples, data wait, a pending stop signal) are summed with one small all-reduce
-per optimizer step; only rank 0 exports them (docs/metrics.md).
+per optimizer step (`StepClock`, first in line); only rank 0 exports them (docs/metrics.md).
 """
 
 from __future__ import annotations
@@ -125,100 +126,144 @@ class StepAccounting:
         return int(values[0]), int(values[1]), values[2]
 
 
-class TelemetryCallback(TrainerCallback):
-    """Prometheus series (rank 0), one log line per logging interval, the per-rank sample ledger.
+class StepClock(TrainerCallback):
+    """Every rank, first in line: the per-step all-reduce of the accounting (which also decides a
+    pending stop, see `checkpoint.SignalStop`), the step's duration and the smoothed step time
+    and tokens/s behind the ETA. The callbacks after it read `last` and the smoothed values."""
 
-    `<stage>-log.jsonl` (rank 0, in the workdir) holds one JSON line per interval and evaluation;
-    `<stage>-samples/rank-NNNNN.jsonl` records the rows every optimizer step consumed on that rank
-    (a loss spike can be traced to its batch; exact resume can be proven). Both are appended to
-    across restarts: a replayed step's last line is the one that counts.
-    """
+    def __init__(self, *, accounting: StepAccounting, rows: int, position: StreamPosition) -> None:
+        self.accounting, self.rows, self.position = accounting, rows, position
+        self.last = (0, 0, 0.0, 0.0)
+        """(tokens, samples, data wait, duration) of the step just ended, all ranks summed."""
+        self.step_time: float | None = None
+        self.tokens_per_second: float | None = None
+        self._last_step_end = time.perf_counter()
+
+    def epoch_at(self, step: int) -> float:
+        return self.position.at(step) / self.rows
+
+    def eta(self, state: TrainerState) -> float:
+        return max(state.max_steps - state.global_step, 0) * (self.step_time or 0.0)
+
+    def restart(self) -> None:
+        """Time spent outside steps (evaluation, saving) is not step time."""
+        self._last_step_end = time.perf_counter()
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self.restart()
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        tokens, samples, wait = self.accounting.reduce()
+        now = time.perf_counter()
+        duration, self._last_step_end = now - self._last_step_end, now
+        self.last = (tokens, samples, wait, duration)
+        self.step_time = _ema(self.step_time, duration)
+        self.tokens_per_second = _ema(self.tokens_per_second, tokens / max(duration, 1e-9))
+        state.epoch = self.epoch_at(state.global_step)  # the stream's epoch, not HF's loop count
+
+    def on_evaluate(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self.restart()
+
+    def on_save(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self.restart()  # the save is accounted separately
+
+
+class SampleLedgerCallback(TrainerCallback):
+    """`<stage>-samples/rank-NNNNN.jsonl`: the rows every optimizer step consumed on this rank, so
+    a loss spike can be traced to its batch and exact resume can be proven. Appended to across
+    restarts (a replayed step's last line counts); buffered, flushed at every logging interval and
+    every save (before CheckpointCallback, added later, commits it) — not one write per step."""
+
+    def __init__(
+        self, *, accounting: StepAccounting, workdir: Path, stage: str, rank: int, every: int
+    ) -> None:
+        self.accounting, self.every = accounting, every
+        (workdir / f"{stage}-samples").mkdir(parents=True, exist_ok=True)
+        self._ledger: IO[str] = (workdir / f"{stage}-samples" / f"rank-{rank:05d}.jsonl").open(
+            "a", encoding="utf-8"
+        )
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._ledger.write(
+            json.dumps({"step": state.global_step, "rows": self.accounting.rows}) + "\n"
+        )
+        self.accounting.rows = []
+
+    def on_log(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if state.global_step % self.every == 0 or state.global_step >= state.max_steps:
+            self._ledger.flush()
+
+    def on_save(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._ledger.flush()
+
+    def close(self) -> None:
+        self._ledger.close()
+
+
+class PrometheusCallback(TrainerCallback):
+    """Rank 0: the trainer's Prometheus series (docs/metrics.md) from the clock and the logs."""
 
     def __init__(
         self,
         *,
-        accounting: StepAccounting,
-        metrics: TrainerMetrics | None,
-        workdir: Path,
-        stage: str,
+        metrics: TrainerMetrics,
+        clock: StepClock,
         rank: int,
-        logging_steps: int,
+        world_size: int,
         flops_per_token: float | None,
         peak_flops: float | None,
-        rows: int,
-        position: StreamPosition,
     ) -> None:
-        self.accounting, self.metrics, self.logging_steps = accounting, metrics, logging_steps
+        self.metrics, self.clock, self.rank, self.world_size = metrics, clock, rank, world_size
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
-        self.rows, self.position, self.rank = rows, position, rank
-        (workdir / f"{stage}-samples").mkdir(parents=True, exist_ok=True)
-        # Buffered, flushed at every logging interval, every save (before the checkpoint counts:
-        # a resume replays only steps after it) and at the end — not one write per step.
-        self._ledger: IO[str] = (workdir / f"{stage}-samples" / f"rank-{rank:05d}.jsonl").open(
-            "a", encoding="utf-8"
-        )
         self._cuda = torch.cuda.is_available()
-        self._log: IO[str] | None = (
-            (workdir / f"{stage}-log.jsonl").open("a", encoding="utf-8", buffering=1)
-            if rank == 0
-            else None
-        )
-        self._last_step_end = time.perf_counter()
-        self._step_time: float | None = None
-        self._tokens_per_second: float | None = None
-        self._window: dict[str, list[float]] = {}
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
-        self.last_loss: float | None = None
-        if metrics is not None:  # counters and histograms exist from the start, at zero
-            for series in (
-                metrics.tokens,
-                metrics.samples,
-                metrics.nonfinite_loss,
-                metrics.dataloader_wait,
-                metrics.step_duration,
-                metrics.checkpoint_saves,
-                metrics.checkpoint_save_duration,
-                metrics.checkpoint_upload_failures,
-            ):
-                self._labels(series)
+        for series in (  # counters and histograms exist from the start, at zero
+            metrics.tokens,
+            metrics.samples,
+            metrics.nonfinite_loss,
+            metrics.dataloader_wait,
+            metrics.step_duration,
+            metrics.checkpoint_saves,
+            metrics.checkpoint_save_duration,
+            metrics.checkpoint_upload_failures,
+        ):
+            self._labels(series)
 
     def _labels(self, series: Any, **extra: str) -> Any:
         """The series' child for this run, created on first use (labels() costs microseconds)."""
-        assert self.metrics is not None
         key = (id(series), tuple(extra.values()))
         child = self._children.get(key)
         if child is None:
             child = self._children[key] = series.labels(run=self.metrics.run, **extra)
         return child
 
-    def epoch_at(self, step: int) -> float:
-        return self.position.at(step) / self.rows
-
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        self._last_step_end = time.perf_counter()
-        if self.metrics is not None:
-            self._labels(self.metrics.total_steps).set(state.max_steps)
-            self._labels(self.metrics.step).set(state.global_step)
-            self._labels(self.metrics.epoch).set(self.epoch_at(state.global_step))
+        m = self.metrics
+        self._labels(m.total_steps).set(state.max_steps)
+        self._labels(m.step).set(state.global_step)
+        self._labels(m.epoch).set(self.clock.epoch_at(state.global_step))
 
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        tokens, samples, wait = self.accounting.reduce()
-        self._ledger.write(
-            json.dumps({"step": state.global_step, "rows": self.accounting.rows}) + "\n"
-        )
-        self.accounting.rows = []
-        now = time.perf_counter()
-        duration, self._last_step_end = now - self._last_step_end, now
-        self._step_time = _ema(self._step_time, duration)
-        self._tokens_per_second = _ema(self._tokens_per_second, tokens / max(duration, 1e-9))
-        state.epoch = self.epoch_at(state.global_step)  # the stream's epoch, not HF's loop count
-        m = self.metrics
-        if m is None:
-            return
+        m, clock = self.metrics, self.clock
+        tokens, samples, wait, duration = clock.last
         self._labels(m.step).set(state.global_step)
         self._labels(m.epoch).set(state.epoch)
         self._labels(m.tokens).inc(tokens)
@@ -226,10 +271,10 @@ class TelemetryCallback(TrainerCallback):
         self._labels(m.dataloader_wait).inc(wait)
         self._labels(m.step_duration).observe(duration)
         self._labels(m.last_step_timestamp).set(time.time())
-        self._labels(m.tokens_per_second).set(self._tokens_per_second)
-        self._labels(m.eta).set(self.eta(state))
-        if self.flops_per_token and self.peak_flops:
-            per_device = self._tokens_per_second / max(self.accounting.world_size, 1)
+        self._labels(m.tokens_per_second).set(clock.tokens_per_second)
+        self._labels(m.eta).set(clock.eta(state))
+        if self.flops_per_token and self.peak_flops and clock.tokens_per_second:
+            per_device = clock.tokens_per_second / max(self.world_size, 1)
             self._labels(m.mfu).set(per_device * self.flops_per_token / self.peak_flops)
         if self._cuda:
             self._labels(m.gpu_memory_allocated, rank=str(self.rank)).set(
@@ -238,9 +283,6 @@ class TelemetryCallback(TrainerCallback):
             self._labels(m.gpu_memory_peak, rank=str(self.rank)).set(
                 torch.cuda.max_memory_allocated()
             )
-
-    def eta(self, state: TrainerState) -> float:
-        return max(state.max_steps - state.global_step, 0) * (self._step_time or 0.0)
 
     def on_log(
         self,
@@ -253,12 +295,65 @@ class TelemetryCallback(TrainerCallback):
         if not logs or "loss" not in logs:
             return
         m = self.metrics
+        if logs.get("grad_norm") is not None:
+            self._labels(m.grad_norm).set(logs["grad_norm"])
+        self._labels(m.learning_rate).set(logs.get("learning_rate", 0.0))
+
+    def on_interval(self, mean: dict[str, float]) -> None:
+        """A logging interval closed (called by TrainLogCallback with its window means)."""
+        self._labels(self.metrics.loss).set(mean["loss"])
+        if "rewards/accuracies" in mean:
+            self._labels(self.metrics.dpo_reward_accuracy).set(mean["rewards/accuracies"])
+            self._labels(self.metrics.dpo_reward_margin).set(mean["rewards/margins"])
+
+    def on_evaluate(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        metrics: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if metrics and "eval_loss" in metrics:
+            self._labels(self.metrics.eval_loss).set(metrics["eval_loss"])
+
+
+class TrainLogCallback(TrainerCallback):
+    """Every step's losses averaged over `loggingSteps`: one log line and one JSON line in
+    `<stage>-log.jsonl` (rank 0, in the workdir) per interval and evaluation, the interval's
+    numbers in Trainer's log history (intermediate entries dropped), `last_loss` for the result."""
+
+    def __init__(
+        self,
+        *,
+        clock: StepClock,
+        workdir: Path,
+        stage: str,
+        rank: int,
+        logging_steps: int,
+        prometheus: PrometheusCallback | None,
+    ) -> None:
+        self.clock, self.logging_steps, self.prometheus = clock, logging_steps, prometheus
+        self._log: IO[str] | None = (
+            (workdir / f"{stage}-log.jsonl").open("a", encoding="utf-8", buffering=1)
+            if rank == 0
+            else None
+        )
+        self._window: dict[str, list[float]] = {}
+        self.last_loss: float | None = None
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if not logs or "loss" not in logs:
+            return
         for key, value in logs.items():
             self._window.setdefault(key, []).append(value)
-        if m is not None:
-            if logs.get("grad_norm") is not None:
-                self._labels(m.grad_norm).set(logs["grad_norm"])
-            self._labels(m.learning_rate).set(logs.get("learning_rate", 0.0))
         if state.global_step % self.logging_steps and state.global_step < state.max_steps:
             # Trainer appended this step's entry to state.log_history (saved in every
             # checkpoint's trainer_state.json): keep only the intervals users see, or the history
@@ -274,7 +369,10 @@ class TelemetryCallback(TrainerCallback):
             logged["loss"] = mean["loss"]
             if "grad_norm" in window:
                 logged["grad_norm"] = max(window["grad_norm"])
-        self._ledger.flush()
+        if self.prometheus is not None:
+            self.prometheus.on_interval(mean)
+        if self._log is None:
+            return
         entry = {
             "step": state.global_step,
             "totalSteps": state.max_steps,
@@ -282,31 +380,25 @@ class TelemetryCallback(TrainerCallback):
             "loss": mean["loss"],
             "gradNorm": max(window.get("grad_norm", [math.nan])),
             "learningRate": logs.get("learning_rate"),
-            "tokensPerSecond": self._tokens_per_second,
-            "etaSeconds": self.eta(state),
+            "tokensPerSecond": self.clock.tokens_per_second,
+            "etaSeconds": self.clock.eta(state),
             "time": time.time(),
         }
         if "rewards/accuracies" in mean:
             entry.update(
                 rewardAccuracy=mean["rewards/accuracies"], rewardMargin=mean["rewards/margins"]
             )
-        if m is not None:
-            self._labels(m.loss).set(mean["loss"])
-            if "rewards/accuracies" in mean:
-                self._labels(m.dpo_reward_accuracy).set(mean["rewards/accuracies"])
-                self._labels(m.dpo_reward_margin).set(mean["rewards/margins"])
-        if self._log is not None:
-            self._log.write(json.dumps(entry, allow_nan=True) + "\n")
-            log.info(
-                "step %d/%d loss %.4f grad norm %.3g lr %.3g %.0f tok/s eta %.0fs",
-                state.global_step,
-                state.max_steps,
-                mean["loss"],
-                entry["gradNorm"],
-                entry["learningRate"] or 0.0,
-                self._tokens_per_second or 0.0,
-                entry["etaSeconds"],
-            )
+        self._log.write(json.dumps(entry, allow_nan=True) + "\n")
+        log.info(
+            "step %d/%d loss %.4f grad norm %.3g lr %.3g %.0f tok/s eta %s",
+            state.global_step,
+            state.max_steps,
+            mean["loss"],
+            entry["gradNorm"],
+            entry["learningRate"] or 0.0,
+            self.clock.tokens_per_second or 0.0,
+            format_duration(entry["etaSeconds"]),
+        )
 
     def on_evaluate(
         self,
@@ -316,27 +408,26 @@ class TelemetryCallback(TrainerCallback):
         metrics: dict[str, float] | None = None,
         **kwargs: Any,
     ) -> None:
-        if not metrics or "eval_loss" not in metrics:
+        if not metrics or "eval_loss" not in metrics or self._log is None:
             return
-        self._last_step_end = time.perf_counter()  # evaluation is not step time
-        if self.metrics is not None:
-            self._labels(self.metrics.eval_loss).set(metrics["eval_loss"])
-        if self._log is not None:
-            self._log.write(
-                json.dumps({"step": state.global_step, "evalLoss": metrics["eval_loss"]}) + "\n"
-            )
-            log.info("step %d eval loss %.4f", state.global_step, metrics["eval_loss"])
-
-    def on_save(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
-    ) -> None:
-        self._ledger.flush()  # before CheckpointCallback (added after this one) commits the save
-        self._last_step_end = time.perf_counter()  # the save is accounted separately
+        self._log.write(
+            json.dumps({"step": state.global_step, "evalLoss": metrics["eval_loss"]}) + "\n"
+        )
+        log.info("step %d eval loss %.4f", state.global_step, metrics["eval_loss"])
 
     def close(self) -> None:
-        self._ledger.close()
         if self._log is not None:
             self._log.close()
+
+
+def format_duration(seconds: float) -> str:
+    """`14h02m`, `7m05s`, `42s`: hours once there are any (never `842m00s`)."""
+    total = max(int(seconds), 0)
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 class HealthCallback(TrainerCallback):

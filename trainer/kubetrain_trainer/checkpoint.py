@@ -1,15 +1,21 @@
 """Checkpoints that count only when complete, uploaded in the background, resumed automatically.
 
 HF Trainer writes `checkpoint-N/` (model, optimizer and scheduler, per-rank RNG, DeepSpeed shards).
-Then every rank meets at a barrier, and the finalizer writes `COMPLETE` — the step, the data
-position and every file with its size — and renames the directory to `step-NNNNNNNN/`. A process
-killed at any point leaves either a `checkpoint-N/` (discarded at the next start) or a complete
-`step-N/`; resume takes the newest `step-N/` whose `COMPLETE` lists files that are all there.
+Then every rank meets at a barrier, and the finalizer fsyncs every file and directory, writes
+`COMPLETE` — the step, the data position, what the run was (dataset, method, global batch,
+processes, attempt) and every file with its size and sha256 — and renames the directory to
+`step-NNNNNNNN/`. A process killed at any point leaves either a `checkpoint-N/` (discarded at the
+next start) or a complete `step-N/`. Resume takes the newest `step-N/` whose files are all there
+*and* match their checksums — a same-size corruption (a bad disk, a torn copy) is caught, warned
+about, and the previous complete checkpoint is used instead — then refuses (exit 2) a checkpoint
+of another dataset, method or global batch, or one sharded by ZeRO for another process count.
 
 With an S3 output the checkpoints are staged in the workdir and a background thread uploads them:
-each node's files, then `NODE-<i>.json` naming them, and last — after every node's marker is
-there — `COMPLETE`. A remote prefix without `COMPLETE` is never resumed from. Uploads are retried
-with backoff; every failed attempt is counted in `kubetrain_checkpoint_upload_failures_total`.
+each node's files, then `NODE-<i>.json` naming them with the attempt (`KUBETRAIN_ATTEMPT`), and
+last — after every node's marker *of this attempt* is there — `COMPLETE`: a marker a node of an
+earlier attempt left under the same step never completes a checkpoint. A remote prefix without
+`COMPLETE` is never resumed from. Uploads are retried with backoff; every failed attempt is
+counted in `kubetrain_checkpoint_upload_failures_total`.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from kubetrain_trainer.callbacks import StepAccounting
 from kubetrain_trainer.config import S3Settings
 from kubetrain_trainer.data import StreamPosition
 from kubetrain_trainer.metrics import TrainerMetrics
+from kubetrain_trainer.stage import InvalidInput
 
 log = logging.getLogger(__name__)
 
@@ -50,40 +57,97 @@ RETRY_DELAYS = (2.0, 4.0, 8.0, 16.0, 32.0)
 UPLOAD_NICENESS = 10
 #: How long node 0 waits for the other nodes' uploads before giving up on a checkpoint.
 NODE_WAIT_SECONDS = 1800.0
+#: The training attempt (set by the operator on training pods; 0 when run by hand).
+ATTEMPT_ENV = "KUBETRAIN_ATTEMPT"
+
+
+def attempt() -> int:
+    return int(os.environ.get(ATTEMPT_ENV, "0") or 0)
 
 
 def step_name(step: int) -> str:
     return f"{STEP_PREFIX}{step:08d}"
 
 
-def files_of(directory: Path) -> dict[str, int]:
-    """Relative path → size of every file below directory, markers excluded."""
-    return {
-        p.relative_to(directory).as_posix(): p.stat().st_size
-        for p in sorted(directory.rglob("*"))
-        if p.is_file() and p.name != MARKER and not p.name.startswith("NODE-")
-    }
+def _is_marker(path: Path) -> bool:
+    return path.name == MARKER or path.name.startswith("NODE-")
 
 
-def read_marker(directory: Path) -> dict[str, Any] | None:
-    """The COMPLETE metadata if the checkpoint is whole: every listed file present, same size."""
+def files_of(directory: Path) -> dict[str, dict[str, Any]]:
+    """Relative path → {bytes, sha256} of every file below directory, markers excluded; each
+    file is fsynced on the way (its contents are durable before a marker names it)."""
+    found: dict[str, dict[str, Any]] = {}
+    for path in sorted(directory.rglob("*")):
+        if path.is_file() and not _is_marker(path):
+            storage.fsync(path)
+            found[path.relative_to(directory).as_posix()] = {
+                "bytes": path.stat().st_size,
+                "sha256": storage.sha256_file(path),
+            }
+    return found
+
+
+def fsync_tree(directory: Path) -> None:
+    """Make every directory entry below `directory` (and its own) durable."""
+    for path in sorted(directory.rglob("*"), reverse=True):
+        if path.is_dir():
+            storage.fsync(path)
+    storage.fsync(directory)
+
+
+def _listed(directory: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """Every file the markers name: COMPLETE's own, and those of the NODE markers of its
+    attempt (a stale NODE marker of another attempt names nothing)."""
+    listed = dict(meta.get("files", {}))
+    for node_marker in sorted(directory.glob("NODE-*.json")):
+        node = json.loads(node_marker.read_text(encoding="utf-8"))
+        if node.get("attempt", meta.get("attempt")) == meta.get("attempt"):
+            listed.update(node.get("files", {}))
+    return listed
+
+
+def _expected(entry: Any) -> tuple[int, str | None]:
+    """(bytes, sha256) of a marker entry; markers older than checksums list the size only."""
+    if isinstance(entry, dict):
+        return int(entry["bytes"]), entry.get("sha256")
+    return int(entry), None
+
+
+def read_marker(directory: Path, *, verify: bool = False) -> dict[str, Any] | None:
+    """The COMPLETE metadata if the checkpoint is whole: every listed file present at its size
+    and, with `verify`, matching its sha256 (a mismatch is logged as a warning)."""
     try:
         meta: dict[str, Any] = json.loads((directory / MARKER).read_text(encoding="utf-8"))
+        listed = _listed(directory, meta)
     except (OSError, ValueError):
         return None
-    listed = dict(meta.get("files", {}))
-    for node_marker in directory.glob("NODE-*.json"):
-        listed.update(json.loads(node_marker.read_text(encoding="utf-8")).get("files", {}))
-    for rel, size in listed.items():
-        path = directory / rel
+    for rel, entry in listed.items():
+        try:
+            path = storage.contained(directory, rel, f"{directory / MARKER}")
+        except storage.Refused as error:
+            log.warning("checkpoint %s: %s; not resumable", directory, error.message)
+            return None
+        size, digest = _expected(entry)
         if not path.is_file() or path.stat().st_size != size:
             log.warning("checkpoint %s: %s is missing or truncated; not resumable", directory, rel)
+            return None
+        if verify and digest is not None and storage.sha256_file(path) != digest:
+            log.warning(
+                "checkpoint %s: %s does not match its sha256 in %s (corrupted on disk or in "
+                "transfer); not resumable",
+                directory,
+                rel,
+                MARKER,
+            )
             return None
     return meta
 
 
 def write_marker(directory: Path, meta: dict[str, Any]) -> None:
+    """COMPLETE, written (atomically, fsynced) after everything it names is durable."""
+    fsync_tree(directory)
     storage.write_text(str(directory / MARKER), json.dumps(meta, sort_keys=True))
+    storage.fsync(directory)
 
 
 @dataclass(frozen=True)
@@ -126,7 +190,7 @@ def recover(root: Path) -> None:
     """Tidy a staging directory after a crash: finish renames a kill interrupted, drop the rest."""
     for path in sorted(root.glob(f"{PREFIX_CHECKPOINT_DIR}-*")):
         step = path.name.rpartition("-")[2]
-        if step.isdigit() and read_marker(path) is not None:
+        if step.isdigit() and read_marker(path, verify=True) is not None:
             target = root / step_name(int(step))
             shutil.rmtree(target, ignore_errors=True)
             path.rename(target)
@@ -223,6 +287,7 @@ class Uploader:
     ) -> None:
         self.remote_root, self.s3, self.node, self.nodes = remote_root, s3, node, nodes
         self.keep, self.metrics, self.on_complete = keep, metrics, on_complete
+        self.attempt, self.node_wait = attempt(), NODE_WAIT_SECONDS
         self._pending: tuple[Path, float] | None = None
         self._active: Path | None = None
         self._wake = threading.Condition()
@@ -283,18 +348,36 @@ class Uploader:
         for rel in files:
             storage.upload_file(directory / rel, storage.join(remote, rel), self.s3)
         node_marker = NODE_MARKER.format(node=self.node)
-        storage.write_text(storage.join(remote, node_marker), json.dumps({"files": files}), self.s3)
+        storage.write_text(
+            storage.join(remote, node_marker),
+            json.dumps({"files": files, "attempt": self.attempt}),
+            self.s3,
+        )
         if self.node != 0:
             return
-        deadline = time.monotonic() + NODE_WAIT_SECONDS
+        deadline = time.monotonic() + self.node_wait
         for other in range(1, self.nodes):
             marker = storage.join(remote, NODE_MARKER.format(node=other))
-            while not storage.exists(marker, self.s3):
+            while not self._uploaded(marker):
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"{marker}: node {other} did not finish its upload")
-                time.sleep(2.0)
+                    raise TimeoutError(
+                        f"{marker}: node {other} did not finish its upload of attempt "
+                        f"{self.attempt}"
+                    )
+                time.sleep(min(2.0, self.node_wait / 4))
         storage.upload_file(directory / MARKER, storage.join(remote, MARKER), self.s3)
         log.info("checkpoint %s: uploaded to %s", directory.name, remote)
+        self._rotate()
+
+    def _uploaded(self, marker: str) -> bool:
+        """A node's marker of this attempt is there (one of an earlier attempt does not count)."""
+        try:
+            node = json.loads(storage.read_text(marker, self.s3))
+        except (storage.NotFound, ValueError):
+            return False
+        return bool(node.get("attempt") == self.attempt)
+
+    def _rotate(self) -> None:
         for old in remote_checkpoints(self.remote_root, self.s3)[: -self.keep]:
             delete_remote(old.location, self.s3)
             log.info("checkpoint %s: rotated out", old.location)
@@ -309,11 +392,13 @@ def resume_point(
     is_rank_zero: bool,
     nodes: int,
 ) -> Path | None:
-    """The newest complete checkpoint, local or remote, as a local directory (None: start fresh).
+    """The newest intact checkpoint, local or remote, as a local directory (None: start fresh).
 
-    Every rank calls this. Rank 0 chooses; the staging leader(s) tidy up and fetch a remote
-    checkpoint the local disk lacks; everyone waits for them. Several nodes staging for S3 resume
-    only from the bucket: rank 0's disk says nothing about the other nodes' disks.
+    Every rank calls this. Rank 0 chooses: newest first, it fetches a remote checkpoint the local
+    disk lacks and verifies every file's sha256; a checkpoint that fails is warned about and the
+    previous complete one is tried. The other staging leaders (one per node, S3 outputs) fetch
+    and verify the chosen one; everyone waits for them. Several nodes staging for S3 resume only
+    from the bucket: rank 0's disk says nothing about the other nodes' disks.
     """
     if leader:
         staging.mkdir(parents=True, exist_ok=True)
@@ -324,7 +409,8 @@ def resume_point(
         found = [(c.step, 1, c) for c in local_checkpoints(staging)] if local_only_counts else []
         if remote_root is not None:
             found += [(c.step, 0, c) for c in remote_checkpoints(remote_root, s3)]
-        choice = [max(found, key=lambda entry: entry[:2])[2] if found else None]
+        newest_first = [c for _, _, c in sorted(found, key=lambda e: e[:2], reverse=True)]
+        choice = [next((c for c in newest_first if _intact(c, staging, s3)), None)]
     distributed = torch.distributed.is_initialized()
     if distributed:
         torch.distributed.broadcast_object_list(choice, src=0)
@@ -332,15 +418,59 @@ def resume_point(
     if chosen is None:
         return None
     target = staging / step_name(chosen.step)
-    if leader and read_marker(target) is None:
-        assert remote_root is not None, "a local checkpoint vanished during start-up"
-        storage.download_dir(storage.join(remote_root, target.name), target, s3)
-        if read_marker(target) is None:
-            raise storage.StorageError(f"{target}: downloaded checkpoint is incomplete")
+    if leader and not is_rank_zero and not _intact(chosen, staging, s3):
+        raise storage.StorageError(
+            f"{chosen.location}: the copy fetched to {target} does not match its checksums, "
+            "though rank 0 verified the same checkpoint — a transfer went wrong; retried"
+        )
     if distributed:
         torch.distributed.barrier()
     log.info("resuming from %s (step %d)", chosen.location, chosen.step)
     return target
+
+
+def _intact(chosen: Checkpoint, staging: Path, s3: S3Settings) -> bool:
+    """The checkpoint is in staging (fetched if it is remote) and every file matches COMPLETE."""
+    target = staging / step_name(chosen.step)
+    if read_marker(target, verify=True) is None and chosen.location != str(target):
+        storage.download_dir(chosen.location, target, s3)
+    if read_marker(target, verify=True) is not None:
+        return True
+    log.warning(
+        "checkpoint %s failed verification; falling back to the previous complete checkpoint",
+        chosen.location,
+    )
+    return False
+
+
+#: What a checkpoint must share with the run that resumes it, and why (for the message).
+RESUME_KEYS = {
+    "dataset": "the dataset key (data or tokenizer changed): its rows are other rows",
+    "method": "the training method",
+    "globalBatch": "the global batch (micro batch × accumulation × processes): the data "
+    "position and the learning-rate schedule count in its steps",
+}
+
+
+def refuse_mismatch(meta: dict[str, Any], now: dict[str, Any], location: str) -> None:
+    """Exit 2 if the checkpoint is of another run shape (see RESUME_KEYS), or is sharded by
+    ZeRO for another number of processes (DeepSpeed's per-rank optimizer shards do not load)."""
+    for key, what in RESUME_KEYS.items():
+        if key in meta and meta[key] != now[key]:
+            raise InvalidInput(
+                f"{location}: this checkpoint has {key} {meta[key]!r}, the run now has "
+                f"{now[key]!r} — {what}. Resume with the settings it was written with, or give "
+                "the changed run a new output.uri (or delete its checkpoints/) to start afresh"
+            )
+    zero = max(int(meta.get("zeroStage", 0)), int(now["zeroStage"]))
+    if zero >= 1 and meta.get("worldSize", now["worldSize"]) != now["worldSize"]:
+        raise InvalidInput(
+            f"{location}: written by {meta['worldSize']} processes under ZeRO stage {zero}, this "
+            f"run has {now['worldSize']} — DeepSpeed's ZeRO checkpoints hold one optimizer shard "
+            "per process and kubetrain does not convert them (DeepSpeed universal checkpoints "
+            f"are not supported yet): resume with {meta['worldSize']} processes, or start afresh "
+            "in a new output.uri"
+        )
 
 
 class CheckpointCallback(TrainerCallback):

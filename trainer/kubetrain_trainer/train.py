@@ -26,8 +26,11 @@ import torch
 from kubetrain_trainer import checkpoint, data, lifetime, model, storage
 from kubetrain_trainer.callbacks import (
     HealthCallback,
+    PrometheusCallback,
+    SampleLedgerCallback,
     StepAccounting,
-    TelemetryCallback,
+    StepClock,
+    TrainLogCallback,
     flops_per_token,
     peak_flops,
 )
@@ -164,7 +167,7 @@ def training_arguments(config: TrainConfig, staging: Path, env: DistEnv, cuda: b
         "deepspeed": config.distributed.deepspeed if config.distributed.zero_stage else None,
         "activation_checkpointing": t.gradient_checkpointing,
         # Every step is logged to the callbacks (health checks see every loss); users get one line
-        # per loggingSteps from TelemetryCallback.
+        # per loggingSteps from TrainLogCallback.
         "logging_steps": 1,
         "logging_nan_inf_filter": False,
         "save_strategy": "steps",
@@ -238,10 +241,19 @@ class Session:
     trainer: Any
     position: data.StreamPosition
     resumed: bool
-    telemetry: TelemetryCallback
-    health: HealthCallback
-    stop: checkpoint.SignalStop
-    saver: checkpoint.CheckpointCallback
+    callbacks: Callbacks
+
+    @property
+    def health(self) -> HealthCallback:
+        return self.callbacks.health
+
+    @property
+    def stop(self) -> checkpoint.SignalStop:
+        return self.callbacks.stop
+
+    @property
+    def saver(self) -> checkpoint.CheckpointCallback:
+        return self.callbacks.saver
 
     def train(self) -> dict[str, Any]:
         """Train to the last step (or a termination signal), save final/ or judge the gate, then
@@ -258,7 +270,7 @@ class Session:
 
     def _train(self) -> dict[str, Any]:
         config, trainer = self.config, self.trainer
-        previous = checkpoint.install_signal_handlers(self.telemetry.accounting)
+        previous = checkpoint.install_signal_handlers(self.callbacks.clock.accounting)
         started = time.monotonic()
         try:
             trainer.train(resume_from_checkpoint=self.resume_dir)
@@ -267,14 +279,15 @@ class Session:
                 eval_loss = trainer.evaluate().get("eval_loss")
         finally:
             checkpoint.restore_signal_handlers(previous)
-            self.telemetry.close()
+            self.callbacks.ledger.close()
+            self.callbacks.log.close()
             if self.saver.uploader is not None:
                 self.saver.uploader.drain()
         result: dict[str, Any] = {
             "method": config.method,
             "step": trainer.state.global_step,
             "totalSteps": trainer.state.max_steps,
-            "loss": self.telemetry.last_loss,
+            "loss": self.callbacks.log.last_loss,
             "evalLoss": eval_loss,
             "resumedFrom": self.position.start_step if self.resumed else None,
             "trainSeconds": round(time.monotonic() - started, 3),
@@ -454,35 +467,53 @@ def make_trainer(
             data_collator=dataset.collator(),
             processing_class=tokenizer,
         )
-    trainer.remove_callback(PrinterCallback)  # TelemetryCallback logs, through logging
+    trainer.remove_callback(PrinterCallback)  # TrainLogCallback logs, through logging
     return trainer
 
 
-def prepare(config: TrainConfig, workdir: Path) -> Session:
-    """Check the config, open the data, find the resume point, build the model and the trainer."""
-    from transformers.utils import logging as hf_logging
+@dataclass(frozen=True)
+class CheckpointLayout:
+    """Where checkpoints are written: the output's checkpoints/ (local outputs), or a staging
+    directory in the workdir uploaded to the output's checkpoints/ (S3 outputs)."""
 
-    hf_logging.disable_progress_bar()  # bars are for terminals; stages log lines
-    workdir.mkdir(parents=True, exist_ok=True)
-    env = DistEnv.from_environ()
-    cuda = torch.cuda.is_available()
-    refuse_broken_combinations(config, env, cuda)
-    metrics = TrainerMetrics(config.run) if env.rank == 0 else None
-    if metrics is not None:
-        serve(metrics.registry, config.metrics_port)
-    remote = storage.is_s3(config.output_uri)
-    staging = (
-        workdir / f"{config.stage}-checkpoints"  # sanity and train may share a workdir
-        if remote
-        else storage.local_path(storage.join(config.output_uri, "checkpoints"))
-    )
-    remote_root = storage.join(config.output_uri, "checkpoints") if remote else None
-    finalizer = env.local_rank == 0 if remote else env.rank == 0
+    staging: Path
+    remote_root: str | None
+    finalizer: bool
+    """This process completes checkpoints: global rank 0 locally, each node's first on S3."""
 
-    args = training_arguments(config, staging, env, cuda)
-    # One fetch and check per node: the node's first process downloads (S3) and verifies the
-    # dataset, model and tokenizer while the others wait, then they open what it fetched. Only
-    # downloads happen here — loading the model may be collective (ZeRO-3) and comes after.
+    @classmethod
+    def of(cls, config: TrainConfig, workdir: Path, env: DistEnv) -> CheckpointLayout:
+        if storage.is_s3(config.output_uri):
+            return cls(
+                workdir / f"{config.stage}-checkpoints",  # sanity and train may share a workdir
+                storage.join(config.output_uri, "checkpoints"),
+                env.local_rank == 0,
+            )
+        staging = storage.local_path(storage.join(config.output_uri, "checkpoints"))
+        return cls(staging, None, env.rank == 0)
+
+
+def run_meta(config: TrainConfig, env: DistEnv, dataset_key: str) -> dict[str, Any]:
+    """What every checkpoint records about the run, and a resumed one must match."""
+    t = config.training
+    return {
+        "run": config.run,
+        "dataset": dataset_key,
+        "method": config.method,
+        "globalBatch": t.micro_batch_size * t.gradient_accumulation_steps * env.world_size,
+        "worldSize": env.world_size,
+        "zeroStage": config.distributed.zero_stage,
+        "attempt": checkpoint.attempt(),
+    }
+
+
+def open_inputs(
+    config: TrainConfig, workdir: Path, args: Any
+) -> tuple[data.PackedDataset, Inputs, Any]:
+    """The dataset, model and tokenizer directories and the tokenizer. One fetch and check per
+    node: the node's first process downloads (S3, hf://) and verifies while the others wait, then
+    they open what it fetched. Only downloads happen here — loading the model may be collective
+    (ZeRO-3) and comes after."""
     first = args.local_process_index == 0
     with args.main_process_first(local=True, desc="dataset, model and tokenizer download"):
         dataset = data.open_dataset(config.dataset_pointer, workdir, config.s3, check=first)
@@ -500,74 +531,95 @@ def prepare(config: TrainConfig, workdir: Path) -> Session:
             "the dataset's tokenizer/ is missing: rerun preprocessing, or set tokenizerUri",
         )
     )
+    return dataset, inputs, tokenizer
 
-    # The gate judges the first steps of a fresh start: resuming a finished gate would judge none.
+
+def find_resume_point(
+    config: TrainConfig, layout: CheckpointLayout, env: DistEnv, meta_now: dict[str, Any]
+) -> tuple[data.StreamPosition, bool]:
+    """Where the run continues: the newest intact checkpoint that fits this run (exit 2 for one
+    that does not), or step 0. The gate judges the first steps of a fresh start: a sanity stage
+    never resumes (resuming a finished gate would judge no steps)."""
     resume = (
         None
         if config.sanity is not None
         else checkpoint.resume_point(
-            staging,
-            remote_root,
+            layout.staging,
+            layout.remote_root,
             config.s3,
-            leader=finalizer,
+            leader=layout.finalizer,
             is_rank_zero=env.rank == 0,
             nodes=env.nodes,
         )
     )
     meta = checkpoint.read_marker(resume) if resume is not None else None
-    t = config.training
+    if meta is not None:
+        checkpoint.refuse_mismatch(meta, meta_now, str(resume))
     position = data.StreamPosition(
         start_step=int(meta["step"]) if meta else 0,
         start_sample=int(meta["samplesConsumed"]) if meta else 0,
-        samples_per_step=t.micro_batch_size * t.gradient_accumulation_steps * env.world_size,
+        samples_per_step=int(meta_now["globalBatch"]),
     )
-    rows = dataset.rows("train")
-    args.max_steps = total_steps(config, rows, position)
+    return position, resume is not None
 
-    trainer = make_trainer(config, args, tokenizer, dataset, inputs.model_dir)
-    accounting = StepAccounting(world_size=env.world_size, device=args.device)
-    trainer.kubetrain_accounting = accounting
-    trainer.kubetrain_sampler = data.StreamSampler(
-        rows, t.seed, position.start_sample, position.at(args.max_steps)
-    )
-    telemetry = TelemetryCallback(
-        accounting=accounting,
-        metrics=metrics,
-        workdir=workdir,
-        stage=config.stage,
-        rank=env.rank,
-        logging_steps=t.logging_steps,
-        flops_per_token=flops_per_token(
-            trainer.model.config, dataset.block_size, adapter=config.adapter.type != "none"
-        ),
-        peak_flops=peak_flops(torch.cuda.get_device_name() if cuda else "cpu", t.precision),
-        rows=rows,
-        position=position,
-    )
-    health = HealthCallback(
-        max_grad_norm_abort=t.max_grad_norm_abort,
-        gate=config.sanity,
-        window=t.logging_steps,
-        metrics=metrics,
-        fp16=t.precision == "fp16",
-    )
-    stop = checkpoint.SignalStop(accounting)
+
+@dataclass(frozen=True)
+class Callbacks:
+    """kubetrain's callbacks, in the order they run (the clock first: its all-reduce decides a
+    pending stop for SignalStop; the ledger flushes before CheckpointCallback commits a save)."""
+
+    clock: StepClock
+    ledger: SampleLedgerCallback
+    prometheus: PrometheusCallback | None
+    log: TrainLogCallback
+    health: HealthCallback
+    stop: checkpoint.SignalStop
+    saver: checkpoint.CheckpointCallback
+
+    def in_order(self) -> list[Any]:
+        first = [self.clock, self.ledger, *([self.prometheus] if self.prometheus else [])]
+        return [*first, self.log, self.health, self.stop, self.saver]
+
+
+def make_callbacks(
+    config: TrainConfig,
+    *,
+    workdir: Path,
+    env: DistEnv,
+    cuda: bool,
+    metrics: TrainerMetrics | None,
+    trainer: Any,
+    dataset: data.PackedDataset,
+    position: data.StreamPosition,
+    layout: CheckpointLayout,
+    meta_now: dict[str, Any],
+) -> Callbacks:
+    t, rows = config.training, dataset.rows("train")
+    accounting = trainer.kubetrain_accounting
+    clock = StepClock(accounting=accounting, rows=rows, position=position)
+    prometheus = None
+    if metrics is not None:
+        prometheus = PrometheusCallback(
+            metrics=metrics,
+            clock=clock,
+            rank=env.rank,
+            world_size=env.world_size,
+            flops_per_token=flops_per_token(
+                trainer.model.config, dataset.block_size, adapter=config.adapter.type != "none"
+            ),
+            peak_flops=peak_flops(torch.cuda.get_device_name() if cuda else "cpu", t.precision),
+        )
     saver = checkpoint.CheckpointCallback(
-        staging=staging,
-        finalizer=finalizer,
+        staging=layout.staging,
+        finalizer=layout.finalizer,
         keep=config.checkpoints.keep,
         position=position,
-        run_meta={
-            "run": config.run,
-            "dataset": dataset.key,
-            "globalBatch": position.samples_per_step,
-            "worldSize": env.world_size,
-        },
+        run_meta=meta_now,
         metrics=metrics,
     )
-    if remote_root is not None and finalizer:
+    if layout.remote_root is not None and layout.finalizer:
         saver.uploader = checkpoint.Uploader(
-            remote_root=remote_root,
+            remote_root=layout.remote_root,
             s3=config.s3,
             node=env.node,
             nodes=env.nodes,
@@ -575,7 +627,74 @@ def prepare(config: TrainConfig, workdir: Path) -> Session:
             metrics=metrics,
             on_complete=saver.completed,
         )
-    for callback in (telemetry, health, stop, saver):  # order matters: see SignalStop
+    return Callbacks(
+        clock=clock,
+        ledger=SampleLedgerCallback(
+            accounting=accounting,
+            workdir=workdir,
+            stage=config.stage,
+            rank=env.rank,
+            every=t.logging_steps,
+        ),
+        prometheus=prometheus,
+        log=TrainLogCallback(
+            clock=clock,
+            workdir=workdir,
+            stage=config.stage,
+            rank=env.rank,
+            logging_steps=t.logging_steps,
+            prometheus=prometheus,
+        ),
+        health=HealthCallback(
+            max_grad_norm_abort=t.max_grad_norm_abort,
+            gate=config.sanity,
+            window=t.logging_steps,
+            metrics=metrics,
+            fp16=t.precision == "fp16",
+        ),
+        stop=checkpoint.SignalStop(accounting),
+        saver=saver,
+    )
+
+
+def prepare(config: TrainConfig, workdir: Path) -> Session:
+    """Check the config, open the data, find the resume point, build the model and the trainer."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # stages log lines
+    workdir.mkdir(parents=True, exist_ok=True)
+    env = DistEnv.from_environ()
+    cuda = torch.cuda.is_available()
+    refuse_broken_combinations(config, env, cuda)
+    metrics = TrainerMetrics(config.run) if env.rank == 0 else None
+    if metrics is not None:
+        serve(metrics.registry, config.metrics_port)
+    layout = CheckpointLayout.of(config, workdir, env)
+    args = training_arguments(config, layout.staging, env, cuda)
+    dataset, inputs, tokenizer = open_inputs(config, workdir, args)
+    meta_now = run_meta(config, env, dataset.key)
+    position, resumed = find_resume_point(config, layout, env, meta_now)
+    rows = dataset.rows("train")
+    args.max_steps = total_steps(config, rows, position)
+
+    trainer = make_trainer(config, args, tokenizer, dataset, inputs.model_dir)
+    trainer.kubetrain_accounting = StepAccounting(world_size=env.world_size, device=args.device)
+    trainer.kubetrain_sampler = data.StreamSampler(
+        rows, config.training.seed, position.start_sample, position.at(args.max_steps)
+    )
+    callbacks = make_callbacks(
+        config,
+        workdir=workdir,
+        env=env,
+        cuda=cuda,
+        metrics=metrics,
+        trainer=trainer,
+        dataset=dataset,
+        position=position,
+        layout=layout,
+        meta_now=meta_now,
+    )
+    for callback in callbacks.in_order():
         trainer.add_callback(callback)
     return Session(
         config=config,
@@ -586,11 +705,8 @@ def prepare(config: TrainConfig, workdir: Path) -> Session:
         tokenizer=tokenizer,
         trainer=trainer,
         position=position,
-        resumed=resume is not None,
-        telemetry=telemetry,
-        health=health,
-        stop=stop,
-        saver=saver,
+        resumed=resumed,
+        callbacks=callbacks,
     )
 
 
