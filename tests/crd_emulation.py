@@ -26,7 +26,7 @@ from __future__ import annotations
 import copy
 import functools
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import celpy
@@ -81,6 +81,51 @@ def _default(value: Any, schema: Schema) -> None:
             _default(item, schema["items"])
 
 
+# ---------------------------------------------------------------------------------------- pruning
+
+
+def prune(obj: Any, schema: Schema | None = None) -> tuple[Any, list[str]]:
+    """The object with fields the schema does not declare removed, and their paths.
+
+    As apiextensions-apiserver's `structuralpruning.Prune`: unknown fields go, except under
+    `x-kubernetes-preserve-unknown-fields`; of the root's metadata, only the standard
+    ObjectMeta fields are kept (the server owns those). With strict field validation the same
+    paths are errors instead (`strict decoding error: unknown field`).
+    """
+    obj = copy.deepcopy(obj)
+    removed: list[str] = []
+    root = schema if schema is not None else _schema()
+    if isinstance(obj, dict):
+        for key in list(obj):
+            if key in ("apiVersion", "kind", "metadata"):
+                continue
+            prop = root.get("properties", {}).get(key)
+            if prop is None and not root.get("x-kubernetes-preserve-unknown-fields"):
+                removed.append(key)
+                del obj[key]
+            elif prop is not None:
+                _prune(obj[key], prop, key, removed)
+    return obj, removed
+
+
+def _prune(value: Any, schema: Schema, path: str, removed: list[str]) -> None:
+    if isinstance(value, dict):
+        props = schema.get("properties")
+        extra = schema.get("additionalProperties")
+        preserve = schema.get("x-kubernetes-preserve-unknown-fields")
+        for key in list(value):
+            if props is not None and key in props:
+                _prune(value[key], props[key], join(path, key), removed)
+            elif isinstance(extra, dict):
+                _prune(value[key], extra, join(path, key), removed)
+            elif not preserve and extra is not True:
+                removed.append(join(path, key))
+                del value[key]
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for index, item in enumerate(value):
+            _prune(item, schema["items"], f"{path}[{index}]", removed)
+
+
 # ------------------------------------------------------------------------------- schema validation
 
 
@@ -107,14 +152,22 @@ def _close(node: Schema) -> None:
 class SchemaError:
     path: str
     message: str
+    #: the validator's own error (keyword, value), for callers that word it as the API server does
+    error: Any = field(default=None, compare=False, repr=False)
 
 
-def schema_errors(obj: Any, *, unknown_fields: bool = True) -> list[SchemaError]:
-    """Problems the API server's OpenAPI validation reports (after defaulting, as it does)."""
-    schema = strict(_schema()) if unknown_fields else _schema()
-    defaulted = apply_defaults(obj)
+def schema_errors(
+    obj: Any, *, unknown_fields: bool = True, schema: Schema | None = None
+) -> list[SchemaError]:
+    """Problems the API server's OpenAPI validation reports (after defaulting, as it does).
+
+    `schema` is another CRD's `openAPIV3Schema` (the cluster stand-in admits any CRD's objects).
+    """
+    base = schema if schema is not None else _schema()
+    schema = strict(base) if unknown_fields else base
+    defaulted = apply_defaults(obj, base)
     found = [
-        SchemaError(dotted(error.absolute_path), error.message)
+        SchemaError(dotted(error.absolute_path), error.message, error)
         for error in OAS30Validator(schema).iter_errors(defaulted)
     ]
     found += [
@@ -254,19 +307,25 @@ class Evaluation:
     evaluated: int  # rule evaluations made, so a test can show the rules really ran
 
 
-def evaluate_rules(obj: Any, old: Any = None) -> Evaluation:
+def evaluate_rules(obj: Any, old: Any = None, schema: Schema | None = None) -> Evaluation:
     """Run every x-kubernetes-validations rule on `obj` (an update from `old` when given).
 
     Both objects are defaulted first, as the API server does before it validates.
     """
+    schema = schema if schema is not None else _schema()
     result = Evaluation([], 0)
-    previous = apply_defaults(old) if old is not None else _ABSENT
-    _walk(_schema(), apply_defaults(obj), previous, "", result, root=True)
+    previous = apply_defaults(old, schema) if old is not None else _ABSENT
+    _walk(schema, apply_defaults(obj, schema), previous, "", result, root=True)
     return result
 
 
 def rule_failures(obj: Any, old: Any = None) -> list[RuleResult]:
     return evaluate_rules(obj, old).failures
+
+
+def _message(entry: Schema) -> str:
+    """The rule's message; without one the API server says which rule failed."""
+    return str(entry.get("message") or f"failed rule: {entry['rule']}")
 
 
 def _walk(
@@ -287,11 +346,11 @@ def _walk(
         try:
             result = program(rule).evaluate(activation)
         except celpy.CELEvalError as error:
-            out.failures.append(RuleResult(where, rule, entry["message"], error=str(error)))
+            out.failures.append(RuleResult(where, rule, _message(entry), error=str(error)))
             continue
         if not (isinstance(result, celtypes.BoolType) and bool(result)):
             error = None if isinstance(result, celtypes.BoolType) else f"not a bool: {result!r}"
-            out.failures.append(RuleResult(where, rule, entry["message"], error=error))
+            out.failures.append(RuleResult(where, rule, _message(entry), error=error))
     if isinstance(value, dict):
         for key, prop in schema.get("properties", {}).items():
             if key in value:
