@@ -28,33 +28,11 @@ from typing import Any
 
 import torch
 
-from kubetrain_trainer import checkpoint, data, lifetime, model, storage
+from kubetrain_trainer import card, checkpoint, data, lifetime, model, storage
 from kubetrain_trainer.config import MergeConfig
-from kubetrain_trainer.stage import InvalidInput
+from kubetrain_trainer.stage import InvalidInput, Unhealthy
 
 log = logging.getLogger(__name__)
-
-CARD = """---
-{{ card_data }}
----
-
-# {{ run }}
-
-{{ summary }}
-
-| | |
-|---|---|
-| method | {{ method }} |
-| base model | `{{ base }}` |
-| adapter | {{ adapter }} |
-| optimizer steps | {{ steps }} |
-| dataset | `{{ dataset }}` ({{ train_tokens }} training tokens, block size {{ block_size }}) |
-| validation perplexity | {{ perplexity }} ({{ eval_tokens }} tokens) |
-| precision | {{ precision }} |
-
-Trained and exported by kubetrain. Load it with
-`AutoModelForCausalLM.from_pretrained("<this directory>")`; the tokenizer is saved alongside.
-"""
 
 
 def eval_device() -> str:
@@ -133,17 +111,25 @@ def refuse_quantized_base(config: MergeConfig, base_dir: Path) -> None:
         )
 
 
-def write_card(directory: Path, fields: dict[str, Any]) -> str:
-    from huggingface_hub import ModelCard, ModelCardData
-
-    card_data = ModelCardData(
-        library_name="transformers",
-        base_model=fields["base"] if fields["base"] != "(trained from scratch)" else None,
-        tags=["kubetrain", fields["method"], *(["lora"] if fields["adapter"] != "none" else [])],
-    )
-    text = str(ModelCard.from_template(card_data, template_str=CARD, **fields))
-    (directory / "README.md").write_text(text, encoding="utf-8")
-    return text
+def refuse_perplexity(config: MergeConfig, numbers: dict[str, Any]) -> None:
+    """`output.maxPerplexity`: above it the stage fails (exit 3) with the numbers, and nothing is
+    exported; without a validation split there is nothing to compare (exit 2)."""
+    limit = config.max_perplexity
+    if limit is None:
+        return
+    found = numbers["perplexity"]
+    if found is None:
+        raise InvalidInput(
+            "maxPerplexity: set, but the dataset has no validation split to measure it on — set "
+            "data.validationFraction or data.validation, or unset output.maxPerplexity"
+        )
+    if found > limit:
+        raise Unhealthy(
+            f"validation perplexity {found:.3f} on {numbers['evalTokens']} tokens is above "
+            f"output.maxPerplexity {limit:g} — the model is not good enough to export; train "
+            "longer, on more data, or raise the limit",
+            {**numbers, "maxPerplexity": limit, "reason": "PerplexityTooHigh"},
+        )
 
 
 def run(config: MergeConfig, workdir: Path) -> dict[str, Any]:
@@ -156,7 +142,7 @@ def _run(config: MergeConfig, workdir: Path) -> dict[str, Any]:
     """Merge (adapters), evaluate, export; returns where the model and the numbers went."""
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     workdir.mkdir(parents=True, exist_ok=True)
     final_uri = storage.join(config.output_uri, "final")
     final_dir = model.local_dir(final_uri, workdir, config.s3, "final model")
@@ -178,7 +164,7 @@ def _run(config: MergeConfig, workdir: Path) -> dict[str, Any]:
     dtype = model.DTYPES[config.precision]
     device = eval_device()
 
-    base_uri = config.model.uri or "(trained from scratch)"
+    base_uri = config.model.uri or card.FROM_SCRATCH
     outputs = {"final": final_uri}
     network: Any
     if is_adapter:
@@ -225,6 +211,7 @@ def _run(config: MergeConfig, workdir: Path) -> dict[str, Any]:
         "eval_tokens": numbers["evalTokens"],
         "precision": config.precision,
     }
+    refuse_perplexity(config, numbers)
     if is_adapter and config.merge:
         outputs["merged"] = export(network, tokenizer, fields, config, workdir)
     metrics = {
@@ -236,8 +223,8 @@ def _run(config: MergeConfig, workdir: Path) -> dict[str, Any]:
     }
     root = config.output_uri
     storage.write_text(storage.join(root, "metrics.json"), json.dumps(metrics, indent=2), config.s3)
-    card = write_card(workdir, fields)
-    storage.write_text(storage.join(root, "README.md"), card, config.s3)
+    text = card.write(workdir, fields)
+    storage.write_text(storage.join(root, "README.md"), text, config.s3)
     return {**numbers, "outputs": outputs}
 
 
@@ -249,7 +236,7 @@ def export(
     shutil.rmtree(out.building, ignore_errors=True)
     network.save_pretrained(str(out.building), safe_serialization=True)
     tokenizer.save_pretrained(str(out.building))
-    write_card(out.building, fields)
+    card.write(out.building, fields)
     out.publish({"run": config.run}, s3=config.s3, what=f"merged model → {out.uri}", metrics=None)
     log.info("merged model: %s", out.uri)
     return out.uri

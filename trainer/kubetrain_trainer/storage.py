@@ -328,7 +328,7 @@ def client(s3: S3Settings | None = None) -> Any:
     settings = s3 or S3Settings()
     refuse_endpoint(settings)
     attempts = int(os.environ.get(MAX_ATTEMPTS_ENV, DEFAULT_MAX_ATTEMPTS))
-    return boto3.client(
+    return boto3.session.Session().client(  # a session of its own: credentials read now
         "s3",
         endpoint_url=settings.endpoint or None,
         region_name=settings.region or None,

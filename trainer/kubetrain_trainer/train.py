@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from kubetrain_trainer import checkpoint, data, lifetime, model, storage
+from kubetrain_trainer import card, checkpoint, data, lifetime, model, storage
 from kubetrain_trainer.callbacks import (
     HealthCallback,
     PrometheusCallback,
@@ -97,11 +97,17 @@ def refuse_broken_combinations(config: TrainConfig, env: DistEnv, cuda: bool) ->
         raise InvalidInput(
             "training.precision: qlora computes in bf16 or fp16 on GPUs, not fp32 — use bf16"
         )
-    if t.optimizer.endswith("_8bit") and dist.zero_stage >= 1 and env.world_size > 1:
+    if quantized_optimizer(t.optimizer) and dist.zero_stage >= 1 and env.world_size > 1:
         raise InvalidInput(
             f"training.optimizer: {t.optimizer} with zeroStage {dist.zero_stage} on "
-            f"{env.world_size} processes — DeepSpeed does not shard bitsandbytes optimizer state; "
-            "use adamw_torch, or zeroStage: 0"
+            f"{env.world_size} processes — DeepSpeed does not shard the state of bitsandbytes "
+            "optimizers (8-bit, 32-bit or paged); use adamw_torch, or zeroStage: 0"
+        )
+    if adapter == "qlora" and dist.zero_stage == 3:
+        raise InvalidInput(
+            "distributed.zeroStage: qlora with ZeRO-3 is not supported — ZeRO-3 would shard the "
+            "packed 4-bit base weights, which needs bnb_4bit_quant_storage equal to the compute "
+            "dtype and is not proven here; use zeroStage 2 (the 4-bit base is small), or lora"
         )
     if dist.world_size != env.world_size:
         raise InvalidInput(
@@ -140,6 +146,15 @@ def refuse_broken_combinations(config: TrainConfig, env: DistEnv, cuda: bool) ->
             )
     if t.precision == "fp16" and not cuda:
         raise InvalidInput("training.precision: fp16 needs a GPU — use bf16 or fp32 on CPU")
+
+
+def quantized_optimizer(name: str) -> bool:
+    """An optimizer whose state lives in bitsandbytes (Trainer's own dispatch table: 8-bit,
+    32-bit and paged AdamW, Lion, RMSprop, AdEMAMix) or in 8-bit tensors of another library."""
+    from transformers import trainer_optimizer
+
+    table = getattr(trainer_optimizer, "_BITSANDBYTES_OPTIMIZERS", ())
+    return name in {str(getattr(o, "value", o)) for o in table} or "8bit" in name
 
 
 def training_arguments(config: TrainConfig, staging: Path, env: DistEnv, cuda: bool) -> Any:
@@ -325,6 +340,29 @@ class Session:
         uri = storage.join(self.config.output_uri, "checkpoints", checkpoint.step_name(step))
         return {"step": step, "uri": uri}
 
+    def card_fields(self) -> dict[str, Any]:
+        """final/'s model card: what was trained; evaluation comes with the merge stage."""
+        config, splits = self.config, self.dataset.manifest["splits"]
+        return {
+            "run": config.run,
+            "summary": f"A {config.method} run of kubetrain"
+            + (
+                " (the adapter only; merged/ holds it merged)."
+                if config.adapter.type != "none"
+                else "."
+            ),
+            "method": config.method,
+            "base": config.model.uri or card.FROM_SCRATCH,
+            "adapter": config.adapter.type,
+            "steps": self.trainer.state.global_step,
+            "dataset": self.dataset.key,
+            "train_tokens": splits["train"].get("tokens"),
+            "block_size": self.dataset.block_size,
+            "perplexity": "not evaluated (the merge stage evaluates)",
+            "eval_tokens": 0,
+            "precision": config.training.precision,
+        }
+
     def save_final(self) -> str:
         """final/: the model (or adapter) in safetensors with its tokenizer, `COMPLETE` last."""
         config = self.config
@@ -335,6 +373,7 @@ class Session:
         self.tokenizer.save_pretrained(str(out.building))
         # A pickle of TrainingArguments: not loadable safely, and the stage config says it all.
         (out.building / "training_args.bin").unlink(missing_ok=True)
+        card.write(out.building, self.card_fields())
         out.publish(
             {"run": config.run, "step": self.trainer.state.global_step},
             s3=config.s3,
