@@ -13,6 +13,8 @@ exact field path of the model's problem and that the message says what to do (te
 Each case also says which part of the CRD refuses it — "schema" (types, enums, ranges, patterns,
 required and unknown fields), "cel" (a CEL rule) or "model" (only the operator: the CRD cannot
 express it) — and the test checks that claim both ways, so the table cannot drift from the CRD.
+Every CEL rule the CRD carries (the table of kubetrain_operator.rules, field rules on URIs
+included) is shown to refuse at least one case.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import pytest
 import yaml
 
 import crd_emulation as kube
-from kubetrain_operator import api, crd
+from kubetrain_operator import api, crd, rules
 
 ROOT = Path(__file__).resolve().parents[1]
 DELETE = object()  # a patch value that removes the key
@@ -52,7 +54,7 @@ BASE: dict[str, Any] = {
     "metadata": {"name": "policy-sft"},
     "spec": {
         "model": {"uri": "s3://models/base"},
-        "data": {"format": "text", "train": "s3://datasets/train.jsonl"},
+        "data": {"format": "text", "train": ["s3://datasets/train.jsonl"]},
         "method": {"stage": "sft"},
         "output": {"uri": "s3://runs/policy-sft/"},
     },
@@ -255,7 +257,7 @@ CASES = [
          "cel"),
     # ---- data
     Case("validation-files-and-fraction",
-         spec(data={"validation": "s3://datasets/val.jsonl", "validationFraction": 0.1}),
+         spec(data={"validation": ["s3://datasets/val.jsonl"], "validationFraction": 0.1}),
          "spec.data.validationFraction", "cel"),
     Case("validation-fraction-one", spec(data={"validationFraction": 1}),
          "spec.data.validationFraction", "cel"),
@@ -280,9 +282,44 @@ CASES = [
     Case("offload-without-zero-2", spec(distributed={"zeroStage": 1, "offload": "cpu"}),
          "spec.distributed.offload", "cel"),
     Case("sanity-gpus-over-the-run", spec(sanity={"gpus": 2}), "spec.sanity.gpus", "cel"),
-    Case("sanity-gpus-over-one-node",
-         spec(sanity={"gpus": 2}, resources={"nodes": 2, "gpusPerNode": 1}),
+    Case("sanity-gpus-not-whole-nodes",
+         spec(sanity={"gpus": 3}, resources={"nodes": 2, "gpusPerNode": 2}),
          "spec.sanity.gpus", "cel"),
+    Case("qlora-with-zero-3", spec(method={"adapter": {"type": "qlora"}},
+                                   distributed={"zeroStage": 3}),
+         "spec.distributed.zeroStage", "cel"),
+    Case("merge-gpu-on-cpu-run", spec(resources={"gpusPerNode": 0, "merge": {"gpus": 1}}),
+         "spec.resources.merge.gpus", "cel"),
+    Case("quantity-negative-int", spec(resources={"cpu": -4}), "spec.resources.cpu", "cel"),
+    Case("quantity-float", spec(resources={"preprocess": {"cpu": 0.5}}),
+         "spec.resources.preprocess.cpu", "schema"),
+    # ---- the sanity ladder: the same rules on every rung, overrides included
+    Case("rungs-and-single-gate", spec(sanity={"steps": 10, "rungs": [{"gpus": 1}]}),
+         "spec.sanity.rungs", "cel"),
+    Case("rung-gpus-over-the-run", spec(sanity={"rungs": [{"gpus": 1}, {"gpus": 2}]}),
+         "spec.sanity.rungs[1].gpus", "cel", crd_path="spec.sanity.rungs"),
+    Case("rung-gpus-not-whole-nodes",
+         spec(resources={"nodes": 2, "gpusPerNode": 4}, sanity={"rungs": [{"gpus": 6}]}),
+         "spec.sanity.rungs[0].gpus", "cel", crd_path="spec.sanity.rungs"),
+    Case("rung-8bit-on-2-gpus-zero-3",
+         spec(resources={"gpusPerNode": 2}, distributed={"zeroStage": 3},
+              sanity={"rungs": [{"gpus": 1, "zeroStage": 0, "optimizer": "paged_adamw_8bit"},
+                                {"gpus": 2, "optimizer": "paged_adamw_8bit"}]}),
+         "spec.sanity.rungs[1].optimizer", "cel", crd_path="spec.sanity.rungs"),
+    Case("single-gate-override-8bit-on-2-gpus",
+         spec(resources={"gpusPerNode": 2}, distributed={"zeroStage": 3},
+              sanity={"gpus": 2, "optimizer": "adamw_8bit"}),
+         "spec.sanity.optimizer", "cel"),
+    Case("single-gate-fp16-on-cpu", spec(training={"precision": "fp16"}, sanity={"gpus": 0}),
+         "spec.sanity.gpus", "cel"),
+    Case("rung-fp16-on-cpu",
+         spec(training={"precision": "fp16"}, sanity={"rungs": [{"gpus": 0}, {"gpus": 1}]}),
+         "spec.sanity.rungs[0].gpus", "cel", crd_path="spec.sanity.rungs"),
+    Case("rung-zero-stage-4", spec(sanity={"rungs": [{"zeroStage": 4}]}),
+         "spec.sanity.rungs[0].zeroStage", "schema"),
+    Case("rung-unknown-optimizer", spec(sanity={"rungs": [{"optimizer": "lion"}]}),
+         "spec.sanity.rungs[0].optimizer", "schema"),
+    Case("too-many-rungs", spec(sanity={"rungs": [{}] * 9}), "spec.sanity.rungs", "schema"),
     # ---- output
     Case("merge-without-adapter", spec(output={"merge": True}), "spec.output.merge", "cel"),
     Case("merge-into-quantized-base",
@@ -294,20 +331,56 @@ CASES = [
     Case("output-uri-https", spec(output={"uri": "https://bucket/run"}), "spec.output.uri", "cel"),
     Case("cache-root-gs", spec(storage={"cacheRoot": "gs://bucket/cache"}),
          "spec.storage.cacheRoot", "cel"),
-    # ---- only the operator can refuse these: the CRD cannot express them (see crd.py)
-    Case("train-neither-string-nor-list", spec(data={"train": {"uri": "s3://d/x"}}),
-         "spec.data.train", "model"),
-    Case("train-uri-newline", spec(data={"train": "s3://d/x\n; rm -rf /"}),
-         "spec.data.train[0]", "model"),
-    Case("train-uri-ftp", spec(data={"train": ["s3://d/a", "ftp://d/b"]}), "spec.data.train[1]",
-         "model"),
-    Case("train-uri-twice", spec(data={"train": ["s3://d/a", "s3://d/a"]}), "spec.data.train",
-         "model"),
-    Case("validation-uri-control-character", spec(data={"validation": "s3://d/\x07"}),
-         "spec.data.validation[0]", "model"),
-    Case("s3-without-bucket", spec(model={"uri": "s3:///models"}), "spec.model.uri", "model"),
+    Case("output-local-dot-dot", spec(output={"uri": "runs/../../etc"}), "spec.output.uri",
+         "cel"),
+    Case("pvc-dot-dot", spec(model={"uri": "pvc://models/../../secrets"}), "spec.model.uri",
+         "cel"),
+    Case("s3-without-bucket", spec(model={"uri": "s3:///models"}), "spec.model.uri", "cel"),
     Case("pvc-claim-not-dns", spec(model={"uri": "pvc://Bad_Claim/models"}), "spec.model.uri",
-         "model"),
+         "cel"),
+    Case("uri-with-credentials", spec(model={"uri": "s3://AKIAEXAMPLE:wJalrXUtn@models/base"}),
+         "spec.model.uri", "cel"),
+    Case("presigned-uri", spec(data={"train": [
+        "s3://d/a.jsonl?X-Amz-Credential=AKIA%2F20261201&X-Amz-Signature=0123abcd"]}),
+         "spec.data.train[0]", "cel"),
+    Case("token-in-query", spec(output={"uri": "s3://runs/x?token=s3cr3t"}), "spec.output.uri",
+         "cel"),
+    Case("hf-for-data", spec(data={"train": ["hf://datasets/org/name"]}), "spec.data.train[0]",
+         "cel"),
+    Case("hf-model-not-org-name", spec(model={"uri": "hf://just-a-name"}), "spec.model.uri",
+         "cel"),
+    Case("s3-endpoint-plain-http", spec(storage={"s3": {"endpoint": "http://minio:9000"}}),
+         "spec.storage.s3.endpoint", "cel"),
+    Case("s3-endpoint-metadata",
+         spec(storage={"s3": {"endpoint": "http://169.254.169.254/latest",
+                              "allowInsecureEndpoint": True}}),
+         "spec.storage.s3.endpoint", "cel"),
+    Case("hf-endpoint-plain-http", spec(storage={"hf": {"endpoint": "http://hub.local"}}),
+         "spec.storage.hf.endpoint", "cel"),
+    Case("document-separator-on-chat",
+         spec(data={"format": "chat", "documentSeparator": "<|endoftext|>"}),
+         "spec.data.documentSeparator", "cel"),
+    Case("document-separator-two-lines", spec(data={"documentSeparator": "a\nb"}),
+         "spec.data.documentSeparator", "schema"),
+    Case("max-perplexity-without-validation", spec(output={"maxPerplexity": 10}),
+         "spec.output.maxPerplexity", "cel"),
+    Case("max-perplexity-zero", spec(output={"maxPerplexity": 0}), "spec.output.maxPerplexity",
+         "schema"),
+    # ---- data files: typed lists, so the API server checks each one like the model does
+    Case("train-a-bare-string", spec(data={"train": "s3://d/x.jsonl"}), "spec.data.train",
+         "schema"),
+    Case("train-neither-string-nor-list", spec(data={"train": {"uri": "s3://d/x"}}),
+         "spec.data.train", "schema"),
+    Case("train-empty", spec(data={"train": []}), "spec.data.train", "schema"),
+    Case("train-uri-newline", spec(data={"train": ["s3://d/x\n; rm -rf /"]}),
+         "spec.data.train[0]", "schema"),
+    Case("train-uri-ftp", spec(data={"train": ["s3://d/a", "ftp://d/b"]}), "spec.data.train[1]",
+         "cel"),
+    Case("train-uri-twice", spec(data={"train": ["s3://d/a", "s3://d/a"]}), "spec.data.train",
+         "schema", crd_path="spec.data.train[1]"),
+    Case("validation-uri-control-character", spec(data={"validation": ["s3://d/\x07"]}),
+         "spec.data.validation[0]", "schema"),
+    # ---- only the operator can refuse these: the CRD cannot express them
     Case("node-selector-key-not-a-label", spec(resources={"nodeSelector": {"bad key!": "x"}}),
          "spec.resources.nodeSelector", "model"),
 ]  # fmt: skip
@@ -354,9 +427,78 @@ def test_invalid_spec_is_refused_by_the_crd_where_it_can_be(case: Case) -> None:
 def test_every_cel_rule_refuses_some_invalid_case() -> None:
     """Each rule is shown to fail (the immutability rules in test_crd's transition tests)."""
     hit = {f.rule for c in CASES if c.refused_by == "cel" for f in kube.rule_failures(c.doc)}
-    rules = {r.rule for r in (*crd.RULES, *crd.ROOT_RULES, crd.URI_SCHEME_RULE)}
-    missed = rules - hit - {"self == oldSelf"}
+    table = {r.rule for r in crd.cel_rules()}
+    table |= {r.cel for kind in rules.FIELD_RULES.values() for r in kind}
+    table |= {crd.QUANTITY_RULE.rule}
+    missed = table - hit - {"self == oldSelf"}
     assert missed == set()
+
+
+def test_every_rule_of_the_table_is_enforced_by_the_model_too() -> None:
+    """The pydantic side runs the same table: each named rule refuses some case."""
+    by_message = {f"{r.message} — {r.fix}": r.name for r in rules.RULES}
+    by_message |= {f"{r.message} — {r.fix}": r.name for r in rules.RUNG_RULES}
+    by_message |= {
+        f"{r.message} — {r.fix}": r.name for kind in rules.FIELD_RULES.values() for r in kind
+    }
+    seen = set()
+    for case in CASES:
+        try:
+            api.parse_run(case.doc)
+        except api.InvalidRun as refused:
+            for problem in refused.problems:
+                seen |= {name for text, name in by_message.items() if text in problem.message}
+    assert set(by_message.values()) - seen == set()
+
+
+def test_field_and_rule_errors_are_reported_in_one_pass() -> None:
+    """One field error (a bad type in training) and one rule error elsewhere (merge without an
+    adapter): both come back from one parse, as `kubetrain validate` prints them."""
+    doc = merge(BASE, spec(training={"microBatchSize": "four"}, output={"merge": True}))
+    assert {p.path for p in problems_of(doc)} == {
+        "spec.training.microBatchSize",
+        "spec.output.merge",
+    }
+    # a rule that reads the broken section is skipped, not reported on guessed values
+    doc = merge(BASE, spec(training={"precision": "fp128"}, resources={"gpusPerNode": 0}))
+    assert [p.path for p in problems_of(doc)] == ["spec.training.precision"]
+
+
+def test_credentials_in_uris_are_refused_without_echoing_them() -> None:
+    secret = "wJalrXUtnFEMIK7MDENG"
+    for uri in (
+        f"s3://AKIAEXAMPLE:{secret}@bucket/model",
+        f"s3://bucket/model?X-Amz-Signature={secret}",
+        f"s3://bucket/model?X-Amz-Security-Token={secret}",
+    ):
+        problems = problems_of(merge(BASE, spec(model={"uri": uri})))
+        assert [p.path for p in problems] == ["spec.model.uri"]
+        assert secret not in str(problems) and "storage.s3.secretName" in problems[0].message
+        failures = kube.rule_failures(merge(BASE, spec(model={"uri": uri})))
+        assert failures and all(secret not in f.message for f in failures)
+
+
+def test_accepted_forms_pass_both_sides() -> None:
+    for patch in (
+        spec(model={"uri": "hf://meta-llama/Llama-3.1-8B"}),
+        spec(model={"uri": "hf://meta-llama/Llama-3.1-8B@main"}, tokenizer={"uri": "hf://a/b"}),
+        spec(data={"train": ["s3://d/dir/", "s3://d/x/*.jsonl", "data/*.txt"]}),
+        spec(storage={"s3": {"endpoint": "http://minio:9000", "allowInsecureEndpoint": True}}),
+        spec(storage={"s3": {"endpoint": "https://minio.example:9000"}}),
+        spec(storage={"hf": {"secretName": "hf-token", "endpoint": "https://hub.example"}}),
+        spec(resources={"cpu": 64, "memory": "512Gi", "preprocess": {"cpu": 8}}),
+        spec(sanity={"rungs": [{"gpus": 1, "zeroStage": 0, "optimizer": "paged_adamw_8bit"}]}),
+        spec(
+            data={
+                "documentSeparator": "<|endoftext|>",
+                "packing": {"crossDocumentAttention": False},
+            }
+        ),
+        spec(data={"validationFraction": 0.01}, output={"maxPerplexity": 12.5}),
+    ):
+        doc = merge(BASE, patch)
+        api.parse_run(doc)
+        assert kube.schema_errors(doc) == [] and kube.rule_failures(doc) == [], patch
 
 
 def test_the_bases_are_valid_everywhere() -> None:
@@ -414,12 +556,11 @@ def test_minimal_spec_gets_the_documented_defaults() -> None:
     assert scratch.model.architecture.family == "llama"
 
 
-def test_one_train_uri_becomes_a_list_and_a_list_stays_one() -> None:
-    assert api.parse_run(BASE).spec.data.train == ["s3://datasets/train.jsonl"]
-    files = ["s3://datasets/a.jsonl", "pvc://data/b.parquet", "local/c.txt"]
-    doc = merge(BASE, spec(data={"train": files, "validation": "hf://org/val"}))
+def test_data_uris_stay_as_written() -> None:
+    files = ["s3://datasets/a.jsonl", "pvc://data/b.parquet", "local/c.txt", "s3://d/p/"]
+    doc = merge(BASE, spec(data={"train": files, "validation": ["s3://d/val/*.jsonl"]}))
     parsed = api.parse_run(doc).spec.data
-    assert (parsed.train, parsed.validation) == (files, ["hf://org/val"])
+    assert (parsed.train, parsed.validation) == (files, ["s3://d/val/*.jsonl"])
 
 
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))

@@ -1,15 +1,18 @@
 """The TrainingRun API (`kubetrain.dev/v1alpha1`): parse, default and validate a run — pure.
 
-One source of truth: the CRD (`crd.py`) is generated from these models, `kubetrain validate` and the
-operator's admission both call :func:`parse_run`. Field docstrings become the CRD's descriptions, so
-`kubectl explain trainingrun.spec.…` shows them. Every rule raises a :class:`SpecError` that names the
-field path and says what to do.
+One source of truth: the CRD (`crd.py`) is generated from these models and from the one table of
+rules (`rules.py`); `kubetrain validate` and the operator's admission both call :func:`parse_run`,
+which reports every problem of a run at once: field errors and rule violations together. Field
+docstrings become the CRD's descriptions, so `kubectl explain trainingrun.spec.…` shows them.
+Defaults live here and only here: the stage configs `plan` writes carry every value explicitly.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -19,24 +22,30 @@ from pydantic import (
     ConfigDict,
     Field,
     PositiveInt,
+    TypeAdapter,
     ValidationError,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
 from pydantic.alias_generators import to_camel
+
+from kubetrain_operator import rules
+from kubetrain_operator.rules import DNS1035, DNS1123_SUBDOMAIN, MAX_NAME_LENGTH
 
 API_GROUP = "kubetrain.dev"
 API_VERSION = "v1alpha1"
 KIND = "TrainingRun"
 PLURAL = "trainingruns"
 
-#: Child names append suffixes such as `-preprocess-1a2b3c4d`; 50 leaves room under 63.
-MAX_NAME_LENGTH = 50
-DNS1035 = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
-DNS1123_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
-#: A URI: no whitespace or control characters; the scheme is checked by :func:`check_uri`.
+__all__ = ["DNS1035", "DNS1123_SUBDOMAIN", "MAX_NAME_LENGTH"]
+
+#: A URI: no whitespace or control characters; the field rules (rules.FIELD_RULES) do the rest.
 URI_PATTERN = r"^[^\s\x00-\x1f\x7f]+$"
-URI_SCHEMES = ("s3", "pvc", "hf", "file")
+#: Longest URI (and the CEL cost bound of every rule on one).
+MAX_URI_LENGTH = 1024
+#: Most files, prefixes or globs in data.train / data.validation (a glob covers many files).
+MAX_DATA_URIS = 256
 DURATION_PATTERN = r"^([0-9]+h)?([0-9]+m)?([0-9]+s)?$"
 QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
 IDENTIFIER_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.\-]*$"
@@ -49,39 +58,75 @@ LABEL_KEY_PATTERN = (
     r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
     r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
 )
+#: A document separator line: printable, one line.
+SEPARATOR_PATTERN = r"^[^\x00-\x1f\x7f]+$"
 #: Byte-level BPE needs the 256-byte alphabet; below 512 there is no room for merges.
 MIN_TRAINED_VOCAB = 512
+#: Marks a string schema as a URI of a kind (crd.py attaches the kind's field rules as CEL).
+URI_KIND_KEY = "x-kubetrain-uri"
 
 
-def check_uri(value: str) -> str:
-    """Refuse schemes outside the allowlist; a bare path is a local path (local runs)."""
-    match = re.match(r"^([A-Za-z][A-Za-z0-9+.\-]*)://(.*)$", value)
-    if match is None:
+def _field_rules(kind: str) -> AfterValidator:
+    def check(value: str) -> str:
+        found = rules.field_problems(kind, value)
+        if found:
+            raise ValueError("; ".join(found))
         return value
-    scheme, rest = match.group(1), match.group(2)
-    if scheme not in URI_SCHEMES:
-        raise ValueError(
-            f"scheme {scheme!r} is not supported — use one of "
-            f"{', '.join(s + '://' for s in URI_SCHEMES)} or a local path"
-        )
-    if scheme in ("s3", "pvc", "hf") and not re.match(r"^[A-Za-z0-9][^/]*(/.*)?$", rest):
-        raise ValueError(
-            f"{scheme}:// needs a bucket, claim or repository after the scheme — "
-            f"write {scheme}://NAME/path"
-        )
-    if scheme == "pvc" and not re.match(DNS1123_SUBDOMAIN, rest.split("/", 1)[0]):
-        raise ValueError(
-            "pvc://CLAIM/path needs a PersistentVolumeClaim name (DNS-1123) — "
-            "use the claim's name, e.g. pvc://datasets/path"
-        )
-    return value
+
+    return AfterValidator(check)
 
 
-Uri = Annotated[
-    str, Field(min_length=1, max_length=2048, pattern=URI_PATTERN), AfterValidator(check_uri)
+def _uri_field(kind: str) -> Any:
+    return Field(
+        min_length=1,
+        max_length=MAX_URI_LENGTH,
+        pattern=URI_PATTERN,
+        json_schema_extra={URI_KIND_KEY: kind},
+    )
+
+
+#: Data, outputs and caches: s3://, pvc://CLAIM/path, file:// or a local path (local runs).
+Uri = Annotated[str, _uri_field("uri"), _field_rules("uri")]
+#: Models and tokenizers: the same, and hf://ORG/NAME[@REVISION] from the Hugging Face Hub.
+ModelUri = Annotated[str, _uri_field("model-uri"), _field_rules("model-uri")]
+Endpoint = Annotated[
+    str,
+    Field(max_length=512, pattern=ENDPOINT_PATTERN, json_schema_extra={URI_KIND_KEY: "endpoint"}),
+    _field_rules("endpoint"),
 ]
 Identifier = Annotated[str, Field(min_length=1, max_length=128, pattern=IDENTIFIER_PATTERN)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+Optimizer = Literal[
+    "adamw_torch",
+    "adamw_torch_fused",
+    "adafactor",
+    "sgd",
+    "adamw_8bit",
+    "paged_adamw_8bit",
+    "paged_adamw_32bit",
+]
+
+
+def _quantity_text(value: Any) -> Any:
+    """`cpu: 64` is as valid as `cpu: "64"` (int-or-string, as in Kubernetes); kept as text."""
+    if type(value) is int:
+        if value < 0:
+            raise ValueError("a quantity cannot be negative — write e.g. 8 or 48Gi")
+        return str(value)
+    if type(value) is float:
+        raise ValueError('is not an integer or a string — write e.g. "0.5" or 500m')
+    return value
+
+
+#: A Kubernetes quantity: an integer or a string such as 48Gi, 500m, 8.
+Quantity = Annotated[
+    str,
+    BeforeValidator(_quantity_text),
+    Field(max_length=64, pattern=QUANTITY_PATTERN),
+    WithJsonSchema(
+        {"x-kubernetes-int-or-string": True, "pattern": QUANTITY_PATTERN, "maxLength": 64}
+    ),
+]
 
 
 class SpecError(ValueError):
@@ -95,12 +140,17 @@ class SpecError(ValueError):
         return f"{self.path}: {self.problem}" + (f" — {self.fix}" if self.fix else "")
 
 
-class SpecErrors(ValueError):
-    """Several cross-field problems found together, so the user sees all of them at once."""
+class SpecErrors(SpecError):
+    """Several problems found together, so the user sees all of them at once (the first one's
+    path, problem and fix are this error's own)."""
 
     def __init__(self, errors: list[SpecError]) -> None:
         self.errors = errors
-        super().__init__("; ".join(map(str, errors)))
+        first = errors[0]
+        super().__init__(first.path, first.problem, first.fix)
+
+    def __str__(self) -> str:
+        return "; ".join(str(e) for e in self.errors)
 
 
 @dataclass(frozen=True)
@@ -154,47 +204,19 @@ class Architecture(_Model):
     tie_word_embeddings: bool = False
     """Share input and output embeddings."""
 
-    @model_validator(mode="after")
-    def _shape(self) -> Architecture:
-        if self.hidden_size % self.heads:
-            raise SpecError(
-                "heads",
-                f"{self.heads} does not divide hiddenSize {self.hidden_size}",
-                "choose heads so that hiddenSize / heads is an integer",
-            )
-        if self.kv_heads is not None and self.heads % self.kv_heads:
-            raise SpecError(
-                "kvHeads", f"{self.kv_heads} does not divide heads {self.heads}", "use a divisor"
-            )
-        return self
-
 
 class ModelSpec(_Model):
     """Where the weights come from: exactly one of uri, architecture and fromRun."""
 
-    uri: Uri | None = None
-    """A pretrained model directory: s3://…, pvc://CLAIM/path, hf://org/name, or a local path."""
+    uri: ModelUri | None = None
+    """A pretrained model directory: s3://…, pvc://CLAIM/path, hf://ORG/NAME[@REVISION], or a
+    local path (local runs)."""
     architecture: Architecture | None = None
     """Build a new model with random weights (pretraining from scratch)."""
     from_run: Annotated[str, Field(max_length=MAX_NAME_LENGTH, pattern=DNS1035)] | None = None
     """Name of a TrainingRun in the same namespace whose output model this run starts from."""
     quantized: bool = False
     """Declare that the base at uri is already quantized (e.g. a bnb-4bit export): merging into it is refused."""
-
-    @model_validator(mode="after")
-    def _one_source(self) -> ModelSpec:
-        given = [n for n, v in self._sources().items() if v is not None]
-        if len(given) != 1:
-            raise SpecError(
-                "",
-                f"exactly one of uri, architecture, fromRun is required, got "
-                f"{', '.join(given) or 'none'}",
-                "keep one: uri for a pretrained model, architecture to build one, fromRun to chain",
-            )
-        return self
-
-    def _sources(self) -> dict[str, object]:
-        return {"uri": self.uri, "architecture": self.architecture, "fromRun": self.from_run}
 
 
 class TokenizerTraining(_Model):
@@ -205,46 +227,49 @@ class TokenizerTraining(_Model):
     special_tokens: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
         default_factory=lambda: ["<|endoftext|>"], max_length=64
     )
-    """Special tokens; the first is the end-of-document (EOS) token."""
+    """Special tokens, each once; the first is the end-of-document (EOS) token."""
     min_frequency: PositiveInt = 2
     """Merges that occur fewer times are not learned."""
 
     # vocabSize ≥ 512 always leaves room for the 256 bytes and the ≤ 64 special tokens.
-    @model_validator(mode="after")
-    def _distinct(self) -> TokenizerTraining:
-        if len(set(self.special_tokens)) != len(self.special_tokens):
-            raise SpecError("specialTokens", "contains duplicates", "list each token once")
-        return self
+    @field_validator("special_tokens")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("contains duplicates — list each token once")
+        return value
 
 
 class TokenizerSpec(_Model):
     """The tokenizer: trained here, loaded from uri, or (when absent) the model's own."""
 
-    uri: Uri | None = None
-    """A tokenizer directory (tokenizer.json and friends); default: the model's directory."""
+    uri: ModelUri | None = None
+    """A tokenizer directory (tokenizer.json and friends) or hf://ORG/NAME; default: the model's."""
     train: TokenizerTraining | None = None
     """Train a BPE tokenizer on the training data (pretraining from scratch only)."""
-
-    @model_validator(mode="after")
-    def _one(self) -> TokenizerSpec:
-        if self.uri is not None and self.train is not None:
-            raise SpecError("", "uri and train are mutually exclusive", "keep one of them")
-        return self
 
 
 # ----------------------------------------------------------------------------------------------- data
 
 
-def _as_list(value: Any) -> Any:
-    return [value] if isinstance(value, str) else value
+def _unique(value: list[str] | None) -> list[str] | None:
+    if value is not None and len(set(value)) != len(value):
+        raise ValueError("lists a URI twice — list each file, prefix or glob once")
+    return value
 
 
-#: One URI or a list on the wire; always a list once parsed. The CRD accepts both (see crd.py).
-Uris = Annotated[
-    list[Uri],
-    Field(min_length=1, max_length=4096, json_schema_extra={"x-kubetrain-one-or-many": True}),
-    BeforeValidator(_as_list),
+#: A list of files, prefixes (s3://bucket/dir/) or globs (s3://bucket/dir/*.jsonl, data/*.txt).
+DataUris = Annotated[
+    list[Uri], Field(min_length=1, max_length=MAX_DATA_URIS), AfterValidator(_unique)
 ]
+
+
+class Packing(_Model):
+    """How documents share a packed block."""
+
+    cross_document_attention: bool = True
+    """Let tokens attend across document boundaries inside a block; false restarts position_ids
+    (and attention) at every document."""
 
 
 class DataSpec(_Model):
@@ -252,10 +277,11 @@ class DataSpec(_Model):
 
     format: Literal["text", "chat", "preference"]
     """text: documents; chat: conversations (messages with roles); preference: prompt/chosen/rejected."""
-    train: Uris
-    """One URI or a list: .jsonl, .json, .txt, .parquet, optionally .gz or .zst."""
-    validation: Uris | None = None
-    """Validation files; when absent, validationFraction of the training rows is held out."""
+    train: DataUris
+    """A list of files, prefixes (s3://bucket/dir/) or globs (s3://bucket/dir/*.jsonl): .jsonl,
+    .json, .txt, .parquet, optionally .gz or .zst."""
+    validation: DataUris | None = None
+    """Validation files (same forms); when absent, validationFraction of the training rows is held out."""
     validation_fraction: Fraction = 0.0
     """Share of training documents held out for validation when no validation files are given."""
     text_field: Identifier = "text"
@@ -269,7 +295,15 @@ class DataSpec(_Model):
     rejected_field: Identifier = "rejected"
     """Dispreferred answer field (format preference)."""
     text_split: Literal["paragraph", "line"] = "paragraph"
-    """How .txt files split into documents: blank-line-separated paragraphs or single lines."""
+    """How .txt files split into documents: blank-line-separated paragraphs (or documentSeparator
+    lines) or single lines."""
+    document_separator: Annotated[str, Field(max_length=256, pattern=SEPARATOR_PATTERN)] | None = (
+        None
+    )
+    """A line that separates the documents of .txt files (e.g. <|endoftext|> in TinyStoriesV2).
+    Default: blank lines."""
+    packing: Packing = Field(default_factory=Packing)
+    """Packing of documents into blocks."""
     chat_template: Literal["chatml", "tulu", "llama3"] | None = None
     """A named chat template; default: the tokenizer's own (chat and preference formats)."""
     block_size: int = Field(default=1024, ge=1, le=1_048_576)
@@ -278,27 +312,6 @@ class DataSpec(_Model):
     """The final partial block of text data: padded (masked out of the loss) or dropped; counted either way."""
     max_rejected_fraction: Fraction = 0.01
     """Fail preprocessing when more than this share of rows is rejected; rejected rows are always counted."""
-
-    @field_validator("train", "validation")
-    @classmethod
-    def _unique(cls, value: list[str] | None) -> list[str] | None:
-        if value is not None and len(set(value)) != len(value):
-            raise ValueError("lists a URI twice — list each file once")
-        return value
-
-    @model_validator(mode="after")
-    def _validation_source(self) -> DataSpec:
-        if self.validation is not None and self.validation_fraction > 0:
-            raise SpecError(
-                "validationFraction",
-                "is set together with validation files",
-                "keep validation or validationFraction, not both",
-            )
-        if self.validation_fraction >= 1:
-            raise SpecError("validationFraction", "must be below 1", "use e.g. 0.01")
-        if self.chat_template is not None and self.format == "text":
-            raise SpecError("chatTemplate", "applies to chat and preference data only", "remove it")
-        return self
 
 
 # --------------------------------------------------------------------------------------------- method
@@ -342,20 +355,10 @@ class MethodSpec(_Model):
     adapter: Adapter = Field(default_factory=Adapter)
     """Adapter settings; type none trains every weight."""
     dpo: DPOSettings | None = None
-    """DPO settings (stage dpo only)."""
-
-    @model_validator(mode="after")
-    def _dpo(self) -> MethodSpec:
-        if self.dpo is not None and self.stage != "dpo":
-            raise SpecError(
-                "dpo", f"is set but stage is {self.stage}", "remove it or use stage: dpo"
-            )
-        return self
+    """DPO settings (stage dpo only); default: DPOSettings' defaults."""
 
 
 # ------------------------------------------------------------------------------------------- training
-
-EIGHT_BIT_SUFFIX = "_8bit"
 
 
 class TrainingSpec(_Model):
@@ -379,15 +382,7 @@ class TrainingSpec(_Model):
     """Micro-batches per optimizer step."""
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     """Compute precision; optimizer state stays fp32."""
-    optimizer: Literal[
-        "adamw_torch",
-        "adamw_torch_fused",
-        "adafactor",
-        "sgd",
-        "adamw_8bit",
-        "paged_adamw_8bit",
-        "paged_adamw_32bit",
-    ] = "adamw_torch"
+    optimizer: Optimizer = "adamw_torch"
     """Optimizer; the *_8bit ones come from bitsandbytes."""
     max_grad_norm: float = Field(default=1.0, ge=0)
     """Gradient clipping norm (0 disables)."""
@@ -401,12 +396,6 @@ class TrainingSpec(_Model):
     """Evaluate on the validation split every this many steps (default: at the end only)."""
     max_grad_norm_abort: float = Field(default=1.0e6, gt=0)
     """Abort (exit 3) when the gradient norm exceeds this: the run is diverging."""
-
-    @model_validator(mode="after")
-    def _length(self) -> TrainingSpec:
-        if self.epochs is not None and self.max_steps is not None:
-            raise SpecError("epochs", "is set together with maxSteps", "keep one of them")
-        return self
 
 
 class CheckpointSpec(_Model):
@@ -433,21 +422,49 @@ class Toleration(_Model):
     """How long a NoExecute taint is tolerated."""
 
 
+class StageResources(_Model):
+    """CPU and memory of a one-pod stage (preprocessing never gets a GPU)."""
+
+    cpu: Quantity = "4"
+    """CPU request and limit, e.g. 8 or "500m"."""
+    memory: Quantity = "16Gi"
+    """Memory request and limit, e.g. 16Gi."""
+
+
+class MergeResources(_Model):
+    """Compute of the merge/evaluation Job."""
+
+    cpu: Quantity = "4"
+    """CPU request and limit."""
+    memory: Quantity = "64Gi"
+    """Memory request and limit: the merge loads the full-precision base."""
+    gpus: int | None = Field(default=None, ge=0, le=1)
+    """GPUs for evaluation (0 or 1). Default: 1 when the run trains on GPUs, else 0. With 0 the
+    merge and the perplexity evaluation run on CPU."""
+
+
 class ResourcesSpec(_Model):
-    """Compute for the training job (changes take effect at the next attempt)."""
+    """Compute per stage (changes take effect at the next attempt)."""
 
     nodes: int = Field(default=1, ge=1, le=1024)
-    """Pods (machines); one Master plus nodes-1 Workers."""
+    """Training pods (machines); one Master plus nodes-1 Workers."""
     gpus_per_node: int = Field(default=1, ge=0, le=16)
-    """GPUs (= processes) per node; 0 trains on CPU with gloo (tests and tiny runs)."""
-    gpu_resource: Annotated[str, Field(pattern=r"^[a-z0-9.\-]+/[a-z0-9.\-]+$")] = "nvidia.com/gpu"
+    """GPUs (= processes) per training node; 0 trains on CPU with gloo (tests and tiny runs)."""
+    gpu_resource: Annotated[str, Field(max_length=253, pattern=r"^[a-z0-9.\-]+/[a-z0-9.\-]+$")] = (
+        "nvidia.com/gpu"
+    )
     """Extended resource name of the GPU."""
-    cpu: Annotated[str, Field(pattern=QUANTITY_PATTERN)] | None = None
-    """CPU request and limit per pod, e.g. "8"."""
-    memory: Annotated[str, Field(pattern=QUANTITY_PATTERN)] | None = None
-    """Memory request and limit per pod, e.g. 48Gi."""
-    shared_memory: Annotated[str, Field(pattern=QUANTITY_PATTERN)] = "8Gi"
-    """Size of the in-memory /dev/shm volume (NCCL and data loaders need more than the 64M default)."""
+    cpu: Quantity | None = None
+    """CPU request and limit per training pod (sanity and train), e.g. 8."""
+    memory: Quantity | None = None
+    """Memory request and limit per training pod (sanity and train), e.g. 48Gi."""
+    shared_memory: Quantity = "8Gi"
+    """Size of the in-memory /dev/shm volume of training pods (NCCL and data loaders need more
+    than the 64M default)."""
+    preprocess: StageResources = Field(default_factory=StageResources)
+    """CPU and memory of the preprocessing Job; it never requests a GPU."""
+    merge: MergeResources = Field(default_factory=MergeResources)
+    """CPU, memory and GPU of the merge/evaluation Job."""
     node_selector: dict[str, Annotated[str, Field(max_length=63, pattern=LABEL_VALUE_PATTERN)]] = (
         Field(default_factory=dict)
     )
@@ -468,11 +485,19 @@ class ResourcesSpec(_Model):
 
     @property
     def world_size(self) -> int:
+        """Training processes: one per GPU, or one per node on CPU."""
         return self.nodes * max(self.gpus_per_node, 1)
 
     @property
     def total_gpus(self) -> int:
         return self.nodes * self.gpus_per_node
+
+    @property
+    def merge_gpus(self) -> int:
+        """GPUs of the merge Job: resources.merge.gpus, else 1 on GPU runs."""
+        if self.merge.gpus is not None:
+            return self.merge.gpus
+        return min(self.gpus_per_node, 1)
 
 
 class DistributedSpec(_Model):
@@ -483,26 +508,50 @@ class DistributedSpec(_Model):
     offload: Literal["none", "cpu"] = "none"
     """Offload optimizer state (and parameters at stage 3) to CPU memory."""
 
-    @model_validator(mode="after")
-    def _offload(self) -> DistributedSpec:
-        if self.offload != "none" and self.zero_stage < 2:
-            raise SpecError(
-                "offload", f"needs zeroStage 2 or 3, got {self.zero_stage}", "set zeroStage: 2 or 3"
-            )
-        return self
 
+class SanityRung(_Model):
+    """One short gate run; unset fields take the defaults below or the run's own settings."""
 
-class SanitySpec(_Model):
-    """A short gate run before the full job: loss must fall and gradients stay sane."""
-
-    steps: int = Field(default=100, ge=2, le=100_000)
-    """Optimizer steps of the gate run."""
     gpus: int | None = Field(default=None, ge=0, le=1024)
-    """GPUs of the gate run (default: 1, or 0 for CPU runs); at most the run's GPUs."""
-    min_loss_drop: Fraction = 0.10
-    """Required relative drop of the loss from the first to the last logged steps."""
-    max_grad_norm: float = Field(default=1000.0, gt=0)
-    """Gradient norms above this fail the gate."""
+    """GPUs (= processes) of the rung: at most one node's, or whole nodes. Default: 1 (0 on CPU
+    runs). 0 runs one CPU process."""
+    steps: int | None = Field(default=None, ge=2, le=100_000)
+    """Optimizer steps of the rung. Default: 100."""
+    min_loss_drop: Fraction | None = None
+    """Required relative drop of the loss from the first to the last logged steps. Default: 0.1."""
+    max_grad_norm: float | None = Field(default=None, gt=0)
+    """Gradient norms above this fail the rung. Default: 1000."""
+    zero_stage: int | None = Field(default=None, ge=0, le=3)
+    """ZeRO stage of this rung (0: no DeepSpeed). Default: distributed.zeroStage."""
+    optimizer: Optimizer | None = None
+    """Optimizer of this rung. Default: training.optimizer."""
+    micro_batch_size: int | None = Field(default=None, ge=1, le=65536)
+    """Sequences per process per forward pass on this rung. Default: training.microBatchSize."""
+
+
+#: The defaults of a rung's own criteria (one place: the docstrings above say the same).
+RUNG_DEFAULTS = {"steps": 100, "min_loss_drop": 0.10, "max_grad_norm": 1000.0}
+
+
+class SanitySpec(SanityRung):
+    """Gates before the full run, in order: either one gate (the fields here) or a ladder of
+    rungs (seed 003: 1 GPU without DeepSpeed, then 2 with ZeRO-3, then 8). Each rung must pass
+    (loss falls, nothing NaN, gradients sane) before the next starts; the full run starts after
+    the last."""
+
+    rungs: list[SanityRung] | None = Field(default=None, min_length=1, max_length=8)
+    """The ladder, in order; exclusive with the single-gate fields."""
+
+    @staticmethod
+    def gate_fields() -> tuple[str, ...]:
+        return tuple(SanityRung.model_fields)
+
+    @property
+    def ladder(self) -> tuple[SanityRung, ...]:
+        """The rungs as written: `rungs`, or the single gate as a one-rung ladder."""
+        if self.rungs is not None:
+            return tuple(self.rungs)
+        return (SanityRung.model_validate(self.model_dump(exclude={"rungs"}, exclude_none=True)),)
 
 
 class OutputSpec(_Model):
@@ -512,10 +561,12 @@ class OutputSpec(_Model):
     """Output location: s3://bucket/prefix/, pvc://CLAIM/path or a local path (local runs)."""
     merge: bool = False
     """Merge the adapter into the full-precision base and export merged/ (adapter runs only)."""
+    max_perplexity: float | None = Field(default=None, gt=0)
+    """Fail the merge stage (exit 3) when the validation perplexity exceeds this."""
 
 
 class S3Spec(_Model):
-    """S3 (or MinIO and friends) credentials, by reference only."""
+    """S3 (or MinIO and friends) settings; credentials by reference only."""
 
     secret_name: Annotated[str, Field(max_length=253, pattern=DNS1123_SUBDOMAIN)] | None = None
     """Secret with the keys below; its values reach pods only through secretKeyRef."""
@@ -523,17 +574,33 @@ class S3Spec(_Model):
     """Key of the access key id in the Secret."""
     secret_access_key_key: Identifier = "AWS_SECRET_ACCESS_KEY"  # noqa: S105 (a key name)
     """Key of the secret access key in the Secret."""
-    endpoint: Annotated[str, Field(max_length=2048, pattern=ENDPOINT_PATTERN)] = ""
-    """Endpoint URL for S3-compatible stores (MinIO, Ceph); empty for AWS."""
+    endpoint: Endpoint = ""
+    """Endpoint URL for S3-compatible stores (MinIO, Ceph): https://…, or http://… with
+    allowInsecureEndpoint; empty for AWS. Instance-metadata addresses are refused."""
+    allow_insecure_endpoint: bool = False
+    """Allow a plain http:// endpoint (a test store on a trusted network)."""
     region: Annotated[str, Field(max_length=64, pattern=r"^[a-z0-9\-]*$")] = ""
     """Region; empty lets boto3 decide."""
 
 
+class HFSpec(_Model):
+    """The Hugging Face Hub, for hf:// models and tokenizers; the token by reference only."""
+
+    secret_name: Annotated[str, Field(max_length=253, pattern=DNS1123_SUBDOMAIN)] | None = None
+    """Secret holding the Hub token (gated and private repositories)."""
+    token_key: Identifier = "HF_TOKEN"  # noqa: S105 (a key name)
+    """Key of the token in the Secret."""
+    endpoint: Endpoint = ""
+    """Hub endpoint (a mirror), https://…; empty for huggingface.co."""
+
+
 class StorageSpec(_Model):
-    """Object storage and the shared dataset cache."""
+    """Object storage, the Hub, and the shared dataset cache."""
 
     s3: S3Spec = Field(default_factory=S3Spec)
     """S3 settings for every s3:// URI of the run."""
+    hf: HFSpec = Field(default_factory=HFSpec)
+    """Hub settings for hf:// models and tokenizers."""
     cache_root: Uri | None = None
     """Where tokenized datasets are cached by content key (share it across runs); default <output.uri>/cache."""
 
@@ -554,181 +621,39 @@ class TrainingRunSpec(_Model):
     checkpoints: CheckpointSpec = Field(default_factory=CheckpointSpec)
     """Checkpoint cadence and retention."""
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
-    """Nodes, GPUs and memory (mutable: applies at the next attempt)."""
+    """Nodes, GPUs and memory per stage (mutable: applies at the next attempt)."""
     distributed: DistributedSpec = Field(default_factory=DistributedSpec)
     """DDP or DeepSpeed ZeRO (immutable)."""
     sanity: SanitySpec | None = None
-    """Optional gate before the full run (mutable until it ran)."""
+    """Optional gates before the full run: one, or a ladder of rungs (mutable until it ran)."""
     output: OutputSpec
     """Where results go."""
     storage: StorageSpec = Field(default_factory=StorageSpec)
-    """Object storage credentials and the dataset cache."""
+    """Object storage and Hub credentials, and the dataset cache."""
     image: (
         Annotated[str, Field(max_length=512, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:@\-]*$")] | None
     ) = None
     """Trainer image; default: the operator's configured trainer image."""
     max_restarts: int = Field(default=3, ge=0, le=100)
     """Training attempts restarted after retryable failures or stalls."""
-    stall_timeout: Annotated[str, Field(pattern=DURATION_PATTERN, min_length=2)] = "15m"
+    stall_timeout: Annotated[str, Field(pattern=DURATION_PATTERN, min_length=2, max_length=32)] = (
+        "15m"
+    )
     """No step progress for this long restarts the attempt (e.g. 15m, 1h30m)."""
     queue_name: Annotated[str, Field(max_length=63, pattern=DNS1123_SUBDOMAIN)] | None = None
     """Kueue LocalQueue; sets kueue.x-k8s.io/queue-name on the jobs."""
     suspend: bool = False
     """Pause: running jobs are stopped after a checkpoint; resume by setting false."""
 
-    @model_validator(mode="after")
-    def _cross_field(self) -> TrainingRunSpec:
-        problems = cross_field_problems(self)
-        if problems:
-            raise SpecErrors(problems)
-        return self
-
-
-def _stage_formats() -> dict[str, tuple[str, ...]]:
-    return {"pretrain": ("text",), "sft": ("text", "chat"), "dpo": ("preference",)}
-
-
-STAGE_FORMATS = _stage_formats()
-
-
-def cross_field_problems(spec: TrainingRunSpec) -> list[SpecError]:
-    """Rules that span sections. Kept as data so the CRD's CEL rules and the docs can mirror them."""
-    problems: list[SpecError] = []
-    arch, tok, method = spec.model.architecture, spec.tokenizer, spec.method
-    if tok.train is not None and arch is None:
-        problems.append(
-            SpecError(
-                "tokenizer.train",
-                "is only allowed with model.architecture",
-                "remove tokenizer.train; a pretrained model brings its own tokenizer",
-            )
-        )
-    if arch is not None and tok.train is None and tok.uri is None:
-        problems.append(
-            SpecError(
-                "tokenizer",
-                "a model built from model.architecture needs a tokenizer",
-                "set tokenizer.train (e.g. {vocabSize: 8000}) or tokenizer.uri",
-            )
-        )
-    formats = STAGE_FORMATS[method.stage]
-    if spec.data.format not in formats:
-        problems.append(
-            SpecError(
-                "data.format",
-                f"{spec.data.format!r} does not fit method.stage {method.stage!r}",
-                f"use data.format: {' or '.join(formats)}",
-            )
-        )
-    if method.stage == "dpo" and arch is not None:
-        problems.append(
-            SpecError(
-                "model.architecture",
-                "stage dpo needs a trained policy, not random weights",
-                "use model.uri or model.fromRun (e.g. an SFT run)",
-            )
-        )
-    if method.stage == "pretrain" and method.adapter.type != "none":
-        problems.append(
-            SpecError(
-                "method.adapter.type",
-                "adapters fine-tune a trained model; pretraining trains all weights",
-                "use adapter.type: none for stage pretrain",
-            )
-        )
-    if arch is not None and method.adapter.type != "none":
-        problems.append(
-            SpecError(
-                "method.adapter.type",
-                "an adapter on random weights learns nothing useful",
-                "use adapter.type: none with model.architecture",
-            )
-        )
-    if arch is not None:
-        vocab = tok.train.vocab_size if tok.train is not None else None
-        if arch.vocab_size is not None and vocab is not None and arch.vocab_size < vocab:
-            problems.append(
-                SpecError(
-                    "model.architecture.vocabSize",
-                    f"{arch.vocab_size} is smaller than tokenizer.train.vocabSize {vocab}",
-                    "remove vocabSize (it follows the tokenizer) or make it at least the tokenizer's",
-                )
-            )
-        if spec.data.block_size > arch.context_length:
-            problems.append(
-                SpecError(
-                    "data.blockSize",
-                    f"{spec.data.block_size} exceeds model.architecture.contextLength "
-                    f"{arch.context_length}",
-                    "lower blockSize or raise contextLength",
-                )
-            )
-    res, dist, train = spec.resources, spec.distributed, spec.training
-    if train.optimizer.endswith(EIGHT_BIT_SUFFIX) and dist.zero_stage >= 1 and res.world_size > 1:
-        problems.append(
-            SpecError(
-                "training.optimizer",
-                f"{train.optimizer} with zeroStage {dist.zero_stage} on {res.world_size} processes: "
-                "bitsandbytes optimizer state is not sharded by DeepSpeed",
-                "use adamw_torch, or zeroStage: 0",
-            )
-        )
-    if train.precision == "fp16" and res.gpus_per_node == 0:
-        problems.append(
-            SpecError(
-                "training.precision",
-                "fp16 needs a GPU (gpusPerNode is 0)",
-                "use bf16 or fp32 on CPU",
-            )
-        )
-    if spec.sanity is not None and spec.sanity.gpus is not None:
-        if spec.sanity.gpus > res.total_gpus:
-            problems.append(
-                SpecError(
-                    "sanity.gpus",
-                    f"{spec.sanity.gpus} exceeds the run's {res.total_gpus} GPUs",
-                    f"use at most {res.total_gpus}",
-                )
-            )
-        elif spec.sanity.gpus > res.gpus_per_node:
-            problems.append(
-                SpecError(
-                    "sanity.gpus",
-                    f"{spec.sanity.gpus} exceeds gpusPerNode {res.gpus_per_node}: the gate runs "
-                    "in one pod on one node",
-                    f"use at most {res.gpus_per_node}",
-                )
-            )
-    if spec.output.merge and method.adapter.type == "none":
-        problems.append(
-            SpecError(
-                "output.merge",
-                "there is no adapter to merge (method.adapter.type is none)",
-                "remove output.merge, or train an adapter (lora or qlora)",
-            )
-        )
-    if spec.output.merge and spec.model.quantized:
-        problems.append(
-            SpecError(
-                "output.merge",
-                "the base at model.uri is declared quantized; merging into a 4-bit "
-                "base corrupts the model",
-                "point model.uri at the full-precision base",
-            )
-        )
-    if method.adapter.type == "qlora" and train.precision == "fp32" and res.gpus_per_node > 0:
-        problems.append(
-            SpecError(
-                "training.precision",
-                "qlora computes in bf16 or fp16 on GPUs",
-                "use bf16",
-            )
-        )
-    return problems
+    def uses_hub(self) -> bool:
+        """True when a model or tokenizer comes from the Hugging Face Hub (hf://)."""
+        uris = (self.model.uri, self.tokenizer.uri)
+        return any(u is not None and u.startswith("hf://") for u in uris)
 
 
 class ObjectMeta(BaseModel):
-    """The parts of metadata kubetrain reads; the rest passes through."""
+    """The parts of metadata kubetrain reads; the rest passes through (the name's rules are in
+    rules.py, with the others)."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
@@ -738,21 +663,6 @@ class ObjectMeta(BaseModel):
     annotations: dict[str, str] = Field(default_factory=dict)
     uid: str | None = None
     generation: int | None = None
-
-    @field_validator("name")
-    @classmethod
-    def _dns1035(cls, value: str) -> str:
-        if len(value) > MAX_NAME_LENGTH:
-            raise ValueError(
-                f"{len(value)} characters is too long: child objects append suffixes — "
-                f"use at most {MAX_NAME_LENGTH}"
-            )
-        if not re.match(DNS1035, value):
-            raise ValueError(
-                "must be a DNS-1035 label (lower-case letters, digits and '-', starting with a "
-                "letter) — rename the run"
-            )
-        return value
 
 
 class TrainingRun(BaseModel):
@@ -771,13 +681,10 @@ class TrainingRun(BaseModel):
         return self.metadata.name
 
     @model_validator(mode="after")
-    def _not_itself(self) -> TrainingRun:
-        if self.spec.model.from_run == self.metadata.name:
-            raise SpecError(
-                "spec.model.fromRun",
-                "names this run itself",
-                "name the run whose output this run starts from",
-            )
+    def _rules(self) -> TrainingRun:
+        found = rules.problems(self)
+        if found:
+            raise SpecErrors([SpecError(path, message) for path, message in found])
         return self
 
 
@@ -798,7 +705,7 @@ def problems_from(error: ValidationError) -> list[Problem]:
     for err in error.errors(include_url=False):
         ctx_error = (err.get("ctx") or {}).get("error")
         base = _loc(tuple(err["loc"]), "")
-        if isinstance(ctx_error, SpecErrors | SpecError):
+        if isinstance(ctx_error, SpecError):
             found = ctx_error.errors if isinstance(ctx_error, SpecErrors) else [ctx_error]
             lines = [
                 (_join(base, e.path), e.problem + (f" — {e.fix}" if e.fix else "")) for e in found
@@ -878,11 +785,59 @@ def _friendly(err: Any) -> str:
 
 
 def parse_run(document: Any) -> TrainingRun:
-    """Validate a TrainingRun document; raises :class:`InvalidRun` with every problem."""
+    """Validate a TrainingRun document; raises :class:`InvalidRun` with every problem.
+
+    Field errors stop pydantic before the rules run, so on a field error the rules are evaluated
+    here on the sections that did parse: one pass reports both kinds.
+    """
     try:
         return TrainingRun.model_validate(document)
     except ValidationError as error:
-        raise InvalidRun(problems_from(error)) from None
+        problems = problems_from(error)
+        if not any(_is_rule_error(e) for e in error.errors(include_url=False)):
+            seen = {(p.path, p.message) for p in problems}
+            for path, message in _rules_on_valid_sections(document):
+                if (path, message) not in seen:
+                    problems.append(Problem(path, message))
+        raise InvalidRun(problems) from None
+
+
+def _is_rule_error(err: Any) -> bool:
+    return isinstance((err.get("ctx") or {}).get("error"), SpecError)
+
+
+@functools.cache
+def _section_adapter(name: str) -> TypeAdapter[Any]:
+    info = TrainingRunSpec.model_fields[name]
+    annotation: Any = info.annotation
+    return TypeAdapter(Annotated[annotation, *info.metadata] if info.metadata else annotation)
+
+
+def _rules_on_valid_sections(document: Any) -> list[tuple[str, str]]:
+    """The rules over whatever parses of a document that has field errors elsewhere."""
+    if not isinstance(document, dict) or not isinstance(document.get("spec"), dict):
+        return []
+    raw, valid, sections = document["spec"], set(), {}
+    for name, info in TrainingRunSpec.model_fields.items():
+        wire = info.alias or name
+        try:
+            if wire in raw:
+                value = _section_adapter(name).validate_python(raw[wire])
+            elif not info.is_required():
+                value = info.get_default(call_default_factory=True)
+            else:
+                continue
+        except ValidationError:
+            continue
+        sections[name] = value
+        valid.add(wire)
+    metadata = document.get("metadata")
+    meta = None
+    if isinstance(metadata, dict) and isinstance(metadata.get("name"), str):
+        meta = ObjectMeta.model_validate({"name": metadata["name"]})
+        valid.add("metadata")
+    root = SimpleNamespace(metadata=meta, spec=TrainingRunSpec.model_construct(**sections))
+    return rules.problems(root, frozenset(valid))
 
 
 class InvalidRun(ValueError):

@@ -1,130 +1,133 @@
 """`kubetrain`: validate, render and run TrainingRuns; print the CRD.
 
-    kubetrain validate examples/*.yaml          # exit 0 when all are valid, 2 otherwise
-    kubetrain render examples/tulu-dpo.yaml -n ml   # every object of every stage, as YAML
+    kubetrain validate examples/*.yaml                  # builds each plan too: what render refuses
+    kubetrain render examples/tulu-dpo.yaml -n ml | kubectl apply -f -
+    kubetrain render -f - -o json < run.yaml            # `-` (or -f -) reads stdin
     kubetrain crd | kubectl apply -f -
-    kubetrain run examples/tinystories-cpu.yaml # the whole plan locally (needs the trainer extra)
+    kubetrain run examples/tinystories-cpu.yaml         # the whole plan locally (trainer extra)
 
+Exit codes (documented in docs/cli.md; 2 stays argparse's usage error):
+    0 done · 1 invalid input (a TrainingRun, or data a stage refused) · 2 usage error ·
+    3 unhealthy training (NaN/Inf loss, a failed sanity rung, perplexity above maxPerplexity) ·
+    4 a stage failed otherwise (see its log; running again resumes) ·
+    143 stopped by Ctrl-C after a checkpoint (running again resumes).
+
+Problems go to stderr, one per line: `FILE: field.path: problem — what to do`; objects to stdout.
 validate, render and crd import neither torch nor the Kubernetes client: they stay fast.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from kubetrain_operator.api import KIND, InvalidRun, Problem, SpecError, TrainingRun, parse_run
-from kubetrain_operator.plan import plan_run, upstream_model_uri
+from kubetrain_operator import __version__
+from kubetrain_operator import exit_codes as codes
+from kubetrain_operator.api import SpecError, SpecErrors, TrainingRun
+from kubetrain_operator.documents import STDIN, Loaded, load_runs, resolve_upstream
+from kubetrain_operator.plan import Plan, Target, plan_run
 from kubetrain_operator.render import DEFAULT_IMAGE, render_all
 
-EXIT_INVALID = 2
+EXIT_OK, EXIT_INVALID, EXIT_USAGE = codes.OK, codes.INVALID, codes.USAGE
 
 
-@dataclass(frozen=True)
-class Loaded:
-    """A TrainingRun document read from a file, or the problems that stopped it."""
-
-    file: Path
-    run: TrainingRun | None
-    problems: tuple[Problem, ...] = ()
+def problem(file: Path, text: object) -> None:
+    """One problem line on stderr."""
+    print(f"{file}: {text}", file=sys.stderr)
 
 
-def load_runs(path: Path) -> Iterator[Loaded]:
-    """Every TrainingRun in a (multi-document) YAML file; other kinds are reported."""
-    try:
-        documents = list(yaml.safe_load_all(path.read_text(encoding="utf-8")))
-    except OSError as error:
-        problem = f"cannot read: {error.strerror} — check the path"
-        yield Loaded(path, None, (Problem("(file)", problem),))
-        return
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark is not None else "(file)"
-        reason = getattr(error, "problem", None) or str(error)
-        yield Loaded(path, None, (Problem(where, f"invalid YAML: {reason} — fix the syntax"),))
-        return
-    documents = [d for d in documents if d is not None]
-    if not documents:
-        yield Loaded(path, None, (Problem("(file)", f"no {KIND} found — the file is empty"),))
-    for document in documents:
-        if not isinstance(document, dict) or document.get("kind") != KIND:
-            kind = document.get("kind") if isinstance(document, dict) else type(document).__name__
-            problem = f"expected {KIND}, got {kind!r} — remove the document or check its kind"
-            yield Loaded(path, None, (Problem("kind", problem),))
-            continue
-        try:
-            yield Loaded(path, parse_run(document))
-        except InvalidRun as error:
-            yield Loaded(path, None, tuple(error.problems))
+def _files(args: argparse.Namespace) -> list[Path]:
+    files = [*args.files, *args.filename]
+    if not files:
+        raise SystemExit(_usage(args, "give at least one FILE (or - / -f - for stdin)"))
+    if files.count(STDIN) > 1:
+        raise SystemExit(_usage(args, "stdin (-) can be read once"))
+    return files
 
 
-def resolve_upstream(run: TrainingRun, file: Path, others: list[Loaded]) -> str | None:
-    """The model URI a `fromRun` chain starts from: the named run among the given files, else in
-    the same directory — as the operator would find it in the namespace."""
-    name = run.spec.model.from_run
-    if name is None:
+def _usage(args: argparse.Namespace, message: str) -> int:
+    args.parser.print_usage(sys.stderr)
+    print(f"{args.parser.prog}: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def plan_document(item: Loaded, loaded: list[Loaded], target: Target) -> Plan | None:
+    """The item's plan for a target, or None after printing why there is none."""
+    for text in item.problems:
+        problem(item.file, text)
+    if item.run is None:
         return None
-    candidates = [o.run for o in others if o.run is not None]
-    if not any(r.name == name for r in candidates):
-        for sibling in sorted(file.parent.glob("*.y*ml")):
-            if sibling.resolve() != file.resolve():
-                candidates += [o.run for o in load_runs(sibling) if o.run is not None]
-    for candidate in candidates:
-        if candidate.name == name:
-            return upstream_model_uri(candidate)
-    raise SpecError(
-        "spec.model.fromRun",
-        f"run {name!r} is not in the given files nor in {file.parent}/",
-        "pass its file too",
-    )
+    try:
+        upstream = resolve_upstream(item.run, item.file, loaded)
+        return plan_run(item.run, target=target, upstream_model=upstream)
+    except SpecError as error:
+        for each in error.errors if isinstance(error, SpecErrors) else [error]:
+            problem(item.file, each)
+        return None
+
+
+def _plans(args: argparse.Namespace) -> tuple[list[tuple[TrainingRun, Plan]], bool]:
+    loaded = [item for file in _files(args) for item in load_runs(file)]
+    plans, failed = [], False
+    for item in loaded:
+        plan = plan_document(item, loaded, args.target)
+        if plan is None or item.run is None:
+            failed = True
+            continue
+        plans.append((item.run, plan))
+    return plans, failed
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    bad = 0
-    for file in args.files:
-        for loaded in load_runs(file):
-            for problem in loaded.problems:
-                print(f"{file}: {problem}")
-            bad += bool(loaded.problems)
-    if not bad:
-        print(f"{len(args.files)} file(s) valid", file=sys.stderr)
-    return EXIT_INVALID if bad else 0
+    """Parse every run and build its plan: what render or run would refuse, validate refuses."""
+    plans, failed = _plans(args)
+    if failed:
+        return EXIT_INVALID
+    print(f"{len(plans)} TrainingRun(s) valid for the {args.target}", file=sys.stderr)
+    return EXIT_OK
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    loaded = [item for file in args.files for item in load_runs(file)]
-    objects: list[dict[str, Any]] = []
-    failed = False
-    for item in loaded:
-        for problem in item.problems:
-            print(f"{item.file}: {problem}", file=sys.stderr)
-            failed = True
-        if item.run is None:
-            continue
-        try:
-            plan = plan_run(item.run, upstream_model=resolve_upstream(item.run, item.file, loaded))
-        except SpecError as error:
-            print(f"{item.file}: {error}", file=sys.stderr)
-            failed = True
-            continue
-        objects += render_all(item.run, plan, namespace=args.namespace, image=args.image)
+    plans, failed = _plans(args)
     if failed:
         return EXIT_INVALID
-    sys.stdout.write(yaml.safe_dump_all(objects, sort_keys=False, width=100))
-    return 0
+    objects: list[dict[str, Any]] = []
+    for run, plan in plans:
+        objects += render_all(run, plan, args.namespace, image=args.image)
+    sys.stdout.write(dump(objects, args.output))
+    return EXIT_OK
 
 
-def cmd_crd(_: argparse.Namespace) -> int:
-    from kubetrain_operator.crd import crd_yaml
+class _BlockDumper(yaml.SafeDumper):
+    """Multi-line strings (the ConfigMap's JSON) in block style, so they stay readable."""
 
-    sys.stdout.write(crd_yaml())
-    return 0
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_BlockDumper.add_representer(str, _str)
+
+
+def dump(objects: list[dict[str, Any]], output: str) -> str:
+    """YAML documents, or one JSON `List` (what `kubectl get -o json` prints for many)."""
+    if output == "json":
+        listing = {"apiVersion": "v1", "kind": "List", "items": objects}
+        return json.dumps(listing, indent=2) + "\n"
+    return yaml.dump_all(objects, Dumper=_BlockDumper, sort_keys=False, width=100)
+
+
+def cmd_crd(args: argparse.Namespace) -> int:
+    from kubetrain_operator.crd import build_crd, crd_yaml
+
+    sys.stdout.write(crd_yaml() if args.output == "yaml" else dump([build_crd()], "json"))
+    return EXIT_OK
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -133,32 +136,68 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run_locally(args)
 
 
+def _add_files(p: argparse.ArgumentParser) -> None:
+    p.add_argument("files", nargs="*", type=Path, metavar="FILE", help="run files; - is stdin")
+    p.add_argument(
+        "-f",
+        "--filename",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="FILE",
+        help="a run file, as kubectl takes it (repeatable; -f - reads stdin)",
+    )
+
+
+def _add_output(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-o", "--output", choices=["yaml", "json"], default="yaml")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="kubetrain", description="Declarative LLM training on Kubernetes."
+        prog="kubetrain",
+        description="Declarative LLM training on Kubernetes.",
+        epilog="exit codes: 0 done, 1 invalid input, 2 usage error, 3 unhealthy training, "
+        "4 a stage failed, 143 stopped after a checkpoint",
     )
+    parser.add_argument("--version", action="version", version=f"kubetrain {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("validate", help="check TrainingRun files; exit 2 on any problem")
-    p.add_argument("files", nargs="+", type=Path, metavar="FILE")
-    p.set_defaults(func=cmd_validate)
-    p = sub.add_parser("render", help="print every Kubernetes object of every stage as YAML")
-    p.add_argument("files", nargs="+", type=Path, metavar="FILE")
-    p.add_argument("-n", "--namespace", default="default")
-    p.add_argument("--image", default=DEFAULT_IMAGE, help="trainer image (spec.image wins)")
-    p.set_defaults(func=cmd_render)
-    p = sub.add_parser("crd", help="print the TrainingRun CustomResourceDefinition")
-    p.set_defaults(func=cmd_crd)
     p = sub.add_parser(
-        "run", help="run the whole plan locally: preprocess → sanity → train → merge"
+        "validate", help="check TrainingRun files and build their plans; exit 1 on any problem"
     )
-    p.add_argument("file", type=Path, metavar="FILE")
+    _add_files(p)
+    p.add_argument(
+        "--target",
+        choices=["cluster", "local"],
+        default="cluster",
+        help="validate for a cluster (render, the operator) or for `kubetrain run`",
+    )
+    p.set_defaults(func=cmd_validate, parser=p)
+    p = sub.add_parser("render", help="print every Kubernetes object of every stage")
+    _add_files(p)
+    p.add_argument(
+        "-n",
+        "--namespace",
+        default=None,
+        help="set metadata.namespace (default: none, so kubectl apply -n NS works)",
+    )
+    p.add_argument("--image", default=DEFAULT_IMAGE, help="trainer image (spec.image wins)")
+    _add_output(p)
+    p.set_defaults(func=cmd_render, parser=p, target="cluster")
+    p = sub.add_parser("crd", help="print the TrainingRun CustomResourceDefinition")
+    _add_output(p)
+    p.set_defaults(func=cmd_crd, parser=p)
+    p = sub.add_parser(
+        "run", help="run the whole plan locally: preprocess → sanity rungs → train → merge"
+    )
+    p.add_argument("file", type=Path, metavar="FILE", help="the run file; - is stdin")
     p.add_argument("--workdir", type=Path, default=None, help="default: runs/<name>")
     p.add_argument("--nproc", type=int, default=None, help="processes for training (torchrun)")
     p.add_argument(
         "--stage",
-        choices=["preprocess", "sanity", "train", "merge"],
         default=None,
-        help="run only this stage",
+        metavar="STAGE",
+        help="run only this stage: preprocess, sanity-<i>, train or merge",
     )
     p.add_argument("--cache-dir", type=Path, default=None, help="dataset cache (default: spec)")
     p.add_argument(
@@ -167,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="serve each stage's Prometheus metrics here (default: a free port)",
     )
-    p.set_defaults(func=cmd_run)
+    p.set_defaults(func=cmd_run, parser=p)
     return parser
 
 

@@ -14,20 +14,17 @@ a test fails when the committed file is stale (`make crd` rewrites it). The spec
   shows what the run really uses; empty lists and maps get no default (absent means empty);
 - a description on every field and every object, from the model's docstrings. Generation fails
   when one is missing: `kubectl explain trainingrun.spec.…` is the user's manual;
-- `data.train` / `data.validation` are "one URI or a list" (`x-kubetrain-one-or-many` in the
-  model's schema). A structural schema cannot say "a string or a list of strings" (`type` may not
-  appear inside `anyOf`), and neither can CEL: the API server does not expose an untyped
-  `x-kubernetes-preserve-unknown-fields` node to CEL at all (`SchemaDeclType` in
-  k8s.io/apiserver/pkg/cel/common/schemas.go returns nil for it, and a CRD with a rule there is
-  refused: "failed to retrieve type information for x-kubernetes-validations"). So these two
-  fields are untyped here; the operator checks their shape (`api.parse_run` → `InvalidSpec`).
-  They are still immutable: `self == oldSelf` on `data` compares unreadable fields too.
+- URI strings (`api.Uri`, `api.ModelUri`, `api.Endpoint`, marked `x-kubetrain-uri` in the
+  model's schema) get their kind's field rules (`rules.FIELD_RULES`) as CEL; quantities are
+  `x-kubernetes-int-or-string` with the quantity pattern, as in Kubernetes.
 
-The semantic rules of `api.py` that are cheap to state in CEL are mirrored as
-`x-kubernetes-validations` (:data:`RULES`, :data:`ROOT_RULES`), so `kubectl apply` refuses the
-common mistakes before the operator sees them; the operator still re-validates everything. Rules
-rely on the API server's defaulting, which always runs before validation: a field with a default
-is never absent when a rule reads it.
+Every rule of the one table (`rules.RULES`, `rules.RUNG_RULES`) that has CEL is attached where
+it applies, so `kubectl apply` refuses what `kubetrain validate` refuses; the operator still
+re-validates everything. Rules rely on the API server's defaulting, which always runs before
+validation: a field with a default is never absent when a rule reads it. The API server compiles
+every rule when the CRD is created and exposes to CEL only typed schema nodes (apiserver
+`pkg/cel/common/schemas.go`, `SchemaDeclType`), so no rule reads an untyped node and every string
+and list a rule touches is bounded (tests/test_crd.py checks both).
 """
 
 from __future__ import annotations
@@ -43,17 +40,17 @@ from pydantic.alias_generators import to_camel
 from pydantic.json_schema import GenerateJsonSchema, NoDefault
 from pydantic_core import core_schema
 
+from kubetrain_operator import rules
 from kubetrain_operator.api import (
     API_GROUP,
     API_VERSION,
-    DNS1035,
     KIND,
     MAX_NAME_LENGTH,
     PLURAL,
-    URI_PATTERN,
-    URI_SCHEMES,
+    URI_KIND_KEY,
     TrainingRunSpec,
 )
+from kubetrain_operator.rules import IMMUTABLE_SECTIONS
 
 Schema = dict[str, Any]
 
@@ -68,11 +65,6 @@ HEADER = (
     "# Generated from operator/kubetrain_operator/api.py by `kubetrain crd`: do not edit.\n"
     "# Change the model (or crd.py) and run `make crd`; tests/test_crd.py fails when stale.\n"
 )
-
-#: Sections that are immutable once a run exists (api.md): changing them would silently change
-#: what a half-finished run means. Mutable: suspend, maxRestarts, stallTimeout, sanity, resources,
-#: queueName (and labels and annotations).
-IMMUTABLE_SECTIONS = ("model", "tokenizer", "data", "method", "training", "distributed")
 
 
 class CRDGenerationError(RuntimeError):
@@ -91,7 +83,7 @@ class _Status(BaseModel):
 
 
 class Condition(_Status):
-    """A kstatus condition (metav1.Condition shape); one per type."""
+    """A kstatus condition, shaped like metav1.Condition (all but observedGeneration required)."""
 
     type: str = Field(
         max_length=316, pattern=r"^([a-z0-9.\-]+/)?[A-Za-z]([A-Za-z0-9_.\-]*[A-Za-z0-9])?$"
@@ -99,11 +91,13 @@ class Condition(_Status):
     """Ready, Reconciling, Stalled, DataReady, SanityPassed, Succeeded, Failed, Suspended."""
     status: Literal["True", "False", "Unknown"]
     """True, False or Unknown (Unknown on the operator's first visit)."""
-    reason: str | None = Field(default=None, max_length=1024)
+    reason: str = Field(
+        min_length=1, max_length=1024, pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
+    )
     """CamelCase reason, e.g. Training, CacheHit, InvalidSpec."""
-    message: str | None = Field(default=None, max_length=32768)
-    """Human-readable details."""
-    last_transition_time: datetime | None = None
+    message: str = Field(max_length=32768)
+    """Human-readable details (may be empty)."""
+    last_transition_time: datetime
     """When status last changed (not when the condition was last written)."""
     observed_generation: int | None = Field(default=None, ge=0)
     """The metadata.generation this condition was computed from."""
@@ -202,7 +196,7 @@ class TrainingRunStatus(_Status):
 
 @dataclass(frozen=True)
 class Rule:
-    """One `x-kubernetes-validations` entry, attached at `at` (a dotted path below `spec`)."""
+    """One `x-kubernetes-validations` entry, attached at `at` (a dotted path from the root)."""
 
     at: str
     rule: str
@@ -216,231 +210,53 @@ class Rule:
         return out
 
 
-#: Rules at the root of the resource: only there can CEL see metadata.name. No fieldPath for the
-#: name rules: the schema does not declare metadata's fields, and a fieldPath must resolve in it.
-ROOT_RULES = (
-    Rule(
-        "(root)",
-        f"self.metadata.name.size() <= {MAX_NAME_LENGTH}",
-        f"metadata.name must be at most {MAX_NAME_LENGTH} characters: child objects append "
-        "suffixes — use a shorter name",
-    ),
-    Rule(
-        "(root)",
-        f"self.metadata.name.matches('{DNS1035}')",
-        "metadata.name must be a DNS-1035 label (lower-case letters, digits and '-', starting "
-        "with a letter) — rename the run",
-    ),
-    Rule(
-        "(root)",
-        "!has(self.spec.model.fromRun) || self.spec.model.fromRun != self.metadata.name",
-        "spec.model.fromRun names this run itself — name the run whose output this run starts from",
-        ".spec.model.fromRun",
-    ),
-)
+def _field_path(rule: rules.Rule) -> str | None:
+    """The rule's field relative to its node; none at the root for metadata (the schema does not
+    declare metadata's fields, and a fieldPath must resolve in it)."""
+    if not rule.field or rule.field.startswith("metadata."):
+        return None
+    return "." + rule.field
 
-_IMMUTABLE = tuple(
-    Rule(
-        name,
-        "self == oldSelf",
-        f"spec.{name} is immutable once the run exists — create a new TrainingRun instead",
-    )
-    for name in IMMUTABLE_SECTIONS
-)
 
-#: The rules of api.py's validators, in CEL. Paths below spec; "" is spec itself.
-RULES: tuple[Rule, ...] = (
-    *_IMMUTABLE,
-    Rule(
-        "model",
-        "(has(self.uri) ? 1 : 0) + (has(self.architecture) ? 1 : 0) + (has(self.fromRun) ? 1 : 0)"
-        " == 1",
-        "spec.model needs exactly one of uri, architecture and fromRun — keep one: uri for a "
-        "pretrained model, architecture to build one, fromRun to chain",
-    ),
-    Rule(
-        "model.architecture",
-        "self.hiddenSize % self.heads == 0",
-        "spec.model.architecture.heads must divide hiddenSize — choose heads so that "
-        "hiddenSize / heads is an integer",
-        ".heads",
-    ),
-    Rule(
-        "model.architecture",
-        "!has(self.kvHeads) || self.heads % self.kvHeads == 0",
-        "spec.model.architecture.kvHeads must divide heads — use a divisor of heads",
-        ".kvHeads",
-    ),
-    Rule(
-        "tokenizer",
-        "!(has(self.uri) && has(self.train))",
-        "spec.tokenizer.uri and spec.tokenizer.train are mutually exclusive — keep one of them",
-    ),
-    Rule(
-        "data",
-        "!has(self.validation) || self.validationFraction == 0.0",
-        "spec.data.validationFraction is set together with validation files — keep validation or "
-        "validationFraction, not both",
-        ".validationFraction",
-    ),
-    Rule(
-        "data",
-        "self.validationFraction < 1.0",
-        "spec.data.validationFraction must be below 1 — use e.g. 0.01",
-        ".validationFraction",
-    ),
-    Rule(
-        "data",
-        "!has(self.chatTemplate) || self.format != 'text'",
-        "spec.data.chatTemplate applies to chat and preference data only — remove it",
-        ".chatTemplate",
-    ),
-    Rule(
-        "method",
-        "!has(self.dpo) || self.stage == 'dpo'",
-        "spec.method.dpo is set but stage is not dpo — remove it or use stage: dpo",
-        ".dpo",
-    ),
-    Rule(
-        "training",
-        "!(has(self.epochs) && has(self.maxSteps))",
-        "spec.training.epochs is set together with maxSteps — keep one of them",
-        ".epochs",
-    ),
-    Rule(
-        "distributed",
-        "self.offload == 'none' || self.zeroStage >= 2",
-        "spec.distributed.offload needs zeroStage 2 or 3 — set zeroStage: 2 or 3",
-        ".offload",
-    ),
-    # cross-field rules (api.cross_field_problems), on spec so they see every section
-    Rule(
-        "",
-        "!has(self.tokenizer.train) || has(self.model.architecture)",
-        "spec.tokenizer.train is only allowed with model.architecture — remove tokenizer.train; "
-        "a pretrained model brings its own tokenizer",
-        ".tokenizer.train",
-    ),
-    Rule(
-        "",
-        "!has(self.model.architecture) || has(self.tokenizer.train) || has(self.tokenizer.uri)",
-        "a model built from spec.model.architecture needs a tokenizer — set tokenizer.train "
-        "(e.g. {vocabSize: 8000}) or tokenizer.uri",
-        ".tokenizer",
-    ),
-    Rule(
-        "",
-        "self.method.stage == 'pretrain' ? self.data.format == 'text' : "
-        "self.method.stage == 'sft' ? self.data.format in ['text', 'chat'] : "
-        "self.data.format == 'preference'",
-        "spec.data.format does not fit method.stage — pretrain takes text, sft text or chat, "
-        "dpo preference",
-        ".data.format",
-    ),
-    Rule(
-        "",
-        "self.method.stage != 'dpo' || !has(self.model.architecture)",
-        "stage dpo needs a trained policy, not random weights from spec.model.architecture — use "
-        "model.uri or model.fromRun (e.g. an SFT run)",
-        ".model.architecture",
-    ),
-    Rule(
-        "",
-        "self.method.stage != 'pretrain' || self.method.adapter.type == 'none'",
-        "spec.method.adapter: adapters fine-tune a trained model; pretraining trains all weights — "
-        "use adapter.type: none for stage pretrain",
-        ".method.adapter.type",
-    ),
-    Rule(
-        "",
-        "!has(self.model.architecture) || self.method.adapter.type == 'none'",
-        "spec.method.adapter: an adapter on random weights learns nothing useful — use "
-        "adapter.type: none with model.architecture",
-        ".method.adapter.type",
-    ),
-    Rule(
-        "",
-        "!has(self.model.architecture) || !has(self.model.architecture.vocabSize) || "
-        "!has(self.tokenizer.train) || "
-        "self.model.architecture.vocabSize >= self.tokenizer.train.vocabSize",
-        "spec.model.architecture.vocabSize is smaller than tokenizer.train.vocabSize — remove "
-        "vocabSize (it follows the tokenizer) or make it at least the tokenizer's",
-        ".model.architecture.vocabSize",
-    ),
-    Rule(
-        "",
-        "!has(self.model.architecture) || "
-        "self.data.blockSize <= self.model.architecture.contextLength",
-        "spec.data.blockSize exceeds model.architecture.contextLength — lower blockSize or raise "
-        "contextLength",
-        ".data.blockSize",
-    ),
-    Rule(
-        "",
-        "!self.training.optimizer.endsWith('_8bit') || self.distributed.zeroStage == 0 || "
-        "self.resources.nodes * "
-        "(self.resources.gpusPerNode > 0 ? self.resources.gpusPerNode : 1) == 1",
-        "spec.training.optimizer: 8-bit optimizer state is not sharded by DeepSpeed ZeRO on more "
-        "than one process — use adamw_torch, or zeroStage: 0",
-        ".training.optimizer",
-    ),
-    Rule(
-        "",
-        "self.training.precision != 'fp16' || self.resources.gpusPerNode > 0",
-        "spec.training.precision fp16 needs a GPU (resources.gpusPerNode is 0) — use bf16 or "
-        "fp32 on CPU",
-        ".training.precision",
-    ),
-    Rule(
-        "",
-        "!has(self.sanity) || !has(self.sanity.gpus) || "
-        "self.sanity.gpus <= self.resources.nodes * self.resources.gpusPerNode",
-        "spec.sanity.gpus exceeds the run's GPUs (nodes × gpusPerNode) — use at most that many",
-        ".sanity.gpus",
-    ),
-    Rule(
-        "",
-        "!has(self.sanity) || !has(self.sanity.gpus) || "
-        "self.sanity.gpus <= self.resources.gpusPerNode",
-        "spec.sanity.gpus exceeds resources.gpusPerNode: the gate runs in one pod on one node — "
-        "use at most gpusPerNode",
-        ".sanity.gpus",
-    ),
-    Rule(
-        "",
-        "!self.output.merge || self.method.adapter.type != 'none'",
-        "spec.output.merge: there is no adapter to merge (method.adapter.type is none) — remove "
-        "output.merge, or train an adapter (lora or qlora)",
-        ".output.merge",
-    ),
-    Rule(
-        "",
-        "!self.output.merge || !self.model.quantized",
-        "spec.output.merge: the base at model.uri is declared quantized and merging into a 4-bit "
-        "base corrupts the model — point model.uri at the full-precision base",
-        ".output.merge",
-    ),
-    Rule(
-        "",
-        "self.method.adapter.type != 'qlora' || self.training.precision != 'fp32' || "
-        "self.resources.gpusPerNode == 0",
-        "spec.training.precision: qlora computes in bf16 or fp16 on GPUs — use bf16",
-        ".training.precision",
-    ),
-)
+def cel_rules() -> tuple[Rule, ...]:
+    """Every rule of the table that CEL can state, plus the immutability (transition) rules."""
+    out = [
+        Rule(
+            f"spec.{name}",
+            "self == oldSelf",
+            f"spec.{name} is immutable once the run exists — create a new TrainingRun instead",
+        )
+        for name in IMMUTABLE_SECTIONS
+    ]
+    for rule in rules.RULES:
+        if rule.cel is not None:
+            out.append(Rule(rule.at, rule.cel, rule.text, _field_path(rule)))
+    for rung in rules.RUNG_RULES:
+        for text, field_path in rung.cel_rules():
+            message = f"spec{field_path}: {rung.message} — {rung.fix}"
+            out.append(Rule("spec", text, message, field_path))
+    return tuple(out)
 
-#: On every URI field (api.Uri, recognised by its pattern): api.check_uri's scheme allowlist. The
-#: items of data.train/validation cannot carry it (see the module docstring).
-URI_SCHEME_RULE = Rule(
+
+#: On every quantity (int-or-string): what api.Quantity refuses beyond the pattern.
+QUANTITY_RULE = Rule(
     "",
-    "!self.matches('^[A-Za-z][A-Za-z0-9+.-]*://') || "
-    f"self.matches('^({'|'.join(URI_SCHEMES)})://')",
-    "the URI scheme is not supported — use "
-    f"{', '.join(s + '://' for s in URI_SCHEMES)} or a local path",
+    "type(self) == string || self >= 0",
+    "a quantity cannot be negative — write e.g. 8 or 48Gi",
 )
+
+
+def field_rules(kind: str) -> tuple[Rule, ...]:
+    """The CEL rules on every string of a URI kind (rules.FIELD_RULES)."""
+    return tuple(Rule("", r.cel, f"{r.message} — {r.fix}") for r in rules.FIELD_RULES[kind])
+
 
 #: Kubernetes list semantics the model states in Python: duplicates are refused by the API server.
-LIST_TYPES = {"tokenizer.train.specialTokens": "set"}
+LIST_TYPES = {
+    "spec.tokenizer.train.specialTokens": "set",
+    "spec.data.train": "set",
+    "spec.data.validation": "set",
+}
 
 
 # ------------------------------------------------------------------------ JSON schema → structural
@@ -484,9 +300,11 @@ _ORDER = (
     "properties",
     "required",
     "additionalProperties",
+    "anyOf",
     "x-kubernetes-list-type",
     "x-kubernetes-list-map-keys",
     "x-kubernetes-map-type",
+    "x-kubernetes-int-or-string",
     "x-kubernetes-preserve-unknown-fields",
     "x-kubernetes-validations",
 )
@@ -529,15 +347,13 @@ def _structural(node: Schema, defs: Schema, where: str, *, is_field: bool = True
     node = _resolve(node, defs, where)
     node.pop("title", None)
     description = node.get("description")
+    if description:
+        node["description"] = description = " ".join(description.split())
     if (is_field or node.get("type") == "object") and not description:
         raise CRDGenerationError(
             f"{where} has no description — add a docstring under the field (or the class) in api.py"
         )
-    if node.pop("x-kubetrain-one-or-many", False):
-        return {
-            "description": f"{description} (A string or a list of strings.)",
-            "x-kubernetes-preserve-unknown-fields": True,
-        }
+    uri_kind = node.pop(URI_KIND_KEY, None)
     out: Schema = {}
     if description:
         out["description"] = description
@@ -570,7 +386,19 @@ def _structural(node: Schema, defs: Schema, where: str, *, is_field: bool = True
             # `false` is what the API server does anyway (prune / strict field validation)
         else:
             raise CRDGenerationError(f"{where}: JSON schema key {key!r} has no CRD equivalent")
-    if "type" not in out and not out.get("x-kubernetes-preserve-unknown-fields"):
+    if out.get("x-kubernetes-int-or-string"):
+        # the one anyOf a structural schema allows; negative integers are no quantity
+        out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+        out["x-kubernetes-validations"] = [QUANTITY_RULE.render()]
+    if out.get("type") == "string" and "enum" in out and "maxLength" not in out:
+        # CEL's cost estimate reads maxLength, not the enum: bound it by the longest value.
+        out["maxLength"] = max(len(str(v)) for v in out["enum"])
+    if uri_kind is not None:
+        out["x-kubernetes-validations"] = [r.render() for r in field_rules(uri_kind)]
+    untyped_ok = out.get("x-kubernetes-preserve-unknown-fields") or out.get(
+        "x-kubernetes-int-or-string"
+    )
+    if "type" not in out and not untyped_ok:
         raise CRDGenerationError(f"{where} has no type — a structural schema needs one")
     return _ordered(out)
 
@@ -611,25 +439,8 @@ def _attach(schema: Schema, at: str, key: str, value: Any) -> None:
 
 
 def spec_schema() -> Schema:
-    """`spec`: the model's schema, structural, with the CEL rules and list types attached."""
-    schema = _model_schema(TrainingRunSpec, "spec")
-    for at, list_type in LIST_TYPES.items():
-        _attach(schema, at, "x-kubernetes-list-type", list_type)
-    for rule in RULES:
-        _attach(schema, rule.at, "x-kubernetes-validations", rule.render())
-    for uri in _uri_nodes(schema):
-        _attach(uri, "", "x-kubernetes-validations", URI_SCHEME_RULE.render())
-    return schema
-
-
-def _uri_nodes(node: Schema) -> list[Schema]:
-    """Every string node that is an api.Uri, in schema order."""
-    found = [node] if node.get("type") == "string" and node.get("pattern") == URI_PATTERN else []
-    for child in node.get("properties", {}).values():
-        found += _uri_nodes(child)
-    if "items" in node:
-        found += _uri_nodes(node["items"])
-    return found
+    """`spec`: the model's schema, structural (rules are attached by :func:`open_api_schema`)."""
+    return _model_schema(TrainingRunSpec, "spec")
 
 
 def status_schema() -> Schema:
@@ -666,8 +477,11 @@ def open_api_schema() -> Schema:
             "status": status_schema(),
         },
         "required": ["spec"],
-        "x-kubernetes-validations": [rule.render() for rule in ROOT_RULES],
     }
+    for at, list_type in LIST_TYPES.items():
+        _attach(root, at, "x-kubernetes-list-type", list_type)
+    for rule in cel_rules():
+        _attach(root, rule.at, "x-kubernetes-validations", rule.render())
     return root
 
 

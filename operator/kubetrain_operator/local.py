@@ -4,7 +4,9 @@ Each stage gets its config file and runs `python -m kubetrain_trainer …` (trai
 `torchrun --standalone`), exactly the stage contract the pods use. Progress comes from the stage's
 own Prometheus endpoint — the series the operator polls — so what you see locally is what the
 dashboard shows in a cluster. Ctrl-C sends SIGTERM: the trainer checkpoints and exits 143; running
-the same command again resumes.
+the same command again resumes. The executor only consumes the plan (`plan_run(target="local")`):
+stage shape, environment and configs are the plan's. The sanity ladder runs rung by rung, each
+rung's result kept as `result-sanity-<i>.json`; a failing rung stops the run before the next.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import sys
 import threading
 import time
 import urllib.request
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -28,22 +30,34 @@ from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
-from kubetrain_operator.api import SpecError, TrainingRun
-from kubetrain_operator.plan import Plan, Stage, deepspeed_config, plan_run, stage_config_json
+from kubetrain_operator import exit_codes as codes
+from kubetrain_operator.api import SpecError
+from kubetrain_operator.documents import load_runs, resolve_upstream
+from kubetrain_operator.plan import Plan, Stage, plan_run, stage_config_json
 
-EXIT_INVALID, EXIT_TERMINATED = 2, 143
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 @dataclass(frozen=True)
 class LocalStage:
-    """A planned stage bound to this machine: its files and its process count."""
+    """A planned stage bound to this machine: its config file, log and result files."""
 
     stage: Stage
-    nproc: int
     config_file: Path
     log_file: Path
-    metrics_port: int
+
+    @property
+    def name(self) -> str:
+        return self.stage.name
+
+    @property
+    def metrics_port(self) -> int:
+        return self.stage.metrics_port
+
+    @property
+    def trainer_result(self) -> str:
+        """The name the trainer writes its result under (`result-<config stage>.json`)."""
+        return str(self.stage.config["stage"])
 
     def argv(self, workdir: Path) -> list[str]:
         args = self.stage.trainer_args(str(self.config_file), str(workdir))
@@ -54,22 +68,20 @@ class LocalStage:
             "-m",
             "torch.distributed.run",
             "--standalone",
-            f"--nproc-per-node={self.nproc}",
+            f"--nproc-per-node={self.stage.procs_per_node}",
             *args,
         ]
 
 
 def run_locally(args: argparse.Namespace) -> int:
-    """Entry point of `kubetrain run` (argparse namespace from cli.py)."""
-    from kubetrain_operator.cli import load_runs, resolve_upstream
-
+    """Entry point of `kubetrain run` (argparse namespace from cli.py); returns a CLI exit code."""
     loaded = list(load_runs(args.file))
     problems = [f"{item.file}: {p}" for item in loaded for p in item.problems]
     runs = [item.run for item in loaded if item.run is not None]
     if problems or len(runs) != 1:
         for line in problems or [f"{args.file}: expected exactly one TrainingRun"]:
             console.print(line, markup=False)
-        return EXIT_INVALID
+        return codes.INVALID
     run = runs[0]
     try:
         plan = plan_run(
@@ -78,71 +90,69 @@ def run_locally(args: argparse.Namespace) -> int:
             upstream_model=resolve_upstream(run, args.file, loaded),
             base_dir=os.getcwd(),
             cache_root=str(args.cache_dir.resolve()) if args.cache_dir else None,
+            metrics_port=args.metrics_port or _free_port(),
+            local_procs=args.nproc,
         )
     except SpecError as error:
         console.print(f"{args.file}: {error}", markup=False)
-        return EXIT_INVALID
+        return codes.INVALID
     workdir = (args.workdir or Path("runs") / run.name).resolve()
-    stages = bind_stages(run, plan, workdir, args.nproc, args.metrics_port or _free_port())
+    stages = bind_stages(plan, workdir)
     if args.stage is not None:
-        stages = [s for s in stages if s.stage.name == args.stage]
-    console.print(f"[bold]{run.name}[/]: {' → '.join(s.stage.name for s in stages)} in {workdir}")
+        stages = [s for s in stages if s.name == args.stage]
+        if not stages:
+            names = ", ".join(s.name for s in plan.stages)
+            console.print(f"--stage {args.stage}: not a stage of this run — use one of {names}")
+            return codes.USAGE
+    console.print(f"[bold]{run.name}[/]: {' → '.join(s.name for s in stages)} in {workdir}")
     for local in stages:
-        if local.stage.name == "sanity" and _already_passed(local, workdir):
-            console.print("sanity: passed before with the same config — skipped")
+        console.print(f"{local.name}: {local.stage.summary}", markup=False)
+        if local.stage.rung is not None and _already_passed(local, workdir):
+            console.print(f"{local.name}: passed before with the same config — skipped")
             continue
         code = run_stage(local, workdir)
         if code != 0:
             _explain_failure(local, code, workdir)
-            return code
-        if local.stage.name == "sanity":
-            _passed_marker(workdir).write_text(_sha256(local.config_file), encoding="utf-8")
+            return codes.from_stage(code)
+        if local.stage.rung is not None:
+            _passed_marker(workdir, local).write_text(_sha256(local.config_file), encoding="utf-8")
     _print_outputs(plan, workdir)
-    return 0
+    return codes.OK
 
 
-def bind_stages(
-    run: TrainingRun, plan: Plan, workdir: Path, nproc: int | None, port: int
-) -> list[LocalStage]:
-    """Write each stage's config under <workdir>/configs; training uses `nproc` processes
-    (default: the spec's GPUs per node, one process on CPU) with a DeepSpeed config to match;
-    every stage serves its metrics on `port`, one stage at a time."""
+def bind_stages(plan: Plan, workdir: Path) -> list[LocalStage]:
+    """Write each stage's config under <workdir>/configs (rewritten only when it changed)."""
     (workdir / "configs").mkdir(parents=True, exist_ok=True)
     (workdir / "logs").mkdir(parents=True, exist_ok=True)
     bound = []
     for stage in plan.stages:
-        procs = 1
-        if stage.distributed:
-            procs = nproc or (stage.procs_per_node if stage.name == "train" else 1)
-            config = {
-                **stage.config,
-                "distributed": {
-                    **stage.config["distributed"],
-                    "worldSize": procs,
-                    "deepspeed": deepspeed_config(run.spec, procs),
-                },
-            }
-            stage = replace(stage, config=config, nodes=1, procs_per_node=procs)
-        stage = replace(stage, config={**stage.config, "metricsPort": port})
-        config_file = workdir / "configs" / f"{stage.name}.json"
+        config_file = workdir / "configs" / stage.config_file
         new_text = stage_config_json(stage)
         if not config_file.exists() or config_file.read_text(encoding="utf-8") != new_text:
             config_file.write_text(new_text, encoding="utf-8")
-        bound.append(
-            LocalStage(stage, procs, config_file, workdir / "logs" / f"{stage.name}.log", port)
-        )
+        bound.append(LocalStage(stage, config_file, workdir / "logs" / f"{stage.name}.log"))
     return bound
+
+
+def _stage_env(stage: Stage) -> dict[str, str]:
+    """The caller's environment plus the plan's values (the caller's own settings win)."""
+    env = dict(os.environ)
+    for entry in stage.env:
+        if "value" in entry:
+            env.setdefault(str(entry["name"]), str(entry["value"]))
+    if stage.gpus_per_node == 0:
+        env.setdefault("DS_ACCELERATOR", "cpu")
+        env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
+    return env
 
 
 def run_stage(local: LocalStage, workdir: Path) -> int:
     """Run one stage to completion: stream its log, show progress, forward Ctrl-C as SIGTERM."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if local.stage.gpus_per_node == 0:
-        env.setdefault("DS_ACCELERATOR", "cpu")
-        env.setdefault("OMP_NUM_THREADS", "1")
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
-    name = local.stage.name
-    (workdir / f"result-{name}.json").unlink(missing_ok=True)  # never read a previous run's
+    env = _stage_env(local.stage)
+    name, result = local.name, local.trainer_result
+    (workdir / f"result-{result}.json").unlink(missing_ok=True)  # never read a previous run's
+    (workdir / f"result-{name}.json").unlink(missing_ok=True)
     with local.log_file.open("a", encoding="utf-8") as log, _progress(name) as progress:
         task = progress.add_task(name, total=None, detail="starting", total_steps="?")
         proc = subprocess.Popen(
@@ -158,7 +168,7 @@ def run_stage(local: LocalStage, workdir: Path) -> int:
         interrupted = False
         while proc.poll() is None:
             try:
-                _update(progress, task, name, local.metrics_port)
+                _update(progress, task, local)
                 time.sleep(0.5)
             except KeyboardInterrupt:
                 if interrupted:  # a second Ctrl-C: stop now
@@ -170,14 +180,21 @@ def run_stage(local: LocalStage, workdir: Path) -> int:
                     )
                     os.killpg(proc.pid, signal.SIGTERM)
         reader.join(timeout=5)
-        _update(progress, task, name, local.metrics_port, final=True, workdir=workdir)
+        _keep_result(workdir, result, name)
+        _update(progress, task, local, final=True, workdir=workdir)
     if proc.returncode == 0:
         return 0
     # torchrun reports any worker failure as 1: the stage's own code is in its result.
     code = _result(workdir, name).get("exitCode")
     if interrupted:
-        return EXIT_TERMINATED
+        return codes.TERMINATED
     return code if isinstance(code, int) else proc.returncode
+
+
+def _keep_result(workdir: Path, written: str, name: str) -> None:
+    """Every sanity rung writes result-sanity.json: keep each rung's as result-sanity-<i>.json."""
+    if written != name and (workdir / f"result-{written}.json").exists():
+        (workdir / f"result-{written}.json").replace(workdir / f"result-{name}.json")
 
 
 def _progress(name: str) -> Progress:
@@ -206,13 +223,13 @@ def _pump(stream: IO[str], log: IO[str], progress: Progress) -> None:
 def _update(
     progress: Progress,
     task: TaskID,
-    name: str,
-    port: int,
+    local: LocalStage,
     *,
     final: bool = False,
     workdir: Path | None = None,
 ) -> None:
     """Read the stage's metrics endpoint (or, at the end, its result file) into the bar."""
+    name, port = local.name, local.metrics_port
     if final and workdir is not None:
         result = _result(workdir, name)
         if result.get("ok"):
@@ -261,13 +278,13 @@ def _result(workdir: Path, stage: str) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _passed_marker(workdir: Path) -> Path:
-    return workdir / "sanity-passed.sha256"
+def _passed_marker(workdir: Path, local: LocalStage) -> Path:
+    return workdir / f"{local.name}-passed.sha256"
 
 
 def _already_passed(local: LocalStage, workdir: Path) -> bool:
-    """A sanity gate that passed with this exact config need not run again on a re-run."""
-    marker = _passed_marker(workdir)
+    """A sanity rung that passed with this exact config need not run again on a re-run."""
+    marker = _passed_marker(workdir, local)
     return marker.exists() and marker.read_text(encoding="utf-8") == _sha256(local.config_file)
 
 
@@ -281,10 +298,10 @@ def _sha256(path: Path) -> str:
 def _explain_failure(local: LocalStage, code: int, workdir: Path) -> None:
     result = _result(workdir, local.stage.name)
     meaning = {
-        EXIT_INVALID: "invalid config or input data — fix it, retrying will not help",
-        3: "unhealthy training (NaN/Inf loss, divergence or failed sanity gate)",
-        EXIT_TERMINATED: "stopped; a checkpoint was saved — run the same command to resume",
-    }.get(code, "unexpected failure — see the log")
+        2: "invalid config or input data — fix it, retrying will not help",
+        3: "unhealthy training (NaN/Inf loss, divergence, a failed sanity rung or perplexity)",
+        143: "stopped; a checkpoint was saved — run the same command to resume",
+    }.get(code, "unexpected failure — see the log; running the same command again resumes")
     console.print(f"[red]{local.stage.name} failed (exit {code})[/]: {meaning}")
     if result.get("error"):
         console.print(str(result["error"]), markup=False)
@@ -299,7 +316,10 @@ def _print_outputs(plan: Plan, workdir: Path) -> None:
         if path.exists():
             console.print(f"  {name + ':':<8} {path}")
     console.print(f"  dataset: {plan.dataset_pointer}")
+    rungs = ", ".join(f"result-{s.name}.json" for s in plan.sanity_stages)
     console.print(f"  results: {workdir}/result-*.json, logs: {workdir}/logs/")
+    if rungs:
+        console.print(f"  sanity:  {rungs}")
 
 
 def _free_port() -> int:

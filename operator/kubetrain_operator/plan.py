@@ -1,8 +1,14 @@
-"""A TrainingRun → its ordered stages, each with its stage config (the contract's JSON) — pure.
+"""A TrainingRun → its ordered, complete stages — pure; the final word before any executor.
 
-The stage configs are plain dicts here; the trainer validates them with `kubetrain_trainer.config`
-(a contract test loads every config this module renders). The DeepSpeed config is generated here so
-that the operator, `kubetrain render` and `kubetrain run` all hand the trainer the same one.
+Each :class:`Stage` carries everything an executor needs: the stage config (the contract's JSON,
+with the DeepSpeed config inside), its shape (nodes × processes, GPUs, world size), its resources,
+its environment (credentials only as secretKeyRef) and its metrics port. `render` (Kubernetes
+objects) and `local` (`kubetrain run`) only consume these fields: neither reads `run.spec` for a
+stage, nor rebuilds a config. Every default comes from the API model: the configs spell out each
+value, so the trainer never falls back on a default of its own (tests/test_contract.py).
+
+Stages, in order: `preprocess`; `sanity-1` … `sanity-N`, one per rung of the sanity ladder (none
+without `spec.sanity`); `train`; `merge` (merge and evaluation).
 """
 
 from __future__ import annotations
@@ -15,8 +21,12 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from kubetrain_operator.api import (
+    RUNG_DEFAULTS,
     Architecture,
+    DPOSettings,
+    SanityRung,
     SpecError,
+    SpecErrors,
     TrainingRun,
     TrainingRunSpec,
 )
@@ -26,30 +36,50 @@ METRICS_PORT = 9400
 #: Where pvc://CLAIM/path URIs are mounted in pods (render adds the volumes).
 PVC_MOUNT_ROOT = "/mnt/pvc"
 CONFIG_DIR = "/etc/kubetrain"
+#: The pods' writable working directory (an emptyDir: the root filesystem is read-only).
+WORKDIR = "/workspace"
 
-StageName = Literal["preprocess", "sanity", "train", "merge"]
 Target = Literal["cluster", "local"]
+Kind = Literal["Job", "PyTorchJob"]
+Env = dict[str, Any]
 
 
 @dataclass(frozen=True)
 class Stage:
-    """One step of a run: what it runs, on how many processes, with which config."""
+    """One step of a run, complete: what it runs, where, on how many processes, with what."""
 
-    name: StageName
+    name: str
+    """preprocess, sanity-<i> (1-based), train or merge."""
+    kind: Kind
+    """Job (one process) or PyTorchJob (torchrun on every node)."""
     config: dict[str, Any]
-    nodes: int = 1
-    procs_per_node: int = 1
-    gpus_per_node: int = 0
+    """The stage config JSON (for training: with the DeepSpeed config inside)."""
+    nodes: int
+    procs_per_node: int
+    gpus_per_node: int
+    world_size: int
+    resources: dict[str, dict[str, str]]
+    """Kubernetes requests/limits per pod (the GPU under its extended resource name)."""
+    env: tuple[Env, ...]
+    """Kubernetes env entries; credentials only as valueFrom.secretKeyRef."""
+    metrics_port: int
+    summary: str
+    """One line for humans: what the stage does and on what (shown by render and run)."""
+    rung: int | None = None
+    """The sanity rung (1-based) of a sanity stage."""
 
     @property
     def distributed(self) -> bool:
-        """Training stages run under torchrun in a PyTorchJob; the others are plain Jobs."""
-        return self.name in ("sanity", "train")
+        return self.kind == "PyTorchJob"
 
     @property
     def module_stage(self) -> str:
-        """The `python -m kubetrain_trainer <stage>` verb (sanity is a short train)."""
-        return "train" if self.name == "sanity" else self.name
+        """The `python -m kubetrain_trainer <stage>` verb (a sanity rung is a short train)."""
+        return "train" if self.rung is not None else self.name
+
+    @property
+    def config_file(self) -> str:
+        return f"{self.name}.json"
 
     def trainer_args(self, config_path: str, workdir: str) -> list[str]:
         """argv after the interpreter / torchrun: only our own strings, never user input."""
@@ -69,16 +99,28 @@ class Plan:
     """Everything a run becomes, before it touches a cluster or a process."""
 
     run: str
+    target: Target
     stages: tuple[Stage, ...]
     output_uri: str
     cache_root: str
     dataset_pointer: str
     preprocess_key: str
     """sha256 of the preprocess config minus run-specific fields: names the preprocess Job."""
-    pvc_claims: tuple[str, ...] = field(default=())
+    image: str | None = None
+    """spec.image (None: the executor's default trainer image)."""
+    queue_name: str | None = None
+    suspend: bool = False
+    shared_memory: str = "8Gi"
+    node_selector: dict[str, str] = field(default_factory=dict)
+    tolerations: tuple[dict[str, Any], ...] = ()
+    pvc_claims: tuple[str, ...] = ()
 
-    def stage(self, name: StageName) -> Stage | None:
+    def stage(self, name: str) -> Stage | None:
         return next((s for s in self.stages if s.name == name), None)
+
+    @property
+    def sanity_stages(self) -> tuple[Stage, ...]:
+        return tuple(s for s in self.stages if s.rung is not None)
 
 
 def plan_run(
@@ -88,12 +130,16 @@ def plan_run(
     upstream_model: str | None = None,
     base_dir: str | None = None,
     cache_root: str | None = None,
+    metrics_port: int = METRICS_PORT,
+    local_procs: int | None = None,
 ) -> Plan:
-    """Stages of a run.
+    """Stages of a run for a target.
 
     `upstream_model` is the output model URI of `model.fromRun` (the operator reads it from that
     run's status, `kubetrain` from its file); required for chains. Local runs resolve relative
-    paths against `base_dir` and may move the dataset cache to `cache_root`.
+    paths against `base_dir`, may move the dataset cache to `cache_root`, serve metrics on
+    `metrics_port` and train with `local_procs` processes (default: one node's GPUs, or one).
+    A cluster refuses local paths (a pod cannot read them); local runs refuse pvc://.
     """
     spec = run.spec
     if spec.model.from_run is not None and upstream_model is None:
@@ -103,56 +149,109 @@ def plan_run(
             "wait until that run has succeeded (the operator does), or pass its file too",
         )
     uris = _UriMapper(target, base_dir)
-    output = uris.map(spec.output.uri.rstrip("/"), "spec.output.uri")
-    cache_root = uris.map(
-        (cache_root or spec.storage.cache_root or f"{output}/cache").rstrip("/"),
-        "spec.storage.cacheRoot",
-    )
+    raw_output = spec.output.uri.rstrip("/")
+    output = uris.map(raw_output, "spec.output.uri")
+    raw_cache = cache_root or spec.storage.cache_root or f"{raw_output}/cache"
+    where = "spec.storage.cacheRoot" if spec.storage.cache_root else "spec.output.uri"
+    cache = uris.map(raw_cache.rstrip("/"), where if cache_root is None else "--cache-dir")
     common = {
         "apiVersion": STAGE_API_VERSION,
         "run": run.name,
-        "metricsPort": METRICS_PORT,
-        "s3": {"endpoint": spec.storage.s3.endpoint, "region": spec.storage.s3.region},
+        "metricsPort": metrics_port,
+        "s3": {
+            "endpoint": spec.storage.s3.endpoint,
+            "region": spec.storage.s3.region,
+            "allowInsecureEndpoint": spec.storage.s3.allow_insecure_endpoint,
+        },
     }
     pointer = f"{output}/dataset.json"
     model = _model_source(spec, uris, upstream_model)
-    preprocess = _preprocess_config(spec, uris, model, cache_root, pointer, common)
-    stages = [Stage("preprocess", preprocess)]
+    preprocess = _preprocess_config(spec, uris, model, cache, pointer, common)
+    shape = _Shapes(spec, target, local_procs)
+    env = _env(spec, target)
     res = spec.resources
-    if spec.sanity is not None:
-        gpus = spec.sanity.gpus if spec.sanity.gpus is not None else min(1, res.total_gpus)
+    stages = [
+        Stage(
+            "preprocess",
+            "Job",
+            preprocess,
+            *shape.single(0),
+            resources=_resources(res.preprocess.cpu, res.preprocess.memory, res.gpu_resource, 0),
+            env=env,
+            metrics_port=metrics_port,
+            summary="read, check, tokenize and pack the data on CPU (never a GPU)",
+        )
+    ]
+    for index, rung in enumerate(spec.sanity.ladder if spec.sanity else (), start=1):
+        gpus = rung.gpus if rung.gpus is not None else min(1, res.total_gpus)
+        nodes, procs, gpn, world = shape.rung(gpus)
         stages.append(
             Stage(
-                "sanity",
-                _train_config(spec, model, pointer, output, common, sanity_gpus=gpus),
-                nodes=1,
-                procs_per_node=max(gpus, 1),
-                gpus_per_node=gpus,
+                f"sanity-{index}",
+                "PyTorchJob",
+                _train_config(spec, model, pointer, output, common, world, rung=(index, rung)),
+                nodes,
+                procs,
+                gpn,
+                world,
+                resources=_resources(res.cpu, res.memory, res.gpu_resource, gpn),
+                env=env,
+                metrics_port=metrics_port,
+                summary=f"sanity rung {index}: {_steps(rung)} steps on {_on(gpus)}",
+                rung=index,
             )
         )
+    nodes, procs, gpn, world = shape.train()
     stages.append(
         Stage(
             "train",
-            _train_config(spec, model, pointer, output, common),
-            nodes=res.nodes,
-            procs_per_node=max(res.gpus_per_node, 1),
-            gpus_per_node=res.gpus_per_node,
+            "PyTorchJob",
+            _train_config(spec, model, pointer, output, common, world),
+            nodes,
+            procs,
+            gpn,
+            world,
+            resources=_resources(res.cpu, res.memory, res.gpu_resource, gpn),
+            env=env,
+            metrics_port=metrics_port,
+            summary=f"train on {nodes} node(s) × {procs} process(es)"
+            + (
+                f", DeepSpeed ZeRO-{spec.distributed.zero_stage}"
+                if spec.distributed.zero_stage
+                else ""
+            ),
         )
     )
+    uris.raise_problems()
+    merge_gpus = res.merge_gpus
     stages.append(
         Stage(
             "merge",
+            "Job",
             _merge_config(spec, model, pointer, output, common),
-            gpus_per_node=min(res.gpus_per_node, 1),
+            *shape.single(merge_gpus),
+            resources=_resources(res.merge.cpu, res.merge.memory, res.gpu_resource, merge_gpus),
+            env=env,
+            metrics_port=metrics_port,
+            summary=("merge the adapter and " if spec.output.merge else "")
+            + f"evaluate on {'1 GPU' if merge_gpus else 'CPU'}"
+            + ("" if merge_gpus or res.gpus_per_node == 0 else " (resources.merge.gpus is 0)"),
         )
     )
     return Plan(
         run=run.name,
+        target=target,
         stages=tuple(stages),
         output_uri=output,
-        cache_root=cache_root,
+        cache_root=cache,
         dataset_pointer=pointer,
         preprocess_key=_preprocess_key(preprocess),
+        image=spec.image,
+        queue_name=spec.queue_name,
+        suspend=spec.suspend,
+        shared_memory=res.shared_memory,
+        node_selector=dict(sorted(res.node_selector.items())),
+        tolerations=tuple(t.model_dump(by_alias=True, exclude_none=True) for t in res.tolerations),
         pvc_claims=tuple(sorted(uris.claims)),
     )
 
@@ -171,36 +270,138 @@ def upstream_model_uri(upstream: TrainingRun) -> str:
     return f"{spec.output.uri.rstrip('/')}/{folder}"
 
 
+def _steps(rung: SanityRung) -> int:
+    return rung.steps if rung.steps is not None else int(RUNG_DEFAULTS["steps"])
+
+
+def _on(gpus: int) -> str:
+    return "CPU (one process)" if gpus == 0 else f"{gpus} GPU(s)"
+
+
+class _Shapes:
+    """(nodes, processes per node, GPUs per node, world size) of each stage, per target."""
+
+    def __init__(self, spec: TrainingRunSpec, target: Target, local_procs: int | None) -> None:
+        self.res, self.target, self.local_procs = spec.resources, target, local_procs
+
+    def single(self, gpus: int) -> tuple[int, int, int, int]:
+        return 1, 1, gpus, 1
+
+    def rung(self, gpus: int) -> tuple[int, int, int, int]:
+        per_node = self.res.gpus_per_node
+        if gpus == 0:
+            return 1, 1, 0, 1
+        if gpus <= per_node or self.target == "local":
+            return 1, gpus, gpus, gpus
+        nodes = gpus // per_node  # the rules allow only whole nodes beyond one
+        return nodes, per_node, per_node, gpus
+
+    def train(self) -> tuple[int, int, int, int]:
+        gpus = self.res.gpus_per_node
+        procs = max(gpus, 1)
+        if self.target == "local":
+            procs = self.local_procs or procs
+            return 1, procs, gpus, procs
+        return self.res.nodes, procs, gpus, self.res.nodes * procs
+
+
+def _resources(
+    cpu: str | None, memory: str | None, gpu_resource: str, gpus: int
+) -> dict[str, dict[str, str]]:
+    """Requests equal to limits (Guaranteed QoS where both are set); a GPU only when asked."""
+    amounts: dict[str, str] = {}
+    if cpu is not None:
+        amounts["cpu"] = cpu
+    if memory is not None:
+        amounts["memory"] = memory
+    if gpus:
+        amounts[gpu_resource] = str(gpus)
+    return {"requests": dict(amounts), "limits": dict(amounts)} if amounts else {}
+
+
+def _env(spec: TrainingRunSpec, target: Target) -> tuple[Env, ...]:
+    """Environment of every stage process: caches on the pod's emptyDir, credentials by reference
+    only. Local runs use the caller's environment (and credentials) as they are."""
+    hub = spec.uses_hub()
+    env: list[Env] = [{"name": "PYTHONUNBUFFERED", "value": "1"}]
+    if target == "cluster":
+        env += [
+            {"name": "HOME", "value": WORKDIR},
+            {"name": "HF_HOME", "value": f"{WORKDIR}/.cache/huggingface"},
+            {"name": "TORCH_EXTENSIONS_DIR", "value": f"{WORKDIR}/.cache/torch_extensions"},
+            {"name": "TRITON_CACHE_DIR", "value": f"{WORKDIR}/.cache/triton"},
+            {"name": "KUBETRAIN_LOG_FORMAT", "value": "json"},
+        ]
+    if not hub:
+        # Nothing of this run comes from the Hugging Face Hub: never let a library try.
+        env.append({"name": "HF_HUB_OFFLINE", "value": "1"})
+    hf = spec.storage.hf
+    if hub and hf.endpoint:
+        env.append({"name": "HF_ENDPOINT", "value": hf.endpoint})
+    if target == "local":
+        return tuple(env)
+    if hub and hf.secret_name:
+        env.append(_secret_env("HF_TOKEN", hf.secret_name, hf.token_key))
+    s3 = spec.storage.s3
+    if s3.secret_name:
+        env += [
+            _secret_env("AWS_ACCESS_KEY_ID", s3.secret_name, s3.access_key_id_key),
+            _secret_env("AWS_SECRET_ACCESS_KEY", s3.secret_name, s3.secret_access_key_key),
+        ]
+    return tuple(env)
+
+
+def _secret_env(name: str, secret: str, key: str) -> Env:
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+
+
 class _UriMapper:
-    """pvc://CLAIM/path becomes the path where render mounts the claim; local runs refuse it and
-    anchor relative paths at their base directory, so stage processes need no particular cwd."""
+    """pvc://CLAIM/path becomes the path where render mounts the claim; a cluster refuses local
+    paths, local runs refuse pvc:// and anchor relative paths at their base directory, so stage
+    processes need no particular cwd. s3:// and hf:// pass through."""
 
     def __init__(self, target: Target, base_dir: str | None = None) -> None:
         self.target, self.base_dir = target, base_dir
         self.claims: set[str] = set()
+        self.problems: list[SpecError] = []
 
     def map(self, uri: str, path: str) -> str:
-        if uri.startswith("hf://"):
-            # The API reserves hf:// (api.md); the stages read only pinned copies, never the Hub.
-            raise SpecError(
-                path,
-                f"{uri!r}: the stages never download from the Hugging Face Hub",
-                "download it once (huggingface-cli download ORG/NAME --local-dir DIR), copy it to "
-                "s3:// or a PVC and point there",
-            )
-        if "://" not in uri and self.base_dir is not None:
-            return posixpath.normpath(posixpath.join(self.base_dir, uri))
-        if not uri.startswith("pvc://"):
+        """The URI as the stage sees it; a refusal is collected (see :meth:`raise_problems`)."""
+        try:
+            return self._map(uri, path)
+        except SpecError as error:
+            if all(str(p) != str(error) for p in self.problems):
+                self.problems.append(error)
             return uri
-        if self.target == "local":
+
+    def raise_problems(self) -> None:
+        if self.problems:
+            raise SpecErrors(self.problems) if len(self.problems) > 1 else self.problems[0]
+
+    def _map(self, uri: str, path: str) -> str:
+        if uri.startswith(("s3://", "hf://")):
+            return uri
+        if uri.startswith("pvc://"):
+            if self.target == "local":
+                raise SpecError(
+                    path,
+                    "pvc:// exists only inside a cluster",
+                    "use a local path or s3:// for `kubetrain run`",
+                )
+            claim, _, rest = uri.removeprefix("pvc://").partition("/")
+            self.claims.add(claim)
+            return f"{PVC_MOUNT_ROOT}/{claim}" + (f"/{rest}" if rest else "")
+        local = uri.removeprefix("file://")
+        if self.target == "cluster":
             raise SpecError(
                 path,
-                f"{uri!r}: pvc:// exists only inside a cluster",
-                "use a local path or s3:// for `kubetrain run`",
+                "is a local path: a pod in the cluster cannot read it",
+                "use pvc://CLAIM/path (a PersistentVolumeClaim) or s3://BUCKET/path; "
+                "local paths work with `kubetrain run`",
             )
-        claim, _, rest = uri.removeprefix("pvc://").partition("/")
-        self.claims.add(claim)
-        return f"{PVC_MOUNT_ROOT}/{claim}" + (f"/{rest}" if rest else "")
+        if self.base_dir is not None and not posixpath.isabs(local):
+            return posixpath.normpath(posixpath.join(self.base_dir, local))
+        return local
 
     def map_all(self, uris: list[str], path: str) -> list[str]:
         return [self.map(u, f"{path}[{i}]") for i, u in enumerate(uris)]
@@ -225,10 +426,15 @@ def resolved_architecture(arch: Architecture) -> dict[str, Any]:
 
 def _model_source(spec: TrainingRunSpec, uris: _UriMapper, upstream: str | None) -> dict[str, Any]:
     if spec.model.architecture is not None:
-        return {"architecture": resolved_architecture(spec.model.architecture), "quantized": False}
+        return {
+            "uri": None,
+            "architecture": resolved_architecture(spec.model.architecture),
+            "quantized": False,
+        }
     uri = spec.model.uri or upstream
     assert uri is not None  # api guarantees exactly one source; fromRun checked above
-    return {"uri": uris.map(uri, "spec.model.uri"), "quantized": spec.model.quantized}
+    where = "spec.model.uri" if spec.model.uri else "spec.model.fromRun"
+    return {"uri": uris.map(uri, where), "architecture": None, "quantized": spec.model.quantized}
 
 
 def _preprocess_config(
@@ -243,14 +449,16 @@ def _preprocess_config(
     tokenizer: dict[str, Any]
     if tok.train is not None:
         tokenizer = {
+            "uri": None,
             "train": {
                 "vocabSize": tok.train.vocab_size,
                 "specialTokens": list(tok.train.special_tokens),
                 "minFrequency": tok.train.min_frequency,
-            }
+            },
         }
     else:
-        tokenizer = {"uri": uris.map(tok.uri, "spec.tokenizer.uri") if tok.uri else model["uri"]}
+        uri = uris.map(tok.uri, "spec.tokenizer.uri") if tok.uri else model["uri"]
+        tokenizer = {"uri": uri, "train": None}
     return {
         **common,
         "stage": "preprocess",
@@ -266,6 +474,8 @@ def _preprocess_config(
             "rejected": data.rejected_field,
         },
         "textSplit": data.text_split,
+        "documentSeparator": data.document_separator,
+        "crossDocumentAttention": data.packing.cross_document_attention,
         "chatTemplate": data.chat_template,
         "blockSize": data.block_size,
         "partialBlock": data.partial_block,
@@ -274,6 +484,7 @@ def _preprocess_config(
         "cacheRoot": cache_root,
         "datasetPointer": pointer,
         "seed": spec.training.seed,
+        "workers": None,
     }
 
 
@@ -283,24 +494,40 @@ def _train_config(
     pointer: str,
     output: str,
     common: dict[str, Any],
+    world: int,
     *,
-    sanity_gpus: int | None = None,
+    rung: tuple[int, SanityRung] | None = None,
 ) -> dict[str, Any]:
-    t, res = spec.training, spec.resources
-    gate = spec.sanity if sanity_gpus is not None else None
-    world = max(sanity_gpus or 0, 1) if gate is not None else res.world_size
+    t, dist = spec.training, spec.distributed
     epochs: float | None = None
     max_steps, logging_steps = t.max_steps, t.logging_steps
     checkpoints = {"everySteps": spec.checkpoints.every_steps, "keep": spec.checkpoints.keep}
-    if gate is not None:
-        # The gate needs about ten logged losses to judge a trend, and no checkpoints.
-        max_steps, logging_steps = gate.steps, max(1, min(t.logging_steps, gate.steps // 10))
-        checkpoints = {"everySteps": gate.steps + 1, "keep": 1}
+    zero_stage, optimizer, micro = dist.zero_stage, t.optimizer, t.micro_batch_size
+    gate: dict[str, Any] | None = None
+    out = output
+    if rung is not None:
+        index, r = rung
+        steps = _steps(r)
+        # A rung needs about ten logged losses to judge a trend, and no checkpoints.
+        max_steps, logging_steps = steps, max(1, min(t.logging_steps, steps // 10))
+        checkpoints = {"everySteps": steps + 1, "keep": 1}
+        zero_stage = dist.zero_stage if r.zero_stage is None else r.zero_stage
+        optimizer = r.optimizer or t.optimizer
+        micro = r.micro_batch_size or t.micro_batch_size
+        gate = {
+            "minLossDrop": r.min_loss_drop
+            if r.min_loss_drop is not None
+            else RUNG_DEFAULTS["min_loss_drop"],
+            "maxGradNorm": r.max_grad_norm
+            if r.max_grad_norm is not None
+            else RUNG_DEFAULTS["max_grad_norm"],
+        }
+        out = f"{output}/sanity/{index}"
     elif max_steps is None:
         epochs = t.epochs or 1.0
     return {
         **common,
-        "stage": "train" if gate is None else "sanity",
+        "stage": "train" if rung is None else "sanity",
         "method": spec.method.stage,
         "model": model,
         "tokenizerUri": None,
@@ -314,10 +541,10 @@ def _train_config(
             "lrScheduler": t.lr_scheduler,
             "warmupRatio": t.warmup_ratio,
             "weightDecay": t.weight_decay,
-            "microBatchSize": t.micro_batch_size,
+            "microBatchSize": micro,
             "gradientAccumulationSteps": t.gradient_accumulation_steps,
             "precision": t.precision,
-            "optimizer": t.optimizer,
+            "optimizer": optimizer,
             "maxGradNorm": t.max_grad_norm,
             "gradientCheckpointing": t.gradient_checkpointing,
             "seed": t.seed,
@@ -327,17 +554,12 @@ def _train_config(
         },
         "checkpoints": checkpoints,
         "distributed": {
-            "zeroStage": spec.distributed.zero_stage,
-            "deepspeed": deepspeed_config(spec, world),
+            "zeroStage": zero_stage,
+            "deepspeed": deepspeed_config(zero_stage, dist.offload),
             "worldSize": world,
         },
-        "sanity": None
-        if gate is None
-        else {
-            "minLossDrop": gate.min_loss_drop,
-            "maxGradNorm": gate.max_grad_norm,
-        },
-        "outputUri": output if gate is None else f"{output}/sanity",
+        "sanity": gate,
+        "outputUri": out,
     }
 
 
@@ -351,6 +573,7 @@ def _merge_config(
         "model": model,
         "adapter": _adapter(spec),
         "merge": spec.output.merge,
+        "maxPerplexity": spec.output.max_perplexity,
         "datasetPointer": pointer,
         "outputUri": output,
         "precision": spec.training.precision,
@@ -372,53 +595,53 @@ def _adapter(spec: TrainingRunSpec) -> dict[str, Any]:
 def _dpo(spec: TrainingRunSpec) -> dict[str, Any] | None:
     if spec.method.stage != "dpo":
         return None
-    d = spec.method.dpo
-    return {
-        "beta": d.beta if d else 0.1,
-        "lossType": d.loss_type if d else "sigmoid",
-        "maxPromptLength": d.max_prompt_length if d else None,
-    }
+    d = spec.method.dpo or DPOSettings()
+    return {"beta": d.beta, "lossType": d.loss_type, "maxPromptLength": d.max_prompt_length}
 
 
-def deepspeed_config(spec: TrainingRunSpec, world_size: int) -> dict[str, Any] | None:
+#: DeepSpeed keys the transformers integration fills from TrainingArguments and the model
+#: (`HfTrainerDeepSpeedConfig`): batch sizes, clipping, precision, bucket sizes. "auto" keeps one
+#: source for each (the stage config) and makes the DeepSpeed config independent of the world size.
+AUTO = "auto"
+
+
+def deepspeed_config(zero_stage: int, offload: str) -> dict[str, Any] | None:
     """The DeepSpeed config for ZeRO stages 1–3 (None: plain DDP / one process).
 
-    Batch sizes and clipping are explicit and equal to what the trainer passes to
-    TrainingArguments, so HF's consistency check holds and the file documents the run.
+    Offload applies from stage 2 (a sanity rung may run a lower stage than the run: no offload).
     """
-    dist, t = spec.distributed, spec.training
-    if dist.zero_stage == 0:
+    if zero_stage == 0:
         return None
     zero: dict[str, Any] = {
-        "stage": dist.zero_stage,
+        "stage": zero_stage,
         "overlap_comm": True,
         "contiguous_gradients": True,
-        "reduce_bucket_size": 5e8,
+        "reduce_bucket_size": AUTO,
     }
-    if dist.zero_stage == 3:
+    if zero_stage == 3:
         zero.update(
             {
                 # Without it save_model() writes no weights under ZeRO-3 (only sharded states).
                 "stage3_gather_16bit_weights_on_model_save": True,
-                "stage3_prefetch_bucket_size": 5e8,
-                "stage3_param_persistence_threshold": 1e6,
+                "stage3_prefetch_bucket_size": AUTO,
+                "stage3_param_persistence_threshold": AUTO,
                 "stage3_max_live_parameters": 1e9,
                 "stage3_max_reuse_distance": 1e9,
             }
         )
-    if dist.offload == "cpu":
+    if offload == "cpu" and zero_stage >= 2:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-        if dist.zero_stage == 3:
+        if zero_stage == 3:
             zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     return {
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.gradient_accumulation_steps,
-        "train_batch_size": t.micro_batch_size * t.gradient_accumulation_steps * world_size,
-        "gradient_clipping": t.max_grad_norm,
+        "train_micro_batch_size_per_gpu": AUTO,
+        "gradient_accumulation_steps": AUTO,
+        "train_batch_size": AUTO,
+        "gradient_clipping": AUTO,
         "zero_optimization": zero,
-        "bf16": {"enabled": t.precision == "bf16"},
+        "bf16": {"enabled": AUTO},
         "fp16": {
-            "enabled": t.precision == "fp16",
+            "enabled": AUTO,
             "loss_scale": 0,
             "initial_scale_power": 16,
             "loss_scale_window": 1000,

@@ -10,22 +10,25 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+from kubetrain_operator import __version__
 from kubetrain_operator.api import API_GROUP, TrainingRun
 from kubetrain_operator.plan import (
     CONFIG_DIR,
-    METRICS_PORT,
     PVC_MOUNT_ROOT,
+    WORKDIR,
     Plan,
     Stage,
     stage_config_json,
 )
 
-DEFAULT_IMAGE = "ghcr.io/kubetrain/trainer:0.1.0"
+DEFAULT_IMAGE = f"ghcr.io/kubetrain/trainer:{__version__}"
 LABEL_RUN = f"{API_GROUP}/run"
 LABEL_STAGE = f"{API_GROUP}/stage"
 LABEL_METRICS = f"{API_GROUP}/metrics"
+ANNOTATION_SUMMARY = f"{API_GROUP}/summary"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
-WORKDIR = "/workspace"
+#: The env var that tells a training pod which attempt it belongs to (multi-node checkpoint marks).
+ATTEMPT_ENV = "KUBETRAIN_ATTEMPT"
 #: Kubernetes label values and pod hostnames stop at 63 characters.
 MAX_CHILD_NAME = 63
 #: Room for the training operator's `-worker-N` pod suffix on PyTorchJob names: nodes ≤ 1024,
@@ -45,13 +48,13 @@ def child_name(run: str, suffix: str, limit: int = MAX_CHILD_NAME) -> str:
 
 
 def stage_object_name(plan: Plan, stage: Stage, attempt: int = 1) -> str:
-    """The child's name: preprocess carries its key, training its attempt."""
+    """The child's name: preprocess carries its key, training its attempt, a rung its index."""
     if stage.name == "preprocess":
         return child_name(plan.run, f"preprocess-{plan.preprocess_key[:8]}")
     if stage.name == "train":
         return child_name(plan.run, f"train-{attempt}", MAX_CHILD_NAME - PYTORCHJOB_SUFFIX_ROOM)
-    if stage.name == "sanity":
-        return child_name(plan.run, "sanity", MAX_CHILD_NAME - PYTORCHJOB_SUFFIX_ROOM)
+    if stage.distributed:
+        return child_name(plan.run, stage.name, MAX_CHILD_NAME - PYTORCHJOB_SUFFIX_ROOM)
     return child_name(plan.run, stage.name)
 
 
@@ -64,14 +67,17 @@ def metrics_service_name(plan: Plan) -> str:
 
 
 def render_all(
-    run: TrainingRun, plan: Plan, *, namespace: str, image: str = DEFAULT_IMAGE, attempt: int = 1
+    run: TrainingRun,
+    plan: Plan,
+    namespace: str | None = None,
+    *,
+    image: str = DEFAULT_IMAGE,
+    attempt: int = 1,
 ) -> list[dict[str, Any]]:
-    """Every object of every stage, in creation order."""
-    objects = [render_config_map(run, plan, namespace), render_metrics_service(plan, namespace)]
-    objects += [
-        render_stage(run, plan, stage, namespace=namespace, image=image, attempt=attempt)
-        for stage in plan.stages
-    ]
+    """Every object of every stage, in creation order (what `kubetrain render` prints)."""
+    objects = [render_config_map(plan, namespace), render_metrics_service(plan, namespace)]
+    for stage in plan.stages:
+        objects += render_stage(run, plan, stage, attempt, namespace, image=image)
     return objects
 
 
@@ -79,22 +85,29 @@ def render_stage(
     run: TrainingRun,
     plan: Plan,
     stage: Stage,
-    *,
-    namespace: str,
-    image: str = DEFAULT_IMAGE,
     attempt: int = 1,
-) -> dict[str, Any]:
-    """The Job or PyTorchJob that runs one stage."""
+    namespace: str | None = None,
+    *,
+    image: str = DEFAULT_IMAGE,
+) -> list[dict[str, Any]]:
+    """The objects that run one stage: its Job or PyTorchJob.
+
+    `run` is accepted for the operator's owner references to come; everything rendered comes
+    from the plan.
+    """
+    del run  # the plan is final: nothing is read from the spec here
     if stage.distributed:
-        return render_pytorchjob(
-            run, plan, stage, namespace=namespace, image=image, attempt=attempt
-        )
-    return render_job(run, plan, stage, namespace=namespace, image=image)
+        return [render_pytorchjob(plan, stage, attempt, namespace, image=image)]
+    return [render_job(plan, stage, namespace, image=image)]
 
 
-def _labels(plan: Plan, stage: str | None = None) -> dict[str, str]:
+def _labels(plan: Plan, component: str, stage: str | None = None) -> dict[str, str]:
     labels = {
         "app.kubernetes.io/name": "kubetrain",
+        "app.kubernetes.io/instance": plan.run,
+        "app.kubernetes.io/component": component,
+        "app.kubernetes.io/part-of": "kubetrain",
+        "app.kubernetes.io/version": __version__,
         "app.kubernetes.io/managed-by": "kubetrain-operator",
         LABEL_RUN: plan.run,
     }
@@ -103,56 +116,74 @@ def _labels(plan: Plan, stage: str | None = None) -> dict[str, str]:
     return labels
 
 
+def _component(stage: Stage) -> str:
+    return "sanity" if stage.rung is not None else stage.name
+
+
 def _metadata(
-    name: str, namespace: str, labels: dict[str, str], run: TrainingRun | None = None
+    name: str,
+    namespace: str | None,
+    labels: dict[str, str],
+    plan: Plan | None = None,
+    summary: str | None = None,
 ) -> dict[str, Any]:
-    meta: dict[str, Any] = {"name": name, "namespace": namespace, "labels": labels}
-    if run is not None and run.spec.queue_name:
-        meta["labels"] = {**labels, QUEUE_LABEL: run.spec.queue_name}
+    """metadata.namespace only when one is given, so `kubectl apply -n NS -f -` works."""
+    meta: dict[str, Any] = {"name": name}
+    if namespace is not None:
+        meta["namespace"] = namespace
+    meta["labels"] = dict(labels)
+    if plan is not None and plan.queue_name:
+        meta["labels"][QUEUE_LABEL] = plan.queue_name
+    if summary:
+        meta["annotations"] = {ANNOTATION_SUMMARY: summary}
     return meta
 
 
-def render_config_map(run: TrainingRun, plan: Plan, namespace: str) -> dict[str, Any]:
+def render_config_map(plan: Plan, namespace: str | None = None) -> dict[str, Any]:
     """The stage configs, one JSON file per stage, mounted read-only at /etc/kubetrain."""
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": _metadata(config_map_name(plan), namespace, _labels(plan)),
-        "data": {f"{s.name}.json": stage_config_json(s) for s in plan.stages},
+        "metadata": _metadata(config_map_name(plan), namespace, _labels(plan, "config")),
+        "data": {s.config_file: stage_config_json(s) for s in plan.stages},
     }
 
 
-def render_metrics_service(plan: Plan, namespace: str) -> dict[str, Any]:
-    """Selects whichever stage pod exports metrics (rank 0 / the Job's pod) on :9400."""
+def render_metrics_service(plan: Plan, namespace: str | None = None) -> dict[str, Any]:
+    """Selects whichever stage pod exports metrics (rank 0 / the Job's pod)."""
+    ports = sorted({s.metrics_port for s in plan.stages})
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _metadata(metrics_service_name(plan), namespace, _labels(plan)),
+        "metadata": _metadata(metrics_service_name(plan), namespace, _labels(plan, "metrics")),
         "spec": {
             "type": "ClusterIP",
             "selector": {LABEL_RUN: plan.run, LABEL_METRICS: "true"},
             "ports": [
                 {
-                    "name": "metrics",
-                    "port": METRICS_PORT,
-                    "targetPort": "metrics",
+                    "name": "metrics" if i == 0 else f"metrics-{i}",
+                    "port": port,
+                    "targetPort": port,
                     "protocol": "TCP",
                 }
+                for i, port in enumerate(ports)
             ],
         },
     }
 
 
 def render_job(
-    run: TrainingRun, plan: Plan, stage: Stage, *, namespace: str, image: str = DEFAULT_IMAGE
+    plan: Plan, stage: Stage, namespace: str | None = None, *, image: str = DEFAULT_IMAGE
 ) -> dict[str, Any]:
     """A batch/v1 Job for preprocess and merge: one pod, no retries (the operator decides)."""
-    command = ["python", *stage.trainer_args(f"{CONFIG_DIR}/{stage.name}.json", WORKDIR)]
-    labels = _labels(plan, stage.name)
+    command = ["python", *stage.trainer_args(f"{CONFIG_DIR}/{stage.config_file}", WORKDIR)]
+    labels = _labels(plan, _component(stage), stage.name)
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": _metadata(stage_object_name(plan, stage), namespace, labels, run),
+        "metadata": _metadata(
+            stage_object_name(plan, stage), namespace, labels, plan, stage.summary
+        ),
         "spec": {
             "backoffLimit": 0,
             # Exit 2/3 are final by contract; the operator owns retries of anything else.
@@ -169,22 +200,21 @@ def render_job(
                 ]
             },
             "ttlSecondsAfterFinished": 7 * 24 * 3600,
-            "suspend": run.spec.suspend,
+            "suspend": plan.suspend,
             "template": _pod_template(
-                run, plan, stage, {**labels, LABEL_METRICS: "true"}, "trainer", command, image
+                plan, stage, {**labels, LABEL_METRICS: "true"}, "trainer", command, image
             ),
         },
     }
 
 
 def render_pytorchjob(
-    run: TrainingRun,
     plan: Plan,
     stage: Stage,
-    *,
-    namespace: str,
-    image: str = DEFAULT_IMAGE,
     attempt: int = 1,
+    namespace: str | None = None,
+    *,
+    image: str = DEFAULT_IMAGE,
 ) -> dict[str, Any]:
     """A Kubeflow v1 PyTorchJob: one Master plus nodes-1 Workers, torchrun in each pod.
 
@@ -195,15 +225,22 @@ def render_pytorchjob(
         "torchrun",
         f"--nnodes={stage.nodes}",
         f"--nproc-per-node={stage.procs_per_node}",
-        *stage.trainer_args(f"{CONFIG_DIR}/{stage.name}.json", WORKDIR),
+        *stage.trainer_args(f"{CONFIG_DIR}/{stage.config_file}", WORKDIR),
     ]
-    labels = _labels(plan, stage.name)
+    labels = _labels(plan, _component(stage), stage.name)
+    extra_env = [{"name": ATTEMPT_ENV, "value": str(attempt)}]
     replicas: dict[str, Any] = {
         "Master": {
             "replicas": 1,
             "restartPolicy": "Never",
             "template": _pod_template(
-                run, plan, stage, {**labels, LABEL_METRICS: "true"}, "pytorch", command, image
+                plan,
+                stage,
+                {**labels, LABEL_METRICS: "true"},
+                "pytorch",
+                command,
+                image,
+                extra_env,
             ),
         }
     }
@@ -211,68 +248,62 @@ def render_pytorchjob(
         replicas["Worker"] = {
             "replicas": stage.nodes - 1,
             "restartPolicy": "Never",
-            "template": _pod_template(run, plan, stage, labels, "pytorch", command, image),
+            "template": _pod_template(plan, stage, labels, "pytorch", command, image, extra_env),
         }
     return {
         "apiVersion": "kubeflow.org/v1",
         "kind": "PyTorchJob",
-        "metadata": _metadata(stage_object_name(plan, stage, attempt), namespace, labels, run),
+        "metadata": _metadata(
+            stage_object_name(plan, stage, attempt), namespace, labels, plan, stage.summary
+        ),
         "spec": {
             "nprocPerNode": str(stage.procs_per_node),
             "pytorchReplicaSpecs": replicas,
             "runPolicy": {
                 "backoffLimit": 0,  # a failed attempt is replaced by the operator (new attempt)
                 "cleanPodPolicy": "None",  # keep finished pods for their logs
-                "suspend": run.spec.suspend,
+                "suspend": plan.suspend,
             },
         },
     }
 
 
 def _pod_template(
-    run: TrainingRun,
     plan: Plan,
     stage: Stage,
     labels: dict[str, str],
     container_name: str,
     command: list[str],
     image: str,
+    extra_env: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    spec = run.spec
-    res = spec.resources
     mounts: list[dict[str, Any]] = [
         {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
         {"name": "workspace", "mountPath": WORKDIR},
         {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108 (an emptyDir, the root fs is read-only)
-        {"name": "dshm", "mountPath": "/dev/shm"},  # noqa: S108 (a Memory emptyDir for NCCL)
     ]
     volumes: list[dict[str, Any]] = [
         {"name": "config", "configMap": {"name": config_map_name(plan)}},
         {"name": "workspace", "emptyDir": {}},
         {"name": "tmp", "emptyDir": {}},
-        # NCCL and data loaders need far more than the container runtime's 64M /dev/shm.
-        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": res.shared_memory}},
     ]
+    if stage.distributed:
+        # NCCL and data loaders need far more than the container runtime's 64M /dev/shm.
+        mounts.append({"name": "dshm", "mountPath": "/dev/shm"})  # noqa: S108 (Memory emptyDir)
+        volumes.append(
+            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": plan.shared_memory}}
+        )
     for index, claim in enumerate(plan.pvc_claims):
         volumes.append({"name": f"pvc-{index}", "persistentVolumeClaim": {"claimName": claim}})
         mounts.append({"name": f"pvc-{index}", "mountPath": f"{PVC_MOUNT_ROOT}/{claim}"})
-    resources: dict[str, dict[str, str]] = {"requests": {}, "limits": {}}
-    if stage.gpus_per_node:
-        resources["limits"][res.gpu_resource] = str(stage.gpus_per_node)
-        resources["requests"][res.gpu_resource] = str(stage.gpus_per_node)
-    for key, value in (("cpu", res.cpu), ("memory", res.memory)):
-        if value is not None:
-            resources["requests"][key] = value
-            resources["limits"][key] = value
     container: dict[str, Any] = {
         "name": container_name,
-        "image": spec.image or image,
+        "image": plan.image or image,
         "imagePullPolicy": "IfNotPresent",
         "command": command,
         "workingDir": WORKDIR,
-        "env": _env(run),
-        "ports": [{"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
-        "resources": {k: v for k, v in resources.items() if v},
+        "env": [dict(e) for e in stage.env] + list(extra_env or []),
+        "ports": [{"name": "metrics", "containerPort": stage.metrics_port, "protocol": "TCP"}],
         "volumeMounts": mounts,
         "securityContext": {
             "allowPrivilegeEscalation": False,
@@ -282,6 +313,8 @@ def _pod_template(
         },
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
+    if stage.resources:
+        container["resources"] = {k: dict(v) for k, v in stage.resources.items()}
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "automountServiceAccountToken": False,  # the trainer never talks to the API server
@@ -297,41 +330,8 @@ def _pod_template(
         "containers": [container],
         "volumes": volumes,
     }
-    if res.node_selector:
-        pod_spec["nodeSelector"] = dict(sorted(res.node_selector.items()))
-    if res.tolerations:
-        pod_spec["tolerations"] = [
-            t.model_dump(by_alias=True, exclude_none=True) for t in res.tolerations
-        ]
+    if plan.node_selector and (stage.distributed or stage.gpus_per_node):
+        pod_spec["nodeSelector"] = dict(plan.node_selector)
+    if plan.tolerations:
+        pod_spec["tolerations"] = [dict(t) for t in plan.tolerations]
     return {"metadata": {"labels": labels}, "spec": pod_spec}
-
-
-def _env(run: TrainingRun) -> list[dict[str, Any]]:
-    """Environment of every stage pod: caches on the emptyDir, credentials by reference only."""
-    env: list[dict[str, Any]] = [
-        {"name": "HOME", "value": WORKDIR},
-        {"name": "HF_HOME", "value": f"{WORKDIR}/.cache/huggingface"},
-        {"name": "TORCH_EXTENSIONS_DIR", "value": f"{WORKDIR}/.cache/torch_extensions"},
-        {"name": "TRITON_CACHE_DIR", "value": f"{WORKDIR}/.cache/triton"},
-        {"name": "PYTHONUNBUFFERED", "value": "1"},
-        {"name": "KUBETRAIN_LOG_FORMAT", "value": "json"},
-        # Nothing is ever fetched from the Hugging Face Hub (plan refuses hf:// URIs).
-        {"name": "HF_HUB_OFFLINE", "value": "1"},
-    ]
-    s3 = run.spec.storage.s3
-    if s3.secret_name:
-        env += [
-            {
-                "name": "AWS_ACCESS_KEY_ID",
-                "valueFrom": {
-                    "secretKeyRef": {"name": s3.secret_name, "key": s3.access_key_id_key}
-                },
-            },
-            {
-                "name": "AWS_SECRET_ACCESS_KEY",
-                "valueFrom": {
-                    "secretKeyRef": {"name": s3.secret_name, "key": s3.secret_access_key_key}
-                },
-            },
-        ]
-    return env

@@ -1,0 +1,24 @@
+"""Exit codes of the `kubetrain` CLI (docs/cli.md), apart from argparse's 2 for usage errors.
+
+The stages' own codes (architecture.md: 0, 2 invalid input, 3 unhealthy, 143 terminated, other:
+retry) are mapped onto these by `kubetrain run`, so a script can tell the cases apart.
+"""
+
+OK = 0
+INVALID = 1
+"""A TrainingRun (or a stage's input data) is invalid: fix it, retrying will not help."""
+USAGE = 2
+"""argparse's usage error."""
+UNHEALTHY = 3
+"""Training was unhealthy: NaN/Inf loss, a failed sanity rung, perplexity above maxPerplexity."""
+FAILED = 4
+"""A stage failed otherwise; see its log. Running the same command again resumes."""
+TERMINATED = 143
+"""Stopped (Ctrl-C) after a checkpoint; running the same command again resumes."""
+
+#: A stage's exit code (the stage contract) → the CLI's.
+FROM_STAGE = {0: OK, 2: INVALID, 3: UNHEALTHY, 143: TERMINATED}
+
+
+def from_stage(code: int) -> int:
+    return FROM_STAGE.get(code, FAILED)

@@ -1,0 +1,701 @@
+"""Every rule of the TrainingRun API, once: where it applies, its check, CEL, message and fix.
+
+Both enforcement points are generated from this table, so they cannot drift apart:
+
+- `api.py` runs each rule's Python `check` on the parsed run (every rule, every problem, in one
+  pass; see `api.parse_run`), and each field rule on every string of its kind;
+- `crd.py` attaches each rule's `cel` as an `x-kubernetes-validations` entry at `at`, so the API
+  server refuses the same things at `kubectl apply` (`cel` is None where CEL cannot say it).
+
+`check` and `cel` say the same thing about the same node: `check` gets the parsed node at `at`
+(pydantic objects, snake_case), `cel` reads the stored object there (camelCase, after the API
+server's defaulting). A rule only runs where its node exists, as the API server does. Each CEL
+expression reads only fields the API server exposes to CEL (typed schema nodes) and guards every
+field that can be absent with `has()`; tests/test_crd.py checks both on the generated CRD.
+
+What only the trainer can see (the launcher's world size, CUDA, the checkpoint it resumes) it
+re-checks at start-up; `trainer` names that check where there is one. docs/api.md lists the table.
+This module imports nothing of the operator: the models import it, not the other way round.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+#: Child names append suffixes such as `-preprocess-1a2b3c4d`; 50 leaves room under 63.
+MAX_NAME_LENGTH = 50
+DNS1035 = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+DNS1123_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+EIGHT_BIT = ("_8bit", "paged_")
+#: Where credentials go instead of URIs; every refusal names it.
+S3_SECRET_FIELD = "storage.s3.secretName"  # noqa: S105 (a field name)
+
+
+# ------------------------------------------------------------------------------ field rules
+
+
+@dataclass(frozen=True)
+class FieldRule:
+    """A rule on one string field: refused when it matches `forbid`, unless it matches `unless`.
+
+    The patterns are plain RE2/Python regular expressions (no look-around, no back-references), so
+    CEL's `matches()` on the API server and `re.search` here give the same answer.
+    """
+
+    name: str
+    forbid: str
+    unless: str | None
+    message: str
+    fix: str
+
+    def check(self, value: str) -> bool:
+        if re.search(self.forbid, value) is None:
+            return True
+        return self.unless is not None and re.search(self.unless, value) is not None
+
+    @property
+    def cel(self) -> str:
+        rule = f"!self.matches({_cel_string(self.forbid)})"
+        if self.unless is not None:
+            rule += f" || self.matches({_cel_string(self.unless)})"
+        return rule
+
+
+def _cel_string(pattern: str) -> str:
+    """A CEL single-quoted string literal holding the pattern (backslashes escaped)."""
+    return "'" + pattern.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+_SCHEME = r"^[A-Za-z][A-Za-z0-9+.-]*://"
+_PVC_CLAIM = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
+_HF_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+
+
+def _uri_rules(schemes: tuple[str, ...]) -> tuple[FieldRule, ...]:
+    listed = ", ".join(f"{s}://" for s in schemes)
+    rules = [
+        FieldRule(
+            "uri-scheme",
+            _SCHEME,
+            f"^({'|'.join(schemes)})://",
+            "the URI scheme is not supported here",
+            f"use {listed} or a local path",
+        ),
+        FieldRule(
+            "uri-name",
+            r"^(s3|pvc|hf)://(/|$)",
+            None,
+            "needs a bucket, claim or repository after the scheme",
+            "write SCHEME://NAME/path",
+        ),
+        FieldRule(
+            "uri-pvc-claim",
+            r"^pvc://",
+            rf"^pvc://{_PVC_CLAIM}(/|$)",
+            "pvc://CLAIM/path needs a PersistentVolumeClaim name (DNS-1123)",
+            "use the claim's name, e.g. pvc://datasets/path",
+        ),
+        FieldRule(
+            "uri-userinfo",
+            r"^[A-Za-z][A-Za-z0-9+.-]*://[^/]*@",
+            None,
+            "carries credentials (user:password@ before the host or bucket)",
+            f"remove them and use {S3_SECRET_FIELD} (a Secret) for S3 credentials",
+        ),
+        FieldRule(
+            "uri-signed-query",
+            r"(?i)[?&][a-z0-9_.-]*(signature|credential|token|secret|password|sig|key)"
+            r"[a-z0-9_.-]*=",
+            None,
+            "carries a credential in its query string (a presigned URL or a token)",
+            f"use the plain s3://BUCKET/KEY with {S3_SECRET_FIELD} (a Secret) for credentials",
+        ),
+        FieldRule(
+            "uri-dot-dot",
+            r"(^|/)\.\.(/|$)",
+            None,
+            "has a '..' segment, which escapes its directory",
+            "write the path without '..'",
+        ),
+    ]
+    if "hf" in schemes:
+        rules.append(
+            FieldRule(
+                "uri-hf-repo",
+                r"^hf://",
+                rf"^hf://{_HF_NAME}/{_HF_NAME}(@[A-Za-z0-9._/-]+)?$",
+                "hf:// names a Hub repository: hf://ORG/NAME, optionally @REVISION",
+                "write e.g. hf://meta-llama/Llama-3.1-8B@main",
+            )
+        )
+    return tuple(rules)
+
+
+#: Schemes per kind of URI: models and tokenizers may come from the Hub, nothing else may.
+MODEL_URI_SCHEMES = ("s3", "pvc", "hf", "file")
+DATA_URI_SCHEMES = ("s3", "pvc", "file")
+FIELD_RULES: dict[str, tuple[FieldRule, ...]] = {
+    "model-uri": _uri_rules(MODEL_URI_SCHEMES),
+    "uri": _uri_rules(DATA_URI_SCHEMES),
+    "endpoint": (
+        FieldRule(
+            "endpoint-metadata",
+            r"(?i)^https?://(169\.254\.[0-9]+\.[0-9]+|\[fd00:ec2::254\]|100\.100\.100\.200|"
+            r"metadata\.google\.internal\.?|metadata|instance-data)(:[0-9]+)?(/|$)",
+            None,
+            "is a cloud instance-metadata address (it hands out the node's credentials)",
+            "use the storage service's own endpoint",
+        ),
+    ),
+}
+
+
+def field_problems(kind: str, value: str) -> list[str]:
+    """`problem — fix` for every field rule of `kind` the value breaks (never echoes the value)."""
+    return [f"{r.message} — {r.fix}" for r in FIELD_RULES[kind] if not r.check(value)]
+
+
+# ------------------------------------------------------------------------------- the table
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A rule on the node at `at` (a dotted path from the resource root; "" is the root).
+
+    `field` is what it reports, relative to `at`. `check(node)` is True when the node is fine;
+    `cel` is the same rule for the API server, evaluated on the same node (None: not expressible,
+    the operator and `kubetrain validate` enforce it). `reads` lists the spec sections the rule
+    needs (it is skipped while one of them has a field error; derived from `at` and `cel` when
+    empty). `trainer` names what the trainer re-checks at start-up, when it does.
+    """
+
+    name: str
+    at: str
+    field: str
+    check: Callable[[Any], bool]
+    cel: str | None
+    message: str
+    fix: str
+    reads: tuple[str, ...] = ()
+    trainer: str | None = None
+
+    @property
+    def path(self) -> str:
+        return ".".join(p for p in (self.at, self.field) if p)
+
+    @property
+    def text(self) -> str:
+        return f"{self.path}: {self.message} — {self.fix}"
+
+    def sections(self) -> frozenset[str]:
+        """The spec sections (and `metadata`) this rule reads."""
+        parts = self.at.split(".")
+        if self.reads:
+            return frozenset(self.reads)
+        if len(parts) >= 2:
+            return frozenset({parts[1]})
+        prefix = r"self\.spec\." if self.at == "" else r"self\."
+        found = set(re.findall(prefix + r"(\w+)", self.cel or ""))
+        if self.at == "" and "self.metadata" in (self.cel or ""):
+            found.add("metadata")
+        return frozenset(found)
+
+
+@dataclass(frozen=True)
+class RungRule:
+    """A rule every sanity rung must pass, checked with the run around it.
+
+    `check(spec, rung)` gets the run's spec and one rung; `cel` is a CEL expression on `self` (the
+    spec) and `r` (the rung). The CRD gets it twice: for the single-gate form (`r` is
+    `self.sanity`) and for `rungs` (inside `self.sanity.rungs.all(r, …)`).
+    """
+
+    name: str
+    field: str
+    check: Callable[[Any, Any], bool]
+    cel: str
+    message: str
+    fix: str
+    trainer: str | None = None
+
+    def cel_rules(self) -> list[tuple[str, str]]:
+        """(CEL on spec, fieldPath) for the single-gate form and for the list of rungs."""
+        single = re.sub(r"\br\.", "self.sanity.", self.cel)
+        return [
+            (f"!has(self.sanity) || has(self.sanity.rungs) || ({single})", f".sanity.{self.field}"),
+            (
+                f"!has(self.sanity) || !has(self.sanity.rungs) || "
+                f"self.sanity.rungs.all(r, {self.cel})",
+                ".sanity.rungs",
+            ),
+        ]
+
+
+def _eight_bit(optimizer: str) -> bool:
+    return optimizer.endswith(EIGHT_BIT[0]) or optimizer.startswith(EIGHT_BIT[1])
+
+
+_EIGHT_BIT_CEL = "(OPT.endsWith('_8bit') || OPT.startsWith('paged_'))"
+_STAGE_FORMATS = {"pretrain": ("text",), "sft": ("text", "chat"), "dpo": ("preference",)}
+IMMUTABLE_SECTIONS = ("model", "tokenizer", "data", "method", "training", "distributed")
+_SANITY_GATE_FIELDS = (
+    "gpus",
+    "steps",
+    "minLossDrop",
+    "maxGradNorm",
+    "zeroStage",
+    "optimizer",
+    "microBatchSize",
+)
+
+
+def _world(s: Any) -> int:
+    return int(s.resources.nodes * max(s.resources.gpus_per_node, 1))
+
+
+def _has_validation(s: Any) -> bool:
+    return s.data.validation is not None or s.data.validation_fraction > 0
+
+
+RULES: tuple[Rule, ...] = (
+    # ---------------------------------------------------------------- the resource and its name
+    Rule(
+        "name-length",
+        "",
+        "metadata.name",
+        lambda root: len(root.metadata.name) <= MAX_NAME_LENGTH,
+        f"self.metadata.name.size() <= {MAX_NAME_LENGTH}",
+        f"is longer than {MAX_NAME_LENGTH} characters (child objects append suffixes)",
+        "use a shorter name",
+    ),
+    Rule(
+        "name-dns-1035",
+        "",
+        "metadata.name",
+        lambda root: re.match(DNS1035, root.metadata.name) is not None,
+        f"self.metadata.name.matches('{DNS1035}')",
+        "must be a DNS-1035 label (lower-case letters, digits and '-', starting with a letter)",
+        "rename the run",
+    ),
+    Rule(
+        "from-run-not-itself",
+        "",
+        "spec.model.fromRun",
+        lambda root: root.spec.model.from_run != root.metadata.name,
+        "!has(self.spec.model.fromRun) || self.spec.model.fromRun != self.metadata.name",
+        "names this run itself",
+        "name the run whose output this run starts from",
+    ),
+    # ---------------------------------------------------------------------------- model
+    Rule(
+        "model-one-source",
+        "spec.model",
+        "",
+        lambda m: sum(v is not None for v in (m.uri, m.architecture, m.from_run)) == 1,
+        "(has(self.uri) ? 1 : 0) + (has(self.architecture) ? 1 : 0) + (has(self.fromRun) ? 1 : 0)"
+        " == 1",
+        "needs exactly one of uri, architecture and fromRun",
+        "keep one: uri for a pretrained model, architecture to build one, fromRun to chain",
+    ),
+    Rule(
+        "heads-divide-hidden-size",
+        "spec.model.architecture",
+        "heads",
+        lambda a: a.hidden_size % a.heads == 0,
+        "self.hiddenSize % self.heads == 0",
+        "must divide hiddenSize",
+        "choose heads so that hiddenSize / heads is an integer",
+    ),
+    Rule(
+        "kv-heads-divide-heads",
+        "spec.model.architecture",
+        "kvHeads",
+        lambda a: a.kv_heads is None or a.heads % a.kv_heads == 0,
+        "!has(self.kvHeads) || self.heads % self.kvHeads == 0",
+        "must divide heads",
+        "use a divisor of heads",
+    ),
+    # ------------------------------------------------------------------------ tokenizer
+    Rule(
+        "tokenizer-one-source",
+        "spec.tokenizer",
+        "",
+        lambda t: t.uri is None or t.train is None,
+        "!(has(self.uri) && has(self.train))",
+        "uri and train are mutually exclusive",
+        "keep one of them",
+    ),
+    Rule(
+        "tokenizer-train-needs-architecture",
+        "spec",
+        "tokenizer.train",
+        lambda s: s.tokenizer.train is None or s.model.architecture is not None,
+        "!has(self.tokenizer.train) || has(self.model.architecture)",
+        "is only allowed with model.architecture",
+        "remove tokenizer.train; a pretrained model brings its own tokenizer",
+    ),
+    Rule(
+        "architecture-needs-tokenizer",
+        "spec",
+        "tokenizer",
+        lambda s: s.model.architecture is None or s.tokenizer.train or s.tokenizer.uri,
+        "!has(self.model.architecture) || has(self.tokenizer.train) || has(self.tokenizer.uri)",
+        "a model built from model.architecture needs a tokenizer",
+        "set tokenizer.train (e.g. {vocabSize: 8000}) or tokenizer.uri",
+    ),
+    Rule(
+        "vocab-fits-embeddings",
+        "spec",
+        "model.architecture.vocabSize",
+        lambda s: (
+            s.model.architecture is None
+            or s.model.architecture.vocab_size is None
+            or s.tokenizer.train is None
+            or s.model.architecture.vocab_size >= s.tokenizer.train.vocab_size
+        ),
+        "!has(self.model.architecture) || !has(self.model.architecture.vocabSize) || "
+        "!has(self.tokenizer.train) || "
+        "self.model.architecture.vocabSize >= self.tokenizer.train.vocabSize",
+        "is smaller than tokenizer.train.vocabSize",
+        "remove vocabSize (it follows the tokenizer) or make it at least the tokenizer's",
+        trainer="a loaded tokenizer's vocabulary against the model's embeddings (model.py)",
+    ),
+    Rule(
+        "block-fits-context",
+        "spec",
+        "data.blockSize",
+        lambda s: (
+            s.model.architecture is None or s.data.block_size <= s.model.architecture.context_length
+        ),
+        "!has(self.model.architecture) || "
+        "self.data.blockSize <= self.model.architecture.contextLength",
+        "exceeds model.architecture.contextLength",
+        "lower blockSize or raise contextLength",
+        trainer="blockSize against a pretrained model's max_position_embeddings (model.py)",
+    ),
+    # ----------------------------------------------------------------------------- data
+    Rule(
+        "validation-files-or-fraction",
+        "spec.data",
+        "validationFraction",
+        lambda d: d.validation is None or d.validation_fraction == 0,
+        "!has(self.validation) || self.validationFraction == 0.0",
+        "is set together with validation files",
+        "keep validation or validationFraction, not both",
+    ),
+    Rule(
+        "validation-fraction-below-one",
+        "spec.data",
+        "validationFraction",
+        lambda d: d.validation_fraction < 1,
+        "self.validationFraction < 1.0",
+        "must be below 1",
+        "use e.g. 0.01",
+    ),
+    Rule(
+        "chat-template-needs-chat-data",
+        "spec.data",
+        "chatTemplate",
+        lambda d: d.chat_template is None or d.format != "text",
+        "!has(self.chatTemplate) || self.format != 'text'",
+        "applies to chat and preference data only",
+        "remove it",
+    ),
+    Rule(
+        "document-separator-needs-text-paragraphs",
+        "spec.data",
+        "documentSeparator",
+        lambda d: d.document_separator is None or (d.format, d.text_split) == ("text", "paragraph"),
+        "!has(self.documentSeparator) || (self.format == 'text' && self.textSplit == 'paragraph')",
+        "splits the documents of text data (textSplit paragraph) only",
+        "remove it, or use format text with textSplit paragraph",
+    ),
+    Rule(
+        "stage-fits-format",
+        "spec",
+        "data.format",
+        lambda s: s.data.format in _STAGE_FORMATS[s.method.stage],
+        "self.method.stage == 'pretrain' ? self.data.format == 'text' : "
+        "self.method.stage == 'sft' ? self.data.format in ['text', 'chat'] : "
+        "self.data.format == 'preference'",
+        "does not fit method.stage",
+        "pretrain takes text, sft text or chat, dpo preference",
+    ),
+    # --------------------------------------------------------------------------- method
+    Rule(
+        "dpo-settings-need-dpo",
+        "spec.method",
+        "dpo",
+        lambda m: m.dpo is None or m.stage == "dpo",
+        "!has(self.dpo) || self.stage == 'dpo'",
+        "is set but stage is not dpo",
+        "remove it or use stage: dpo",
+    ),
+    Rule(
+        "dpo-needs-trained-policy",
+        "spec",
+        "model.architecture",
+        lambda s: s.method.stage != "dpo" or s.model.architecture is None,
+        "self.method.stage != 'dpo' || !has(self.model.architecture)",
+        "stage dpo needs a trained policy, not random weights",
+        "use model.uri or model.fromRun (e.g. an SFT run)",
+    ),
+    Rule(
+        "pretrain-without-adapter",
+        "spec",
+        "method.adapter.type",
+        lambda s: s.method.stage != "pretrain" or s.method.adapter.type == "none",
+        "self.method.stage != 'pretrain' || self.method.adapter.type == 'none'",
+        "adapters fine-tune a trained model; pretraining trains all weights",
+        "use adapter.type: none for stage pretrain",
+    ),
+    Rule(
+        "no-adapter-on-random-weights",
+        "spec",
+        "method.adapter.type",
+        lambda s: s.model.architecture is None or s.method.adapter.type == "none",
+        "!has(self.model.architecture) || self.method.adapter.type == 'none'",
+        "an adapter on random weights learns nothing useful",
+        "use adapter.type: none with model.architecture",
+    ),
+    Rule(
+        "qlora-not-with-zero-3",
+        "spec",
+        "distributed.zeroStage",
+        lambda s: s.method.adapter.type != "qlora" or s.distributed.zero_stage < 3,
+        "self.method.adapter.type != 'qlora' || self.distributed.zeroStage < 3",
+        "3 with qlora needs a matching bnb_4bit_quant_storage, which kubetrain does not set",
+        "use zeroStage 0, 1 or 2 with qlora, or adapter lora",
+    ),
+    # -------------------------------------------------------------- training and distribution
+    Rule(
+        "epochs-or-max-steps",
+        "spec.training",
+        "epochs",
+        lambda t: t.epochs is None or t.max_steps is None,
+        "!(has(self.epochs) && has(self.maxSteps))",
+        "is set together with maxSteps",
+        "keep one of them",
+    ),
+    Rule(
+        "offload-needs-zero-2",
+        "spec.distributed",
+        "offload",
+        lambda d: d.offload == "none" or d.zero_stage >= 2,
+        "self.offload == 'none' || self.zeroStage >= 2",
+        "needs zeroStage 2 or 3",
+        "set zeroStage: 2 or 3",
+        trainer="offload in the DeepSpeed config against zeroStage (train.py)",
+    ),
+    Rule(
+        "8bit-optimizer-not-sharded",
+        "spec",
+        "training.optimizer",
+        lambda s: (
+            not _eight_bit(s.training.optimizer) or s.distributed.zero_stage == 0 or _world(s) == 1
+        ),
+        "!"
+        + _EIGHT_BIT_CEL.replace("OPT", "self.training.optimizer")
+        + " || self.distributed.zeroStage == 0 || self.resources.nodes * "
+        "(self.resources.gpusPerNode > 0 ? self.resources.gpusPerNode : 1) == 1",
+        "bitsandbytes optimizer state is not sharded by DeepSpeed ZeRO on more than one process",
+        "use adamw_torch, or zeroStage: 0",
+        trainer="the same, with the launcher's world size (train.py)",
+    ),
+    Rule(
+        "fp16-needs-gpu",
+        "spec",
+        "training.precision",
+        lambda s: s.training.precision != "fp16" or s.resources.gpus_per_node > 0,
+        "self.training.precision != 'fp16' || self.resources.gpusPerNode > 0",
+        "fp16 needs a GPU (resources.gpusPerNode is 0)",
+        "use bf16 or fp32 on CPU",
+        trainer="fp16 without CUDA (train.py)",
+    ),
+    Rule(
+        "qlora-not-fp32-on-gpu",
+        "spec",
+        "training.precision",
+        lambda s: (
+            s.method.adapter.type != "qlora"
+            or s.training.precision != "fp32"
+            or s.resources.gpus_per_node == 0
+        ),
+        "self.method.adapter.type != 'qlora' || self.training.precision != 'fp32' || "
+        "self.resources.gpusPerNode == 0",
+        "qlora computes in bf16 or fp16 on GPUs",
+        "use bf16",
+        trainer="qlora in fp32 when CUDA is there (train.py)",
+    ),
+    # --------------------------------------------------------------------------- resources
+    Rule(
+        "merge-gpu-only-on-gpu-runs",
+        "spec",
+        "resources.merge.gpus",
+        lambda s: not s.resources.merge.gpus or s.resources.gpus_per_node > 0,
+        "!has(self.resources.merge.gpus) || self.resources.merge.gpus == 0 || "
+        "self.resources.gpusPerNode > 0",
+        "asks for a GPU on a CPU run (resources.gpusPerNode is 0)",
+        "remove it, or set resources.gpusPerNode",
+    ),
+    # ----------------------------------------------------------------------------- sanity
+    Rule(
+        "sanity-rungs-or-single-gate",
+        "spec.sanity",
+        "rungs",
+        lambda g: g.rungs is None or all(getattr(g, f) is None for f in g.gate_fields()),
+        "!has(self.rungs) || !(" + " || ".join(f"has(self.{f})" for f in _SANITY_GATE_FIELDS) + ")",
+        "is set together with the single-gate fields (gpus, steps, …)",
+        "move those fields into the rungs, or remove rungs for a single gate",
+    ),
+    # ----------------------------------------------------------------------------- output
+    Rule(
+        "merge-needs-adapter",
+        "spec",
+        "output.merge",
+        lambda s: not s.output.merge or s.method.adapter.type != "none",
+        "!self.output.merge || self.method.adapter.type != 'none'",
+        "there is no adapter to merge (method.adapter.type is none)",
+        "remove output.merge, or train an adapter (lora or qlora)",
+    ),
+    Rule(
+        "merge-not-into-quantized-base",
+        "spec",
+        "output.merge",
+        lambda s: not s.output.merge or not s.model.quantized,
+        "!self.output.merge || !self.model.quantized",
+        "the base at model.uri is declared quantized; merging into a 4-bit base corrupts the model",
+        "point model.uri at the full-precision base",
+        trainer="a base whose config says it is quantized (merge.py)",
+    ),
+    Rule(
+        "max-perplexity-needs-validation",
+        "spec",
+        "output.maxPerplexity",
+        lambda s: s.output.max_perplexity is None or _has_validation(s),
+        "!has(self.output.maxPerplexity) || has(self.data.validation) || "
+        "self.data.validationFraction > 0.0",
+        "needs a validation split to measure perplexity on",
+        "set data.validation or data.validationFraction, or remove maxPerplexity",
+    ),
+    # ---------------------------------------------------------------------------- storage
+    Rule(
+        "s3-endpoint-https",
+        "spec.storage.s3",
+        "endpoint",
+        lambda s3: not s3.endpoint.startswith("http://") or s3.allow_insecure_endpoint,
+        "!self.endpoint.startsWith('http://') || self.allowInsecureEndpoint",
+        "is plain http: credentials and data would cross the network unencrypted",
+        "use https://, or set allowInsecureEndpoint: true for a test store on a trusted network",
+    ),
+    Rule(
+        "hf-endpoint-https",
+        "spec.storage.hf",
+        "endpoint",
+        lambda hf: not hf.endpoint.startswith("http://"),
+        "!self.endpoint.startsWith('http://')",
+        "is plain http: the Hub token would cross the network unencrypted",
+        "use an https:// endpoint",
+    ),
+)
+
+RUNG_RULES: tuple[RungRule, ...] = (
+    RungRule(
+        "rung-gpus-within-run",
+        "gpus",
+        lambda s, r: r.gpus is None or r.gpus <= s.resources.nodes * s.resources.gpus_per_node,
+        "!has(r.gpus) || r.gpus <= self.resources.nodes * self.resources.gpusPerNode",
+        "a sanity rung asks for more GPUs than the run has (nodes × gpusPerNode)",
+        "use at most that many",
+    ),
+    RungRule(
+        "rung-gpus-fill-nodes",
+        "gpus",
+        lambda s, r: (
+            r.gpus is None
+            or s.resources.gpus_per_node == 0
+            or r.gpus <= s.resources.gpus_per_node
+            or r.gpus % s.resources.gpus_per_node == 0
+        ),
+        "!has(r.gpus) || self.resources.gpusPerNode == 0 || r.gpus <= self.resources.gpusPerNode"
+        " || r.gpus % self.resources.gpusPerNode == 0",
+        "a sanity rung wider than one node must fill whole nodes (a multiple of gpusPerNode)",
+        "use at most gpusPerNode, or a multiple of it",
+    ),
+    RungRule(
+        "rung-8bit-optimizer-not-sharded",
+        "optimizer",
+        lambda s, r: (
+            not _eight_bit(r.optimizer or s.training.optimizer)
+            or (s.distributed.zero_stage if r.zero_stage is None else r.zero_stage) == 0
+            or (r.gpus or 0) <= 1
+        ),
+        "!"
+        + _EIGHT_BIT_CEL.replace(
+            "OPT", "(has(r.optimizer) ? r.optimizer : self.training.optimizer)"
+        )
+        + " || (has(r.zeroStage) ? r.zeroStage : self.distributed.zeroStage) == 0"
+        " || !has(r.gpus) || r.gpus <= 1",
+        "a sanity rung with a bitsandbytes optimizer and ZeRO on more than one GPU: its state is "
+        "not sharded by DeepSpeed",
+        "use adamw_torch on that rung, or zeroStage: 0",
+        trainer="the same, with the launcher's world size (train.py)",
+    ),
+    RungRule(
+        "rung-fp16-needs-gpu",
+        "gpus",
+        lambda s, r: s.training.precision != "fp16" or r.gpus is None or r.gpus > 0,
+        "self.training.precision != 'fp16' || !has(r.gpus) || r.gpus > 0",
+        "a CPU sanity rung (gpus 0) cannot train in fp16",
+        "give the rung a GPU, or use bf16",
+        trainer="fp16 without CUDA (train.py)",
+    ),
+)
+
+
+def rung_items(spec: Any) -> Iterator[tuple[str, Any]]:
+    """(path, rung) of every rung of a spec's sanity ladder, as the user wrote it."""
+    if spec.sanity is None:
+        return
+    if spec.sanity.rungs is None:
+        yield "spec.sanity", spec.sanity
+        return
+    for index, rung in enumerate(spec.sanity.rungs):
+        yield f"spec.sanity.rungs[{index}]", rung
+
+
+def node_at(root: Any, dotted: str) -> Any:
+    """The parsed node at a dotted path (camelCase names), or None where it is absent."""
+    node = root
+    for name in filter(None, dotted.split(".")):
+        if node is None:
+            return None
+        node = getattr(node, re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower(), None)
+    return node
+
+
+def problems(root: Any, valid: frozenset[str] | None = None) -> list[tuple[str, str]]:
+    """(path, `problem — fix`) for every rule the parsed run breaks.
+
+    `valid` is the set of spec sections (and `metadata`) that parsed; rules reading any other are
+    skipped, so a field error and a cross-field error elsewhere are reported in the same pass.
+    """
+    found: list[tuple[str, str]] = []
+    for rule in RULES:
+        if valid is not None and not rule.sections() <= valid:
+            continue
+        node = node_at(root, rule.at)
+        if node is not None and not rule.check(node):
+            found.append((rule.path, f"{rule.message} — {rule.fix}"))
+    spec = root.spec
+    readable = valid is None or {"sanity", "resources", "training", "distributed"} <= valid
+    if readable:
+        for path, rung in rung_items(spec):
+            for rung_rule in RUNG_RULES:
+                if not rung_rule.check(spec, rung):
+                    where = f"{path}.{rung_rule.field}"
+                    found.append((where, f"{rung_rule.message} — {rung_rule.fix}"))
+    return found
