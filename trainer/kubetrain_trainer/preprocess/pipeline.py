@@ -27,7 +27,7 @@ from kubetrain_trainer.preprocess.encode import (
     EncodeSettings,
 )
 from kubetrain_trainer.preprocess.rows import Tally
-from kubetrain_trainer.stage import EXIT_TERMINATED, InvalidInput, Retryable
+from kubetrain_trainer.stage import EXIT_TERMINATED, InvalidInput, Retryable, StageFailure
 
 log = logging.getLogger("kubetrain_trainer.preprocess")
 
@@ -127,8 +127,8 @@ def _describe(src: readers.Source, config: PreprocessConfig) -> InputFile:
         return InputFile(
             src, storage.fingerprint(src.uri, config.s3), storage.size(src.uri, config.s3)
         )
-    except storage.NotFound as error:
-        raise InvalidInput(f"{src.split}: {error}") from None
+    except storage.StorageError as error:  # missing or unreadable: 2; transient: 1
+        raise StageFailure(error.exit_code, f"{src.split}: {error.message}") from None
 
 
 def _cached(uri: str, config: PreprocessConfig) -> dict[str, Any] | None:
@@ -235,13 +235,14 @@ class _Progress:
 def _build(
     config: PreprocessConfig, workdir: Path, where: Located, metrics: PreprocessMetrics
 ) -> dict[str, Any]:
+    packing = dataset.packing(config)
     workers = config.workers or parallel.default_workers()
     threads = max(1, parallel.available_cpus() // workers)
     os.environ.setdefault("RAYON_NUM_THREADS", str(parallel.available_cpus()))
     log.info("%d worker process(es), %d tokenizer thread(s) each", workers, threads)
     with (
         writer.staging(where.uri, where.key, workdir) as staged,
-        _disk_full_is_retried(staged, where, metrics),
+        _disk_full_is_retried(staged, where, metrics, len(dataset.schema(config.format, packing))),
         parallel.Pool(workers, threads) as pool,
     ):
         trained = None
@@ -313,24 +314,26 @@ def _build(
 
 @contextlib.contextmanager
 def _disk_full_is_retried(
-    staged: Path, where: Located, metrics: PreprocessMetrics
+    staged: Path, where: Located, metrics: PreprocessMetrics, columns: int
 ) -> Iterator[None]:
-    """ENOSPC: exit 1 (retryable) naming the path and an estimate of the bytes needed — what
-    was written, scaled by the share of the input read; the staging directory is removed."""
+    """ENOSPC: exit 1 (retryable) naming the path and an estimate of the bytes needed — the
+    tokens produced so far at 4 bytes per column (or what was written, if more), scaled by the
+    share of the input read; the staging directory is removed on the way out."""
     try:
         yield
     except OSError as error:
-        if error.errno != errno.ENOSPC:
+        if error.errno != errno.ENOSPC and "No space left on device" not in str(error):
             raise
         written = sum(p.stat().st_size for p in staged.rglob("*") if p.is_file())
         total = sum(i.nbytes for i in where.inputs)
-        read = (
-            metrics.registry.get_sample_value(
-                "kubetrain_preprocess_read_bytes_total", {"run": metrics.run}
-            )
-            or 0.0
-        )
-        needed = int(written * total / read) if read else None
+
+        def sample(name: str) -> float:
+            found = metrics.registry.get_sample_value(name, {"run": metrics.run})
+            return found or 0.0
+
+        read = sample("kubetrain_preprocess_read_bytes_total")
+        produced = max(written, int(sample("kubetrain_preprocess_tokens_total")) * 4 * columns)
+        needed = int(produced * total / read) if read else None
         free = shutil.disk_usage(staged).free
         estimate = f"about {needed} bytes are needed" if needed else "the need is unknown"
         raise Retryable(

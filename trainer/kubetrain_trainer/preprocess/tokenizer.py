@@ -160,6 +160,7 @@ def plan(config: PreprocessConfig, cache_dir: Path) -> TokenizerPlan:
             f"tokenizer.uri: {uri} has no tokenizer.json — the fast (Rust) tokenizer is required; "
             "save it with transformers' save_pretrained to create one"
         )
+    _check_loads(directory / "tokenizer.json", uri)
     template = named
     if needs_template and template is None:
         template = _own_template(directory)
@@ -171,6 +172,19 @@ def plan(config: PreprocessConfig, cache_dir: Path) -> TokenizerPlan:
     return TokenizerPlan(
         dir_fingerprint(directory), template if needs_template else None, directory
     )
+
+
+def _check_loads(path: Path, uri: str) -> None:
+    """Exit 2 now, naming the file, for a tokenizer.json the Rust tokenizer cannot read."""
+    from tokenizers import Tokenizer
+
+    try:
+        Tokenizer.from_file(str(path))
+    except Exception as error:  # tokenizers raises plain Exception for a malformed file
+        raise InvalidInput(
+            f"tokenizer.uri: {uri}: {path.name} does not load ({error}) — it is truncated or "
+            "from an incompatible release: save the tokenizer again with save_pretrained"
+        ) from None
 
 
 def _own_template(directory: Path) -> str | None:
