@@ -67,7 +67,7 @@ from .errors import (
 )
 from .patching import PatchError, json_patch, merge_patch, strategic_merge_patch
 from .resources import BUILTINS, ResourceType, from_crd
-from .selectors import field_selector, label_selector
+from .selection import field_selector, label_selector
 
 LOG_LIMIT = 20000  # watch events kept for resourceVersion replays
 Obj = dict[str, Any]
@@ -129,6 +129,7 @@ class StandInAPIServer(kmock.KubernetesEmulator):
     _gc_wake: asyncio.Event = attrs.field(factory=asyncio.Event, init=False)
     _calls: list[Call] = attrs.field(factory=list, init=False)
     hooks: Hooks = attrs.field(factory=Hooks, init=False)
+    kubelet: Any = attrs.field(default=None, init=False)
     address: str = attrs.field(default="127.0.0.1:0")
 
     def __attrs_post_init__(self) -> None:
@@ -781,17 +782,19 @@ class StandInAPIServer(kmock.KubernetesEmulator):
             and self._dependents(meta["uid"])
         ):
             finalizers.append("foregroundDeletion")
-        if rt.key == ("", "pods") and self.pod_is_running(updated):
-            seconds = int(
-                grace
-                if grace is not None
-                else updated.get("spec", {}).get("terminationGracePeriodSeconds", 30)
-            )
-            if seconds > 0 and not meta.get("deletionTimestamp"):
-                meta["deletionGracePeriodSeconds"] = seconds
-            elif seconds == 0:
+        if rt.key == ("", "pods"):
+            if self.pod_is_running(updated):
+                default = updated.get("spec", {}).get("terminationGracePeriodSeconds", 30)
+                seconds = int(grace if grace is not None else default)
+                if meta.get("deletionGracePeriodSeconds"):
+                    seconds = min(seconds, int(meta["deletionGracePeriodSeconds"]))
+                if seconds > 0:
+                    meta["deletionGracePeriodSeconds"] = seconds
+                else:
+                    meta.pop("deletionGracePeriodSeconds", None)
+                    self.kill_pod(updated, force=True)
+            else:
                 meta.pop("deletionGracePeriodSeconds", None)
-                self.kill_pod(updated, force=True)
         if finalizers or self._graceful(rt, updated):
             if not meta.get("deletionTimestamp") or finalizers != list(
                 meta.get("finalizers") or []
@@ -1099,15 +1102,16 @@ class StandInAPIServer(kmock.KubernetesEmulator):
         self._put_new(rt, body)
         self._register_crd(body)
 
-    # Filled in by the kubelet stand-in (pods.py); without one, pods never run.
+    # The kubelet stand-in (pods.PodRunner) plugs in here; without one, pods never run.
     def pod_is_running(self, pod: Obj) -> bool:
-        return False
+        return self.kubelet is not None and bool(self.kubelet.is_running(pod))
 
     def kill_pod(self, pod: Obj, *, force: bool) -> None:
-        return None
+        if self.kubelet is not None:
+            self.kubelet.kill(pod, force=force)
 
     def pod_log(self, namespace: str | None, name: str) -> str:
-        return ""
+        return str(self.kubelet.log(namespace, name)) if self.kubelet is not None else ""
 
 
 def _desired(obj: Obj) -> Obj:
