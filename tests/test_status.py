@@ -724,3 +724,27 @@ def test_format_helpers() -> None:
     assert st.format_eta(50520) == "14h02m" and st.format_eta(307) == "5m07s"
     assert st.format_eta(42) == "42s"
     assert TIMING.backoff(1) == 10 and TIMING.backoff(3) == 40 and TIMING.backoff(9) == 40
+
+
+def test_a_finished_child_waits_briefly_for_its_pods_exit_codes() -> None:
+    """The child's Failed condition can arrive before its pod's terminated state (two watches)."""
+    world = World(run_doc())
+    through_data(world)
+    name = world.child("train")["metadata"]["name"]
+    world.set_state(name, "running")
+    world.step()
+    world.children[name]["status"] = job_status("PyTorchJob", "failed", world.now)
+    world.step()  # the pod still says running
+    assert "result" not in world.status["attemptHistory"][0]
+    world.set_state(name, "failed", exit_code=3, message=result("train", False, error="NaN"))
+    world.step()
+    assert world.status["attemptHistory"][0]["exitCode"] == 3
+    # a pod that never reports: after the grace the child's own word is taken
+    other = World(run_doc())
+    through_data(other)
+    name = other.child("train")["metadata"]["name"]
+    other.set_state(name, "running")
+    other.step()
+    other.children[name]["status"] = job_status("PyTorchJob", "failed", other.now)
+    other.step(dt=st.POD_REPORT_GRACE + 1)
+    assert other.status["attemptHistory"][0]["result"] == "Failed"

@@ -38,26 +38,26 @@ def _pod(body: kopf.Body) -> dict[str, Any]:
 
 
 @kopf.index(*RUN)
-def runs(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+async def runs(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
     return {(namespace or "", name): _plain(body)}
 
 
 @kopf.index("batch", "v1", "jobs", labels=CHILD_FILTER)
-def run_jobs(
+async def run_jobs(
     namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
 ) -> dict[Any, Any]:
     return {(namespace or "", labels[LABEL_RUN]): _plain(body)}
 
 
 @kopf.index("kubeflow.org", "v1", "pytorchjobs", labels=CHILD_FILTER)
-def run_pytorchjobs(
+async def run_pytorchjobs(
     namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
 ) -> dict[Any, Any]:
     return {(namespace or "", labels[LABEL_RUN]): _plain(body)}
 
 
 @kopf.index("", "v1", "pods", labels=CHILD_FILTER)
-def run_pods(
+async def run_pods(
     namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
 ) -> dict[Any, Any]:
     return {(namespace or "", labels[LABEL_RUN]): _pod(body)}
@@ -76,7 +76,7 @@ def _reconciler(memo: kopf.Memo, kwargs: dict[str, Any]) -> Reconciler:
 
 
 @kopf.on.event(*RUN)
-def run_changed(namespace: str | None, name: str, memo: kopf.Memo, **kwargs: Any) -> None:
+async def run_changed(namespace: str | None, name: str, memo: kopf.Memo, **kwargs: Any) -> None:
     reconciler = _reconciler(memo, kwargs)
     reconciler.poke((namespace or "", name))
     reconciler.poke_dependents((namespace or "", name))
@@ -85,7 +85,7 @@ def run_changed(namespace: str | None, name: str, memo: kopf.Memo, **kwargs: Any
 @kopf.on.event("batch", "v1", "jobs", labels=CHILD_FILTER)
 @kopf.on.event("kubeflow.org", "v1", "pytorchjobs", labels=CHILD_FILTER)
 @kopf.on.event("", "v1", "pods", labels=CHILD_FILTER)
-def child_changed(
+async def child_changed(
     namespace: str | None, labels: kopf.Labels, memo: kopf.Memo, **kwargs: Any
 ) -> None:
     key = run_key(labels, namespace or "")
@@ -94,6 +94,6 @@ def child_changed(
 
 
 @kopf.timer(*RUN, interval=SETTINGS.resync_seconds, initial_delay=SETTINGS.resync_seconds)
-def resync(namespace: str | None, name: str, memo: kopf.Memo, **kwargs: Any) -> None:
+async def resync(namespace: str | None, name: str, memo: kopf.Memo, **kwargs: Any) -> None:
     """Repairs a missed event and polls progress; the scrape itself is rate-limited."""
     _reconciler(memo, kwargs).poke((namespace or "", name))

@@ -36,7 +36,6 @@ CALLS: frozenset[tuple[str, str, str]] = frozenset(
         ("create", "", "services"),
         ("create", "batch", "jobs"),
         ("patch", "batch", "jobs"),
-        ("delete", "batch", "jobs"),
         ("create", "kubeflow.org", "pytorchjobs"),
         ("patch", "kubeflow.org", "pytorchjobs"),
         ("delete", "kubeflow.org", "pytorchjobs"),

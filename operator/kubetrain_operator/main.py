@@ -27,7 +27,7 @@ FINALIZER = f"{API_GROUP}/finalizer"
 
 
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     ours = handlers.SETTINGS
     # Our own finalizer and annotation prefix (Kopf's defaults are under kopf.zalando.org).
     settings.persistence.finalizer = FINALIZER
@@ -56,7 +56,7 @@ async def shutdown(memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.on.probe(id="runs")
-def probe_runs(memo: kopf.Memo, **_: Any) -> int:
+async def probe_runs(memo: kopf.Memo, **_: Any) -> int:
     """The liveness endpoint (`--liveness=http://0.0.0.0:8080/healthz`) reports runs in memory."""
     reconciler: Reconciler = memo.reconciler
     return reconciler.tracked()

@@ -99,6 +99,9 @@ PROGRESS_METRICS = (M_STEP, M_TOTAL, M_LOSS, M_TOKENS_PER_SECOND, M_ETA, M_LAST_
 AttemptReason = Literal["initial", "failure", "stall"]
 
 MESSAGE_LIMIT = 1024
+#: How long a finished child may wait for its pods' exit codes to be seen (pod and child events
+#: arrive on separate watches): past this, the child's own word is taken.
+POD_REPORT_GRACE = 30.0
 
 
 # ----------------------------------------------------------------------------------------- inputs
@@ -190,6 +193,14 @@ class ChildState:
     suspended: bool = False
     api_version: str = ""
     kind: str = ""
+
+    def unsettled(self, now: float) -> bool:
+        """Finished by its controller, but its pods' exit codes are not in yet."""
+        if self.phase not in ("succeeded", "failed") or self.exit_code is not None:
+            return False
+        if not self.active_pods:
+            return False
+        return now - (self.finished_at or now) < POD_REPORT_GRACE
 
 
 def parse_time(value: Any) -> float | None:
@@ -672,6 +683,10 @@ class _Lifecycle:
         """preprocess, sanity rungs and merge: run once; any failure ends the run."""
         name = stage_object_name(self.plan, stage)
         child = observe_child(name, self.children.get(name), self.pods)
+        if child.unsettled(self.status.now):
+            self.stage_pending(stage)
+            self.waiting(stage, child)
+            return False
         if child.phase == "absent":
             if child.active_pods:  # a deleted child's pods are still stopping
                 self.waiting(stage, child)
@@ -783,6 +798,9 @@ class _Lifecycle:
         name = stage_object_name(self.plan, stage, attempt)
         child = observe_child(name, self.children.get(name), self.pods)
         if "result" not in current:
+            if child.unsettled(self.status.now):
+                self.waiting(stage, child)
+                return False
             if child.phase == "absent":
                 if child.active_pods:
                     self.waiting(stage, child)
