@@ -21,7 +21,6 @@ from typing import Any
 import pytest
 from safetensors.torch import load_file
 
-from kubetrain_operator.api import parse_run
 from kubetrain_operator.plan import deepspeed_config
 from kubetrain_trainer import storage
 from kubetrain_trainer.config import S3Settings
@@ -40,32 +39,9 @@ TRAINING = {
 PROBE = [str(ROOT / "tests" / "zero_probe.py")]
 
 
-def operator_deepspeed(zero_stage: int, world: int) -> dict[str, Any]:
-    """The DeepSpeed config the operator's plan generates for a run trained like TRAINING."""
-    run = parse_run(
-        {
-            "apiVersion": "kubetrain.dev/v1alpha1",
-            "kind": "TrainingRun",
-            "metadata": {"name": f"zero{zero_stage}"},
-            "spec": {
-                "model": {
-                    "architecture": {
-                        "hiddenSize": 64,
-                        "layers": 2,
-                        "heads": 4,
-                        "contextLength": 128,
-                    }
-                },
-                "tokenizer": {"train": {"vocabSize": 1024}},
-                "data": {"format": "text", "train": ["corpus.txt"], "blockSize": 64},
-                "method": {"stage": "pretrain"},
-                "training": TRAINING,
-                "distributed": {"zeroStage": zero_stage},
-                "output": {"uri": "s3://unused/out"},
-            },
-        }
-    )
-    config = deepspeed_config(run.spec, world)
+def operator_deepspeed(zero_stage: int, offload: str = "none") -> dict[str, Any]:
+    """The DeepSpeed config the operator's plan generates (Trainer fills its "auto" values)."""
+    config = deepspeed_config(zero_stage, offload)
     assert config is not None
     if zero_stage == 3:
         # The operator keeps parameters below 1e6 elements whole on every rank (gathering them
@@ -78,8 +54,8 @@ def operator_deepspeed(zero_stage: int, world: int) -> dict[str, Any]:
 def test_zero2_and_zero3_match_ddp_on_two_processes(assets: Assets, tmp_path: Path) -> None:
     runs = {
         "ddp": {"zeroStage": 0, "worldSize": 2},
-        "zero2": {"zeroStage": 2, "worldSize": 2, "deepspeed": operator_deepspeed(2, 2)},
-        "zero3": {"zeroStage": 3, "worldSize": 2, "deepspeed": operator_deepspeed(3, 2)},
+        "zero2": {"zeroStage": 2, "worldSize": 2, "deepspeed": operator_deepspeed(2)},
+        "zero3": {"zeroStage": 3, "worldSize": 2, "deepspeed": operator_deepspeed(3)},
     }
     probes: dict[str, list[dict[str, Any]]] = {}
     for name, distributed in runs.items():

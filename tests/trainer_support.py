@@ -274,8 +274,9 @@ def torchrun(
     workdir: Path,
     env: dict[str, str] | None = None,
     entry: list[str] | None = None,
+    nproc: int = 2,
 ) -> subprocess.CompletedProcess[str]:
-    """The train stage as two processes on this machine, under the real `torchrun --standalone`.
+    """The train stage as `nproc` (two) processes here, under the real `torchrun --standalone`.
 
     `entry` replaces `-m kubetrain_trainer train` (e.g. a test script that runs the same stage
     and reports what each rank holds, tests/zero_probe.py)."""
@@ -283,7 +284,7 @@ def torchrun(
         str(Path(sys.executable).parent / "torchrun"),
         "--standalone",
         "--nproc_per_node",
-        "2",
+        str(nproc),
         *(entry or ["-m", "kubetrain_trainer", "train"]),
         "--config",
         str(config),
