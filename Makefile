@@ -6,8 +6,14 @@ export DS_BUILD_OPS := 0
 export DS_ACCELERATOR := cpu
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup test lint demo crd clean
-setup: $(VENV)/.installed
+.PHONY: setup test lint demo crd chart prometheus clean
+setup: $(VENV)/.installed prometheus
+
+# promtool and the Prometheus server, for the alert and dashboard tests: Debian's package (CI runs
+# as root with the Debian registry); nothing to do where both are on the PATH already.
+prometheus:
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || \
+	  { apt-get update -q && apt-get install -y -q --no-install-recommends prometheus; }
 
 # torch goes first, from the CPU wheel, under the same constraint as everything else: deepspeed's
 # metadata would otherwise pull a multi-GB CUDA build.
@@ -19,8 +25,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 lint: setup
-	$(BIN)/ruff check operator trainer tests bench examples
-	$(BIN)/ruff format --check operator trainer tests bench examples
+	$(BIN)/ruff check operator trainer tests bench examples observability
+	$(BIN)/ruff format --check operator trainer tests bench examples observability
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
@@ -35,6 +41,12 @@ demo: setup
 crd: setup
 	$(BIN)/kubetrain crd > crds/trainingruns.kubetrain.dev.yaml
 	cp crds/trainingruns.kubetrain.dev.yaml charts/kubetrain/crds/
+	$(MAKE) chart
+
+# The chart's generated files (CRD template, RBAC rules, dashboard JSON, health checks) from their
+# sources; tests/test_chart.py fails when one is stale.
+chart: $(VENV)/.installed
+	$(BIN)/python observability/generate.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
