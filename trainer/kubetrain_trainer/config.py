@@ -55,18 +55,26 @@ class Fields(_Config):
     """Names of the input fields per format."""
 
     text: str = "text"
+    """Field holding the document (format text): spec.data.textField."""
     messages: str = "messages"
+    """Field holding the list of {role, content} messages (format chat)."""
     prompt: str = "prompt"
+    """Prompt field (format preference)."""
     chosen: str = "chosen"
+    """Preferred answer field (format preference)."""
     rejected: str = "rejected"
+    """Dispreferred answer field (format preference)."""
 
 
 class TokenizerTrain(_Config):
     """Train a byte-level BPE tokenizer on the training inputs."""
 
     vocab_size: int = Field(ge=512)
+    """Vocabulary size including the special tokens (≥ 512: bytes plus merges)."""
     special_tokens: list[str] = Field(min_length=1)
+    """Special tokens; the first is the end-of-document (EOS) token."""
     min_frequency: PositiveInt = 2
+    """Merges seen fewer times are not learned."""
 
 
 class TokenizerSource(_Config):
@@ -75,6 +83,7 @@ class TokenizerSource(_Config):
     uri: Uri | None = None
     """Directory with tokenizer.json (and tokenizer_config.json) loaded with transformers."""
     train: TokenizerTrain | None = None
+    """The BPE training recipe (pretraining from scratch)."""
 
     @model_validator(mode="after")
     def _one(self) -> TokenizerSource:
@@ -87,71 +96,107 @@ class Architecture(_Config):
     """A Llama-family model built from a config (pretraining from scratch)."""
 
     family: Literal["llama"] = "llama"
+    """Model family; llama (LlamaForCausalLM)."""
     hidden_size: PositiveInt
+    """Width of the residual stream."""
     layers: PositiveInt
+    """Decoder layers."""
     heads: PositiveInt
+    """Attention heads."""
     kv_heads: PositiveInt
+    """Key/value heads (grouped-query attention); the plan resolves the default."""
     intermediate_size: PositiveInt
+    """MLP width; the plan resolves the default."""
     context_length: PositiveInt
+    """max_position_embeddings."""
     vocab_size: PositiveInt | None = None
     """None: the tokenizer's vocabulary size."""
     rope_theta: float = 10000.0
+    """RoPE base frequency."""
     tie_word_embeddings: bool = False
+    """Share input and output embeddings."""
 
 
 class PreprocessConfig(_Config):
     """Read, validate, tokenize and pack the data into a content-addressed Arrow dataset."""
 
     api_version: Literal["kubetrain.dev/stage-v1"] = Field(alias="apiVersion")
+    """The stage contract's version."""
     stage: Literal["preprocess"]
+    """Which stage this config is for."""
     run: str
+    """The TrainingRun's name (logs, metrics labels)."""
     format: Literal["text", "chat", "preference"]
+    """text, chat or preference rows."""
     train: list[Uri] = Field(min_length=1)
+    """Training files, prefixes or globs (local paths or s3://)."""
     validation: list[Uri] = Field(default_factory=list)
+    """Validation files, prefixes or globs; empty: hold out validationFraction."""
     validation_fraction: Fraction = 0.0
+    """Share of training documents held out when there are no validation files."""
     fields: Fields = Field(default_factory=Fields)
+    """Input field names per format."""
     text_split: Literal["paragraph", "line"] = "paragraph"
+    """.txt files: blank-line paragraphs or single lines per document."""
     document_separator: str | None = Field(default=None, min_length=1, max_length=256)
     """.txt: documents end at this text (e.g. <|endoftext|>); None: textSplit decides."""
     cross_document_attention: bool = True
     """Text packing: False restarts position_ids per document, keeping attention within it."""
     chat_template: Literal["chatml", "tulu", "llama3"] | None = None
+    """A named chat template; None: the tokenizer's own."""
     block_size: PositiveInt
+    """Tokens per packed sequence."""
     partial_block: Literal["pad", "drop"] = "pad"
+    """The last partial block of text data: padded (masked) or dropped."""
     max_rejected_fraction: Fraction = 0.01
+    """Fail (exit 2) above this share of rejected rows."""
     tokenizer: TokenizerSource
+    """The tokenizer to load or train."""
     cache_root: Uri
     """Datasets are published under <cacheRoot>/datasets/<key>/."""
     dataset_pointer: Uri
     """Where the stage writes {cacheKey, uri} for the stages after it (<output>/dataset.json)."""
     seed: int = 42
+    """Seed for the validation hold-out and shard order."""
     workers: int | None = Field(default=None, ge=1, le=256)
     """Worker processes; None: from the cgroup CPU and memory limits."""
     metrics_port: int = Field(default=METRICS_PORT, ge=0, le=65535)
+    """Prometheus port (0: none)."""
     s3: S3Settings = Field(default_factory=S3Settings)
+    """S3 settings for s3:// URIs."""
 
 
 class AdapterConfig(_Config):
     type: Literal["none", "lora", "qlora"] = "none"
+    """none (full fine-tune), lora or qlora."""
     r: PositiveInt = 16
+    """LoRA rank."""
     alpha: float = 32.0
+    """LoRA scaling (alpha / r)."""
     dropout: Fraction = 0.05
+    """Dropout on the LoRA path."""
     target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
     )
+    """Module names to adapt."""
 
 
 class DPOConfig(_Config):
     beta: float = 0.1
+    """Strength of the KL penalty towards the reference model."""
     loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    """DPO loss variant."""
     max_prompt_length: PositiveInt | None = None
+    """Longest prompt kept (tokens); None: no limit of its own."""
 
 
 class ModelSource(_Config):
     """Exactly one of: a pretrained directory (uri) or an architecture to build."""
 
     uri: Uri | None = None
+    """A pretrained model directory (local, s3:// or hf://)."""
     architecture: Architecture | None = None
+    """Build a new model with random weights."""
     quantized: bool = False
     """The base at uri is pre-quantized: merging an adapter into it is refused."""
 
@@ -164,21 +209,37 @@ class ModelSource(_Config):
 
 class Optimization(_Config):
     epochs: float | None = None
+    """Passes over the data; exclusive with maxSteps."""
     max_steps: PositiveInt | None = None
+    """Optimizer steps; exclusive with epochs."""
     learning_rate: float = Field(gt=0)
+    """Peak learning rate."""
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
-    warmup_ratio: Fraction = 0.0
+    """Schedule after warm-up."""
+    warmup_ratio: Fraction = 0.03
+    """Share of steps spent warming up linearly."""
     weight_decay: float = 0.0
+    """AdamW weight decay."""
     micro_batch_size: PositiveInt = 1
+    """Sequences per process per forward pass."""
     gradient_accumulation_steps: PositiveInt = 1
+    """Micro-batches per optimizer step."""
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    """Compute precision."""
     optimizer: str = "adamw_torch"
+    """TrainingArguments.optim name."""
     max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 disables)."""
     gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass."""
     seed: int = 42
+    """Seed for weights, data order and dropout."""
     logging_steps: PositiveInt = 10
+    """Log a line every this many steps."""
     eval_steps: PositiveInt | None = None
+    """Evaluate every this many steps; None: at the end only."""
     max_grad_norm_abort: float = 1.0e6
+    """Abort (exit 3) above this gradient norm."""
 
     @model_validator(mode="after")
     def _length(self) -> Optimization:
@@ -189,18 +250,23 @@ class Optimization(_Config):
 
 class Checkpointing(_Config):
     every_steps: PositiveInt = 500
+    """Save every this many optimizer steps."""
     keep: PositiveInt = 3
+    """Newest complete checkpoints kept."""
 
 
 class SanityGate(_Config):
     """Pass/fail criteria of the sanity stage."""
 
     min_loss_drop: Fraction
+    """Required relative loss drop from the first to the last logged steps."""
     max_grad_norm: float = Field(gt=0)
+    """Gradient norms above this fail the gate."""
 
 
 class Distributed(_Config):
     zero_stage: int = Field(default=0, ge=0, le=3)
+    """0: DDP or one process; 1–3: DeepSpeed ZeRO stage."""
     deepspeed: dict[str, Any] | None = None
     """The DeepSpeed config generated by the operator's plan (None for zeroStage 0)."""
     world_size: PositiveInt = 1
@@ -211,23 +277,37 @@ class TrainConfig(_Config):
     """One training job (the sanity gate is the same stage with `sanity` set and few steps)."""
 
     api_version: Literal["kubetrain.dev/stage-v1"] = Field(alias="apiVersion")
+    """The stage contract's version."""
     stage: Literal["train", "sanity"]
+    """train, or sanity (one rung of the sanity ladder)."""
     run: str
+    """The TrainingRun's name."""
     method: Literal["pretrain", "sft", "dpo"]
+    """pretrain, sft or dpo."""
     model: ModelSource
+    """The starting weights."""
     tokenizer_uri: Uri | None = None
     """None: the tokenizer saved with the dataset (trained) or the model's own."""
     dataset_pointer: Uri
+    """<output>/dataset.json, written by preprocessing."""
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    """Adapter settings."""
     dpo: DPOConfig | None = None
+    """DPO settings (method dpo only)."""
     training: Optimization
+    """Optimisation hyper-parameters."""
     checkpoints: Checkpointing = Field(default_factory=Checkpointing)
+    """Checkpoint cadence and retention."""
     distributed: Distributed = Field(default_factory=Distributed)
+    """DDP or DeepSpeed, and the world size the plan expects."""
     sanity: SanityGate | None = None
+    """The rung's pass criteria (stage sanity only)."""
     output_uri: Uri
     """Run output root: checkpoints/, final/ (train) or sanity/ (sanity stage) go below it."""
     metrics_port: int = Field(default=METRICS_PORT, ge=0, le=65535)
+    """Prometheus port of rank 0 (0: none)."""
     s3: S3Settings = Field(default_factory=S3Settings)
+    """S3 settings for s3:// URIs."""
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
@@ -246,20 +326,33 @@ class MergeConfig(_Config):
     """Merge an adapter into the full-precision base, evaluate, export with a model card."""
 
     api_version: Literal["kubetrain.dev/stage-v1"] = Field(alias="apiVersion")
+    """The stage contract's version."""
     stage: Literal["merge"]
+    """Which stage this config is for."""
     run: str
+    """The TrainingRun's name."""
     method: Literal["pretrain", "sft", "dpo"]
+    """pretrain, sft or dpo (for the model card)."""
     model: ModelSource
+    """The base model the adapter was trained on."""
     adapter: AdapterConfig
+    """The trained adapter's settings."""
     merge: bool
+    """Merge the adapter into the base and export merged/."""
     dataset_pointer: Uri
+    """The dataset (its validation split is evaluated)."""
     output_uri: Uri
+    """The run's output root (final/ is read, merged/ written)."""
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    """Precision of the evaluation."""
     micro_batch_size: PositiveInt = 1
+    """Sequences per evaluation batch."""
     max_perplexity: float | None = Field(default=None, gt=0)
     """Validation perplexity above this fails the stage (exit 3); None: not checked."""
     metrics_port: int = Field(default=METRICS_PORT, ge=0, le=65535)
+    """Prometheus port (0: none)."""
     s3: S3Settings = Field(default_factory=S3Settings)
+    """S3 settings for s3:// URIs."""
 
 
 StageConfig = PreprocessConfig | TrainConfig | MergeConfig

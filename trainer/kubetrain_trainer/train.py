@@ -214,13 +214,22 @@ class KubetrainTrainerMixin:
 
     kubetrain_sampler: data.StreamSampler
     kubetrain_accounting: StepAccounting
+    kubetrain_rng_checkpoint: str | None = None
+    """A resumed run's checkpoint, whose RNG state is restored before its first batch."""
 
     def _get_train_sampler(self, train_dataset: Any = None) -> data.StreamSampler:
         return self.kubetrain_sampler
 
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> Any:
         timed = self.kubetrain_accounting.timed(epoch_iterator)
-        return super().get_batch_samples(timed, num_batches, device)  # type: ignore[misc]
+        batches = super().get_batch_samples(timed, num_batches, device)  # type: ignore[misc]
+        if self.kubetrain_rng_checkpoint is not None:
+            # Trainer restores the RNG state (dropout masks) only when it skips batches itself;
+            # ours starts at the resume position (ignore_data_skip), so restore it here: after
+            # the first batch (starting the data iterator draws a seed), before the forward.
+            self._load_rng_state(self.kubetrain_rng_checkpoint)  # type: ignore[attr-defined]
+            self.kubetrain_rng_checkpoint = None
+        return batches
 
     def training_step(
         self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None
@@ -718,6 +727,10 @@ def prepare(config: TrainConfig, workdir: Path) -> Session:
 
     trainer = make_trainer(config, args, tokenizer, dataset, inputs.model_dir)
     trainer.kubetrain_accounting = StepAccounting(world_size=env.world_size, device=args.device)
+    if resumed:
+        trainer.kubetrain_rng_checkpoint = str(
+            layout.staging / checkpoint.step_name(position.start_step)
+        )
     trainer.kubetrain_sampler = data.StreamSampler(
         rows, config.training.seed, position.start_sample, position.at(args.max_steps)
     )
