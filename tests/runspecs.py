@@ -136,17 +136,51 @@ VARIANTS: dict[str, dict[str, Any]] = {
             "spec.training.maxGradNorm": 0.5,
         },
     ),
+    "ladder-2x4": changed(
+        example("tulu-sft"),
+        {
+            "spec.resources": {"nodes": 2, "gpusPerNode": 4},
+            "spec.distributed": {"zeroStage": 3, "offload": "cpu"},
+            "spec.sanity": {
+                "rungs": [
+                    {"gpus": 1, "steps": 20, "zeroStage": 0, "optimizer": "paged_adamw_8bit"},
+                    {"gpus": 2, "steps": 20, "microBatchSize": 2},
+                    {"gpus": 8, "steps": 10, "minLossDrop": 0.0, "maxGradNorm": 100},
+                ]
+            },
+        },
+    ),
+    "hub-model": changed(
+        example("llama-lora-merge"),
+        {
+            "spec.model.uri": "hf://meta-llama/Llama-3.1-8B-Instruct@main",
+            "spec.storage.hf": {"secretName": "hf-token", "endpoint": "https://hub.example"},
+        },
+    ),
+    "data-plane-settings": changed(
+        example("tinystories"),
+        {
+            "spec.output.maxPerplexity": 30,
+            "spec.storage.s3": {
+                "secretName": "minio",
+                "endpoint": "http://minio.storage:9000",
+                "allowInsecureEndpoint": True,
+            },
+            "spec.data.train": ["s3://datasets/tinystories/", "s3://datasets/more/*.txt"],
+        },
+    ),
     "zero1-3-nodes": changed(
         example("tulu-sft"),
         {
             "spec.resources": {"nodes": 3, "gpusPerNode": 2, "gpuResource": "amd.com/gpu"},
             "spec.distributed": {"zeroStage": 1},
+            "spec.sanity": {"rungs": [{"gpus": 1}, {"gpus": 6, "steps": 10}]},
             "spec.training": {"maxSteps": 1000, "learningRate": 1.0e-5},
         },
     ),
     "sanity-defaults": changed(example("llama-lora-merge"), {"spec.sanity": {}}),
     "no-sanity-cpu-2-nodes": changed(
-        example("tinystories-cpu"),
+        example("tinystories"),
         {"spec.sanity": DELETE, "spec.resources": {"nodes": 2, "gpusPerNode": 0}},
     ),
     "pretrain-tokenizer-uri": changed(
@@ -175,6 +209,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
+#: Examples meant for `kubetrain run` only (local paths): a cluster refuses them (plan's rule).
+LOCAL_ONLY = {"tinystories-cpu"}
+
+
 def all_documents() -> dict[str, dict[str, Any]]:
-    """The examples and the variants, by a readable id."""
-    return {**{n: example(n) for n in EXAMPLE_NAMES}, **VARIANTS}
+    """The examples and the variants that a cluster accepts, by a readable id."""
+    return {**{n: example(n) for n in EXAMPLE_NAMES if n not in LOCAL_ONLY}, **VARIANTS}
+
+
+def local_documents() -> dict[str, dict[str, Any]]:
+    """The runs `kubetrain run` accepts (the local-only example and cluster-free variants)."""
+    return {n: example(n) for n in sorted(LOCAL_ONLY)}

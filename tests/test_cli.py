@@ -3,8 +3,8 @@
 Real: the installed `kubetrain` console script (or `python -m kubetrain_operator.cli` where the
 script is missing), the shipped examples, files written to a temporary directory, exit codes and
 the text on stdout/stderr; the import check runs a fresh interpreter. Nothing is emulated.
-Expected output is derived from the issue's contract (`FILE: spec.path: problem — what to do`, exit
-0/2) and from the example documents themselves.
+Expected output is derived from the contract in docs/cli.md (`FILE: spec.path: problem — what to
+do` on stderr; exit 0 done, 1 invalid input, 2 usage error) and from the example documents.
 """
 
 from __future__ import annotations
@@ -21,16 +21,27 @@ from typing import Any
 import pytest
 import yaml
 
-from runspecs import EXAMPLE_FILES, ROOT, changed, example
+from runspecs import EXAMPLE_FILES, LOCAL_ONLY, ROOT, VARIANTS, all_documents, changed, example
+
+CLUSTER_EXAMPLES = [p for p in EXAMPLE_FILES if p.stem not in LOCAL_ONLY]
+LOCAL_EXAMPLES = [p for p in EXAMPLE_FILES if p.stem in LOCAL_ONLY]
+INVALID, USAGE = 1, 2  # docs/cli.md
 
 SCRIPT = shutil.which("kubetrain", path=str(Path(sys.executable).parent))
 COMMAND = [SCRIPT] if SCRIPT else [sys.executable, "-m", "kubetrain_operator.cli"]
 LINE = re.compile(r"^(?P<file>[^:]+): (?P<path>[^: ]+|line \d+): (?P<problem>.+) — (?P<fix>.+)$")
 
 
-def kubetrain(*args: str | Path, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+def kubetrain(
+    *args: str | Path, cwd: Path = ROOT, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [*COMMAND, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=120
+        [*COMMAND, *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=120,
+        input=stdin,
     )
 
 
@@ -50,10 +61,61 @@ def problem_lines(output: str, file: Path) -> list[re.Match[str]]:
 # ------------------------------------------------------------------------------------ validate
 
 
-def test_validate_accepts_every_example() -> None:
-    proc = kubetrain("validate", *(p.relative_to(ROOT) for p in EXAMPLE_FILES))
+def test_validate_accepts_every_example_for_its_target() -> None:
+    proc = kubetrain("validate", *(p.relative_to(ROOT) for p in CLUSTER_EXAMPLES))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout == ""
+    local = kubetrain(
+        "validate", "--target", "local", *(p.relative_to(ROOT) for p in LOCAL_EXAMPLES)
+    )
+    assert local.returncode == 0, local.stderr
+
+
+def test_validate_for_a_cluster_refuses_what_render_refuses() -> None:
+    """tinystories-cpu reads and writes local paths: `kubetrain run` takes it, a pod cannot."""
+    (path,) = (p.relative_to(ROOT) for p in LOCAL_EXAMPLES)
+    validate, render = kubetrain("validate", path), kubetrain("render", path)
+    assert validate.returncode == render.returncode == INVALID
+    assert validate.stderr == render.stderr and render.stdout == ""
+    paths = {m["path"] for m in problem_lines(validate.stderr, path)}
+    assert paths == {"spec.data.train[0]", "spec.output.uri"}
+    assert "pvc://" in validate.stderr and "s3://" in validate.stderr
+
+
+def _table() -> dict[str, dict[str, Any]]:
+    """Valid specs, and specs that only the plan refuses (local paths, pvc:// escapes, …)."""
+    docs = dict(all_documents())
+    tulu = example("llama-lora-merge")
+    docs["local-model"] = changed(tulu, {"spec.model.uri": "models/llama"})
+    docs["file-scheme-output"] = changed(tulu, {"spec.output.uri": "file:///runs/x"})
+    docs["local-cache"] = changed(tulu, {"spec.storage.cacheRoot": "/var/cache/kubetrain"})
+    docs["pvc-escape"] = changed(tulu, {"spec.output.uri": "pvc://runs/../../etc"})
+    docs["hub-dataset"] = changed(tulu, {"spec.data.train": ["hf://datasets/org/x"]})
+    docs["hub-model"] = VARIANTS["hub-model"]
+    docs["bad-rung"] = changed(
+        VARIANTS["ladder-2x4"],
+        {"spec.sanity.rungs": [{"gpus": 2, "optimizer": "adamw_8bit"}]},
+    )
+    return docs
+
+
+TABLE = _table()
+
+
+@pytest.mark.parametrize("doc_id", sorted(TABLE))
+def test_validate_and_render_agree(doc_id: str, tmp_path: Path) -> None:
+    """Exit 0 for both, or a problem from validate (the same one render prints)."""
+    doc = TABLE[doc_id]
+    upstream = example("tulu-sft")
+    files = [write(tmp_path / "run.yaml", doc), write(tmp_path / "upstream.yaml", upstream)]
+    validate, render = kubetrain("validate", files[0]), kubetrain("render", files[0])
+    assert validate.returncode == render.returncode, (validate.stderr, render.stderr)
+    if validate.returncode == 0:
+        assert yaml.safe_load_all(render.stdout)
+    else:
+        assert validate.returncode == INVALID
+        assert problem_lines(validate.stderr, files[0])
+        assert validate.stderr == render.stderr and render.stdout == ""
 
 
 FIELD_PROBLEMS = {
@@ -67,36 +129,49 @@ FIELD_PROBLEMS = {
 }
 
 
-def test_validate_prints_one_line_per_problem(tmp_path: Path) -> None:
+def test_validate_prints_one_line_per_problem_on_stderr(tmp_path: Path) -> None:
     doc = example("tulu-sft")
     for change in FIELD_PROBLEMS.values():
         doc = changed(doc, change)
     bad = write(tmp_path / "bad.yaml", doc)
     proc = kubetrain("validate", bad)
-    assert proc.returncode == 2
-    lines = problem_lines(proc.stdout, bad)
+    assert proc.returncode == INVALID
+    assert proc.stdout == ""
+    lines = problem_lines(proc.stderr, bad)
     assert sorted(m["path"] for m in lines) == sorted(FIELD_PROBLEMS)
 
 
-def test_validate_reports_cross_field_problems_together(tmp_path: Path) -> None:
-    # api.md rules: fp16 needs a GPU; output.merge needs an adapter.
+def test_validate_reports_field_and_cross_field_problems_in_one_run(tmp_path: Path) -> None:
+    # a field error (blockSize is not a number) and two api.md rules elsewhere (fp16 needs a
+    # GPU; output.merge needs an adapter): all three in one run
     doc = changed(
-        example("tinystories-cpu"),
-        {"spec.training.precision": "fp16", "spec.output.merge": True},
+        example("tinystories"),
+        {
+            "spec.resources.gpusPerNode": 0,
+            "spec.sanity.gpus": 0,
+            "spec.training.precision": "fp16",
+            "spec.output.merge": True,
+            "spec.checkpoints.keep": "many",
+        },
     )
     bad = write(tmp_path / "cross.yaml", doc)
     proc = kubetrain("validate", bad)
-    assert proc.returncode == 2
-    paths = [m["path"] for m in problem_lines(proc.stdout, bad)]
-    assert sorted(paths) == ["spec.output.merge", "spec.training.precision"]
+    assert proc.returncode == INVALID
+    paths = [m["path"] for m in problem_lines(proc.stderr, bad)]
+    assert sorted(paths) == [
+        "spec.checkpoints.keep",
+        "spec.output.merge",
+        "spec.sanity.gpus",
+        "spec.training.precision",
+    ]
 
 
 def test_validate_checks_every_file_and_names_the_bad_one(tmp_path: Path) -> None:
-    good = EXAMPLE_FILES[0]
+    good = CLUSTER_EXAMPLES[0]
     bad = write(tmp_path / "bad.yaml", changed(example("tulu-sft"), {"spec.maxRestarts": -1}))
     proc = kubetrain("validate", good, bad)
-    assert proc.returncode == 2
-    (line,) = problem_lines(proc.stdout, bad)
+    assert proc.returncode == INVALID
+    (line,) = problem_lines(proc.stderr, bad)
     assert line["path"] == "spec.maxRestarts"
 
 
@@ -109,14 +184,14 @@ def test_invalid_yaml_names_the_line(tmp_path: Path) -> None:
           name: broken
         spec:
           model: uri: s3://models/x
-          data: {format: text, train: s3://d/x.txt}
+          data: {format: text, train: [s3://d/x.txt]}
         """
     )
     broken = tmp_path / "broken.yaml"
     broken.write_text(text, encoding="utf-8")
     proc = kubetrain("validate", broken)
-    assert proc.returncode == 2
-    (line,) = problem_lines(proc.stdout, broken)
+    assert proc.returncode == INVALID
+    (line,) = problem_lines(proc.stderr, broken)
     assert line["path"] == "line 6"  # the `model: uri:` line
     assert "Traceback" not in proc.stderr
 
@@ -125,8 +200,8 @@ def test_other_kinds_are_reported(tmp_path: Path) -> None:
     config_map = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x"}}
     mixed = write(tmp_path / "mixed.yaml", config_map, example("tulu-sft"))
     proc = kubetrain("validate", mixed)
-    assert proc.returncode == 2
-    (line,) = problem_lines(proc.stdout, mixed)
+    assert proc.returncode == INVALID
+    (line,) = problem_lines(proc.stderr, mixed)
     assert line["path"] == "kind" and "ConfigMap" in line["problem"]
 
 
@@ -138,9 +213,38 @@ def test_unusable_files_are_reported_not_crashed_on(case: str, tmp_path: Path) -
     elif case == "a list":
         path.write_text("- 1\n- 2\n", encoding="utf-8")
     proc = kubetrain("validate", path)
-    assert proc.returncode == 2
-    assert len(problem_lines(proc.stdout, path)) == 1
+    assert proc.returncode == INVALID
+    assert len(problem_lines(proc.stderr, path)) == 1
     assert "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------------------------------------- CLI habits
+
+
+@pytest.mark.parametrize("args", [["-"], ["-f", "-"]])
+def test_stdin_is_a_file_too(args: list[str]) -> None:
+    text = (ROOT / "examples" / "tulu-sft.yaml").read_text()
+    proc = kubetrain("render", *args, stdin=text)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == kubetrain("render", "examples/tulu-sft.yaml").stdout
+    bad = kubetrain("validate", *args, stdin=text.replace("blockSize: 4096", "blockSize: 0"))
+    assert bad.returncode == INVALID
+    assert [m["path"] for m in problem_lines(bad.stderr, Path("-"))] == ["spec.data.blockSize"]
+
+
+def test_version_and_usage_errors_keep_their_own_codes() -> None:
+    version = kubetrain("--version")
+    assert version.returncode == 0 and version.stdout.startswith("kubetrain ")
+    for args in (["render"], ["validate", "--target", "moon", "x.yaml"], ["nonsense"]):
+        proc = kubetrain(*args)
+        assert proc.returncode == USAGE, args
+        assert "usage:" in proc.stderr and proc.stdout == ""
+
+
+def test_crd_as_yaml_or_json() -> None:
+    as_yaml, as_json = kubetrain("crd"), kubetrain("crd", "-o", "json")
+    assert as_yaml.returncode == as_json.returncode == 0
+    assert json.loads(as_json.stdout)["items"] == [yaml.safe_load(as_yaml.stdout)]
 
 
 # -------------------------------------------------------------------------------------- render
@@ -155,7 +259,7 @@ def test_render_the_dpo_chain_into_a_namespace() -> None:
         ("ConfigMap", None),
         ("Service", None),
         ("Job", "preprocess"),
-        ("PyTorchJob", "sanity"),
+        ("PyTorchJob", "sanity-1"),
         ("PyTorchJob", "train"),
         ("Job", "merge"),
     ]
@@ -168,25 +272,26 @@ def test_render_the_dpo_chain_into_a_namespace() -> None:
     assert dpo["spec"]["model"]["fromRun"] == sft["metadata"]["name"]
     expected = sft["spec"]["output"]["uri"].rstrip("/") + "/final"
     configs = {k: json.loads(v) for k, v in objects[0]["data"].items()}
-    for name in ("sanity.json", "train.json", "merge.json"):
+    for name in ("sanity-1.json", "train.json", "merge.json"):
         assert configs[name]["model"]["uri"] == expected
         assert configs[name]["method"] == "dpo"
 
 
-def test_render_default_namespace_and_both_runs_of_a_chain() -> None:
+def test_render_without_a_namespace_and_both_runs_of_a_chain() -> None:
     proc = kubetrain("render", "examples/tulu-sft.yaml", "examples/tulu-dpo.yaml")
     assert proc.returncode == 0, proc.stderr
     objects = list(yaml.safe_load_all(proc.stdout))
-    assert len(objects) == 12
-    assert {o["metadata"]["namespace"] for o in objects} == {"default"}
+    rungs = len(example("tulu-sft")["spec"]["sanity"]["rungs"])
+    assert len(objects) == (5 + rungs) + 6
+    assert all("namespace" not in o["metadata"] for o in objects)
     runs = [o["metadata"]["labels"]["kubetrain.dev/run"] for o in objects]
-    assert runs == ["llama31-tulu-sft"] * 6 + ["llama31-tulu-dpo"] * 6
+    assert runs == ["llama31-tulu-sft"] * (5 + rungs) + ["llama31-tulu-dpo"] * 6
 
 
 def test_render_refuses_a_chain_without_its_upstream(tmp_path: Path) -> None:
     alone = write(tmp_path / "dpo.yaml", example("tulu-dpo"))
     proc = kubetrain("render", alone)
-    assert proc.returncode == 2
+    assert proc.returncode == INVALID
     assert proc.stdout == ""
     assert "spec.model.fromRun" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -194,21 +299,25 @@ def test_render_refuses_a_chain_without_its_upstream(tmp_path: Path) -> None:
 def test_render_refuses_a_chain_from_an_adapter_only_run(tmp_path: Path) -> None:
     sft = changed(
         example("tulu-sft"),
-        {"spec.method.adapter": {"type": "lora"}, "spec.distributed": {"zeroStage": 0}},
+        {
+            "spec.method.adapter": {"type": "lora"},
+            "spec.distributed": {"zeroStage": 0},
+            "spec.sanity": {"gpus": 1},
+        },
     )
     write(tmp_path / "sft.yaml", sft)
     dpo = write(tmp_path / "dpo.yaml", example("tulu-dpo"))
     proc = kubetrain("render", dpo)
-    assert proc.returncode == 2
+    assert proc.returncode == INVALID
     assert proc.stdout == ""
     assert "spec.model.fromRun" in proc.stderr and "merge" in proc.stderr
 
 
 def test_render_prints_nothing_for_an_invalid_run(tmp_path: Path) -> None:
-    good = EXAMPLE_FILES[0]
+    good = CLUSTER_EXAMPLES[0]
     bad = write(tmp_path / "bad.yaml", changed(example("tulu-sft"), {"spec.data.blockSize": 0}))
     proc = kubetrain("render", good, bad)
-    assert proc.returncode == 2
+    assert proc.returncode == INVALID
     assert proc.stdout == ""
     assert f"{bad}: spec.data.blockSize:" in proc.stderr
 
@@ -225,7 +334,7 @@ def test_validate_and_render_import_nothing_heavy() -> None:
         from kubetrain_operator.cli import main
         out = io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
-            assert main(["validate", *{[str(p) for p in EXAMPLE_FILES]!r}]) == 0
+            assert main(["validate", *{[str(p) for p in CLUSTER_EXAMPLES]!r}]) == 0
             assert main(["render", "{ROOT / "examples" / "tulu-dpo.yaml"}", "-n", "ml"]) == 0
         assert "kind: PyTorchJob" in out.getvalue()
         loaded = sorted({{m.split(".")[0] for m in sys.modules}} & set({HEAVY!r}))

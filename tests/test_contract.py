@@ -4,6 +4,9 @@ Real: the operator's `plan_run` on every example and variant (LoRA, QLoRA, DPO, 
 offload, sanity gates, multi-node, pvc://), the trainer's `kubetrain_trainer.config` loader, the
 JSON text the ConfigMap carries, and `python -m kubetrain_trainer` (a subprocess) for the exit code.
 Nothing is emulated. The two packages never import each other; this test is where they meet.
+It also holds the one-source-of-defaults checks: the plan writes every field of every stage config
+(no value falls back on a trainer default), any default the trainer keeps equals the API's, and
+every trainer config field is documented.
 """
 
 from __future__ import annotations
@@ -11,12 +14,16 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import typing
 from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import BaseModel
 
+from kubetrain_operator import api
 from kubetrain_operator import plan as operator_plan
+from kubetrain_trainer import config as tconfig
 from kubetrain_trainer.config import (
     STAGE_API_VERSION,
     ConfigError,
@@ -60,9 +67,15 @@ def test_both_sides_speak_the_same_version() -> None:
     assert operator_plan.STAGE_API_VERSION == STAGE_API_VERSION == "kubetrain.dev/stage-v1"
 
 
+def stage_kind(file: str) -> str:
+    """`sanity-2.json` → sanity: every rung is a sanity stage."""
+    return file.removesuffix(".json").partition("-")[0]
+
+
 def test_every_stage_of_every_document_is_covered() -> None:
-    stages = {file for _, file in CASES}
-    assert stages == {"preprocess.json", "sanity.json", "train.json", "merge.json"}
+    stages = {stage_kind(file) for _, file in CASES}
+    assert stages == {"preprocess", "sanity", "train", "merge"}
+    assert "sanity-3.json" in {file for _, file in CASES}  # a ladder
     variants = {
         "lora": any(
             d["spec"]["method"].get("adapter", {}).get("type") == "lora" for d in DOCUMENTS.values()
@@ -88,7 +101,7 @@ def test_trainer_loads_what_the_operator_renders(doc_id: str, file: str, tmp_pat
     """The ConfigMap's JSON text → the trainer's loader → the same values, and a stable dump."""
     text = stage_configs(rendered(DOCUMENTS[doc_id]))[file]
     data = json.loads(text)
-    stage = file.removesuffix(".json")
+    stage = stage_kind(file)
 
     config = parse_stage_config(data, file)
     assert isinstance(config, CLASS_BY_STAGE[stage])
@@ -194,3 +207,101 @@ def test_a_renamed_operator_field_breaks_the_contract() -> None:
     distributed["worldsize"] = distributed.pop("worldSize")
     with pytest.raises(ConfigError, match="worldsize"):
         parse_stage_config({**data, "distributed": distributed})
+
+
+# ----------------------------------------------------------------------- one source of defaults
+
+#: Trainer config classes and the API models whose defaults they must share (same field names).
+DEFAULT_PAIRS = [
+    (tconfig.Optimization, api.TrainingSpec, {}),
+    (tconfig.Checkpointing, api.CheckpointSpec, {}),
+    (tconfig.AdapterConfig, api.Adapter, {}),
+    (tconfig.DPOConfig, api.DPOSettings, {}),
+    (tconfig.Architecture, api.Architecture, {}),
+    (tconfig.TokenizerTrain, api.TokenizerTraining, {}),
+    (tconfig.Distributed, api.DistributedSpec, {}),
+    (tconfig.S3Settings, api.S3Spec, {}),
+    (tconfig.PreprocessConfig, api.DataSpec, {}),
+    (tconfig.PreprocessConfig, api.Packing, {}),
+    (tconfig.Fields, api.DataSpec, {name: f"{name}_field" for name in tconfig.Fields.model_fields}),
+    (tconfig.MergeConfig, api.TrainingSpec, {}),
+    (tconfig.MergeConfig, api.OutputSpec, {}),
+]
+
+
+def _default(info: Any) -> Any:
+    value = info.get_default(call_default_factory=True)
+    return value.model_dump(by_alias=True) if hasattr(value, "model_dump") else value
+
+
+def trainer_defaults_that_disagree() -> list[str]:
+    """Every trainer default that differs from the API's default of the same field."""
+    wrong = []
+    for trainer_cls, api_cls, names in DEFAULT_PAIRS:
+        for name, info in trainer_cls.model_fields.items():
+            api_name = names.get(name, name)
+            if info.is_required() or api_name not in api_cls.model_fields:
+                continue
+            ours, theirs = _default(info), _default(api_cls.model_fields[api_name])
+            if ours != theirs and not (ours in ([], None) and theirs in ([], None)):
+                wrong.append(f"{trainer_cls.__name__}.{name}: {ours!r} ≠ API {theirs!r}")
+    for name in ("min_loss_drop", "max_grad_norm"):
+        info = tconfig.SanityGate.model_fields[name]
+        if not info.is_required() and _default(info) != api.RUNG_DEFAULTS[name]:
+            wrong.append(f"SanityGate.{name}: {_default(info)!r} ≠ API {api.RUNG_DEFAULTS[name]!r}")
+    for cls in (tconfig.PreprocessConfig, tconfig.TrainConfig, tconfig.MergeConfig):
+        info = cls.model_fields["metrics_port"]
+        if not info.is_required() and _default(info) != operator_plan.METRICS_PORT:
+            wrong.append(f"{cls.__name__}.metrics_port ≠ the plan's {operator_plan.METRICS_PORT}")
+    return wrong
+
+
+def test_trainer_defaults_agree_with_the_api() -> None:
+    """The API's defaults are the only defaults: a trainer default may only repeat them."""
+    assert len(DEFAULT_PAIRS) >= 10
+    assert trainer_defaults_that_disagree() == []
+
+
+def test_the_default_check_can_fail(monkeypatch: pytest.MonkeyPatch) -> None:
+    field = tconfig.Optimization.model_fields["warmup_ratio"]
+    monkeypatch.setattr(field, "default", 0.0)  # the value this check once caught
+    assert trainer_defaults_that_disagree() == ["Optimization.warmup_ratio: 0.0 ≠ API 0.03"]
+
+
+def unwritten_fields(model: type[BaseModel], data: Any, path: str = "") -> list[str]:
+    """Trainer config fields (wire names) that a written config leaves to a trainer default."""
+    missing = []
+    for name, info in model.model_fields.items():
+        wire = info.alias or name
+        if wire not in data:
+            missing.append(f"{path}{wire}")
+            continue
+        nested = [
+            a
+            for a in typing.get_args(info.annotation) or (info.annotation,)
+            if isinstance(a, type) and issubclass(a, BaseModel)
+        ]
+        if nested and isinstance(data[wire], dict):
+            missing += unwritten_fields(nested[0], data[wire], f"{path}{wire}.")
+    return missing
+
+
+@pytest.mark.parametrize(("doc_id", "file"), CASES)
+def test_plan_writes_every_field_of_the_stage_config(doc_id: str, file: str) -> None:
+    """No value of a rendered stage reaches the trainer as the trainer's own default."""
+    data = json.loads(stage_configs(rendered(DOCUMENTS[doc_id]))[file])
+    model = CLASS_BY_STAGE[stage_kind(file)]
+    assert unwritten_fields(model, data) == []
+
+
+def test_every_trainer_config_field_is_documented() -> None:
+    undocumented = [
+        f"{cls.__name__}.{name}"
+        for cls in vars(tconfig).values()
+        if isinstance(cls, type)
+        and issubclass(cls, BaseModel)
+        and cls.__module__ == tconfig.__name__
+        for name, info in cls.model_fields.items()
+        if not (info.description or "").strip()
+    ]
+    assert undocumented == []

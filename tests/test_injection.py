@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from kubetrain_operator.api import InvalidRun, TrainingRun
+from kubetrain_operator.api import InvalidRun, SpecError, TrainingRun
 from runspecs import all_containers, pod_templates, rendered, string_leaves
 
 PAYLOADS = [
@@ -50,7 +50,7 @@ UPSTREAM = {
     "metadata": {"name": "upstream-sft"},
     "spec": {
         "model": {"uri": "s3://models/base"},
-        "data": {"format": "chat", "train": "s3://d/chat.jsonl"},
+        "data": {"format": "chat", "train": ["s3://d/chat.jsonl"]},
         "method": {"stage": "sft", "adapter": {"type": "lora"}},
         "output": {"uri": "s3://runs/upstream-sft/", "merge": True},
     },
@@ -73,7 +73,7 @@ BASES: dict[str, dict[str, Any]] = {
             "tokenizer": {"uri": "s3://models/tokenizer"},
             "data": {
                 "format": "chat",
-                "train": ["s3://d/a.jsonl", "data/b.jsonl"],
+                "train": ["s3://d/a.jsonl", "s3://d/b/*.jsonl"],
                 "validation": ["pvc://datasets/val.jsonl"],
                 "textField": "body",
                 "messagesField": "msgs",
@@ -92,10 +92,12 @@ BASES: dict[str, dict[str, Any]] = {
                 "cpu": "4",
                 "memory": "16Gi",
                 "sharedMemory": "2Gi",
+                "preprocess": {"cpu": "2", "memory": "8Gi"},
+                "merge": {"cpu": "2", "memory": "32Gi", "gpus": 1},
                 "nodeSelector": {"node-type": "gpu"},
                 "tolerations": [{"key": "nvidia.com/gpu", "operator": "Equal", "value": "present"}],
             },
-            "sanity": {"steps": 10, "gpus": 1},
+            "sanity": {"rungs": [{"gpus": 1, "optimizer": "adamw_torch"}, {"gpus": 2}]},
             "output": {"uri": "pvc://outputs/runs/x", "merge": True},
             "storage": {
                 "s3": {
@@ -103,8 +105,10 @@ BASES: dict[str, dict[str, Any]] = {
                     "accessKeyIdKey": "id",
                     "secretAccessKeyKey": "key",
                     "endpoint": "http://minio:9000",
+                    "allowInsecureEndpoint": True,
                     "region": "us-east-1",
                 },
+                "hf": {"secretName": "hf-creds", "tokenKey": "token", "endpoint": "https://hub"},
                 "cacheRoot": "s3://cache/kubetrain",
             },
             "image": "registry.example/trainer:1",
@@ -121,11 +125,16 @@ BASES: dict[str, dict[str, Any]] = {
                 "architecture": {"hiddenSize": 64, "layers": 2, "heads": 4, "contextLength": 128}
             },
             "tokenizer": {"train": {"vocabSize": 1024, "specialTokens": ["<|endoftext|>", "<p>"]}},
-            "data": {"format": "text", "train": "corpus/train.txt", "blockSize": 128},
+            "data": {
+                "format": "text",
+                "train": ["s3://corpus/train.txt"],
+                "documentSeparator": "<|endoftext|>",
+                "blockSize": 128,
+            },
             "method": {"stage": "pretrain"},
             "training": {"maxSteps": 10, "precision": "fp32"},
             "resources": {"gpusPerNode": 0},
-            "output": {"uri": "runs/inj-pretrain"},
+            "output": {"uri": "s3://runs/inj-pretrain"},
         },
     },
     "dpo": {
@@ -134,7 +143,8 @@ BASES: dict[str, dict[str, Any]] = {
         "metadata": {"name": "inj-dpo"},
         "spec": {
             "model": {"fromRun": "upstream-sft"},
-            "data": {"format": "preference", "train": "s3://d/prefs.jsonl"},
+            "tokenizer": {"uri": "hf://org/tokenizer@main"},
+            "data": {"format": "preference", "train": ["s3://d/prefs.jsonl"]},
             "method": {"stage": "dpo", "dpo": {"beta": 0.1}},
             "output": {"uri": "s3://runs/inj-dpo"},
         },
@@ -246,10 +256,10 @@ def get(node: Any, loc: tuple[Any, ...]) -> Any:
 
 
 def render(doc: dict[str, Any]) -> list[dict[str, Any]] | None:
-    """The objects of an accepted document, or None when validation refuses it."""
+    """The objects of an accepted document, or None when validation (or the plan) refuses it."""
     try:
         return rendered(doc, upstream=UPSTREAM)
-    except InvalidRun:
+    except (InvalidRun, SpecError):
         return None
 
 
@@ -317,7 +327,7 @@ def test_hostile_strings_are_refused_or_stay_in_the_config_json(payload: str) ->
             accepted.append(f"{base_id}:{where}")
             problems += [f"{base_id}:{where}: {p}" for p in violations(objects, payload, value)]
     assert problems == []
-    # Hostile strings are legal in some places (a local path may contain `;`, a special token
+    # Hostile strings are legal in some places (an S3 key may contain `;`, a special token
     # anything): make sure some did get through, so the checks above were exercised.
     assert accepted
 
@@ -339,6 +349,13 @@ def test_pod_facing_fields_refuse_hostile_strings() -> None:
         "spec/storage/s3/secretName",
         "spec/storage/s3/accessKeyIdKey",
         "spec/storage/s3/secretAccessKeyKey",
+        "spec/storage/hf/secretName",
+        "spec/storage/hf/tokenKey",
+        "spec/storage/hf/endpoint",
+        "spec/resources/preprocess/cpu",
+        "spec/resources/preprocess/memory",
+        "spec/resources/merge/cpu",
+        "spec/resources/merge/memory",
         "spec/model/fromRun",
     }
     accepted = []

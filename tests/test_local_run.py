@@ -1,8 +1,9 @@
 """`kubetrain run`: the whole plan locally, end to end, through the real stage contract.
 
 Real: the `kubetrain` CLI as a subprocess, which runs the real preprocess stage (BPE training,
-packing), the sanity gate and training under torchrun (gloo, CPU) and the merge/eval stage, on the
-corpus the project ships. Nothing is emulated; the run is the demo's, shortened (fewer steps).
+packing), a two-rung sanity ladder and training under torchrun (gloo, CPU) and the merge/eval
+stage, on the corpus the project ships. Nothing is emulated; the run is the demo's, shortened
+(fewer steps). Exit codes are the CLI's (docs/cli.md: 1 invalid input, 3 unhealthy training).
 """
 
 from __future__ import annotations
@@ -26,13 +27,20 @@ KUBETRAIN = [sys.executable, "-m", "kubetrain_operator.cli"]
 pytestmark = pytest.mark.slow
 
 
+#: A two-rung CPU ladder: rung 2 overrides the micro-batch size (gpus 0: one CPU process each).
+RUNGS = (
+    {"gpus": 0, "steps": 10, "minLossDrop": 0.02},
+    {"gpus": 0, "steps": 6, "minLossDrop": 0.0, "microBatchSize": 8},
+)
+
+
 def demo_spec(tmp_path: Path, **training: object) -> Path:
     """The demo run with fewer steps, writing under tmp_path."""
     doc = yaml.safe_load((ROOT / "examples" / "tinystories-cpu.yaml").read_text())
-    doc["spec"]["data"]["train"] = str(ROOT / "examples" / "data" / "tinystories-cpu.txt")
+    doc["spec"]["data"]["train"] = [str(ROOT / "examples" / "data" / "tinystories-cpu.txt")]
     doc["spec"]["training"].update({"maxSteps": 24, "loggingSteps": 2, **training})
     doc["spec"]["checkpoints"] = {"everySteps": 8, "keep": 2}
-    doc["spec"]["sanity"] = {"steps": 10, "gpus": 0, "minLossDrop": 0.02}
+    doc["spec"]["sanity"] = {"rungs": [dict(r) for r in RUNGS]}
     doc["spec"]["output"] = {"uri": str(tmp_path / "output")}
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(doc))
@@ -54,9 +62,15 @@ def test_whole_plan_runs_then_reuses_its_work(tmp_path: Path) -> None:
     spec, workdir = demo_spec(tmp_path), tmp_path / "work"
     first = kubetrain("run", str(spec), "--workdir", str(workdir), cwd=tmp_path)
     assert first.returncode == 0, first.stdout + first.stderr
-    for stage in ("preprocess", "sanity", "train", "merge"):
+    for stage in ("preprocess", "sanity-1", "sanity-2", "train", "merge"):
         assert result(workdir, stage)["ok"] is True, stage
         assert (workdir / "logs" / f"{stage}.log").stat().st_size > 0
+    # each rung's own result: its steps and its criteria
+    for index, rung in enumerate(RUNGS, start=1):
+        rung_result = result(workdir, f"sanity-{index}")
+        assert rung_result["stage"] == "sanity", rung_result
+        assert rung_result["step"] == rung["steps"], rung_result
+    assert not (workdir / "result-sanity.json").exists()
     assert result(workdir, "preprocess")["cacheHit"] is False
     final = tmp_path / "output" / "final"
     assert (final / "model.safetensors").exists()
@@ -66,16 +80,32 @@ def test_whole_plan_runs_then_reuses_its_work(tmp_path: Path) -> None:
     again = kubetrain("run", str(spec), "--workdir", str(workdir), cwd=tmp_path)
     assert again.returncode == 0, again.stdout + again.stderr
     assert result(workdir, "preprocess")["cacheHit"] is True
-    assert "sanity: passed before with the same config — skipped" in again.stderr
+    assert "sanity-1: passed before with the same config — skipped" in again.stderr
+    assert "sanity-2: passed before with the same config — skipped" in again.stderr
 
 
-def test_invalid_run_file_exits_2_naming_the_field(tmp_path: Path) -> None:
+def test_a_failing_first_rung_stops_before_the_second(tmp_path: Path) -> None:
+    spec, workdir = demo_spec(tmp_path), tmp_path / "work"
+    doc = yaml.safe_load(spec.read_text())
+    doc["spec"]["sanity"]["rungs"][0]["minLossDrop"] = 0.99  # no 10 steps drop the loss by 99 %
+    spec.write_text(yaml.safe_dump(doc))
+    proc = kubetrain("run", str(spec), "--workdir", str(workdir), cwd=tmp_path)
+    assert proc.returncode == 3, proc.stdout + proc.stderr  # unhealthy training: no retry
+    first = result(workdir, "sanity-1")
+    assert first["ok"] is False and first["exitCode"] == 3
+    assert not (workdir / "result-sanity-2.json").exists()
+    assert not (workdir / "logs" / "sanity-2.log").exists()
+    assert not (workdir / "result-train.json").exists()
+    assert "sanity-1 failed (exit 3)" in proc.stderr
+
+
+def test_invalid_run_file_exits_1_naming_the_field(tmp_path: Path) -> None:
     spec = demo_spec(tmp_path)
     doc = yaml.safe_load(spec.read_text())
     doc["spec"]["training"]["precision"] = "fp16"  # needs a GPU
     spec.write_text(yaml.safe_dump(doc))
     proc = kubetrain("run", str(spec), cwd=tmp_path)
-    assert proc.returncode == 2
+    assert proc.returncode == 1
     assert "spec.training.precision: fp16 needs a GPU" in proc.stderr
     assert not (tmp_path / "runs").exists()
 

@@ -1,4 +1,4 @@
-"""`render`: stages → Kubernetes objects (ConfigMap, Service, Jobs, Kubeflow v1 PyTorchJobs).
+"""`render`: planned stages → Kubernetes objects (ConfigMap, Service, Jobs, PyTorchJobs).
 
 Real: the rendered dicts of every example and variant; `kubernetes-validate --strict` (the bundled
 OpenAPI schemas of Kubernetes 1.33 and the newest bundled release) for ConfigMap, Service, Job and
@@ -27,7 +27,7 @@ import pytest
 import yaml
 from kubeflow.training import ApiClient, KubeflowOrgV1PyTorchJob
 
-from kubetrain_operator.api import ResourcesSpec, TrainingRunSpec, parse_run
+from kubetrain_operator.api import InvalidRun, ResourcesSpec, TrainingRunSpec, parse_run
 from kubetrain_operator.render import render_stage
 from runspecs import (
     ROOT,
@@ -71,13 +71,24 @@ def spec_of(doc_id: str) -> dict[str, Any]:
     return dict(DOCUMENTS[doc_id]["spec"])
 
 
+def rungs_of(doc_id: str) -> list[dict[str, Any]]:
+    """api.md: `sanity.rungs`, or the single gate as a one-rung ladder."""
+    gate = spec_of(doc_id).get("sanity")
+    if gate is None:
+        return []
+    return list(gate["rungs"]) if "rungs" in gate else [gate]
+
+
 def expected_shape(doc_id: str, stage: str) -> tuple[int, int]:
-    """(nodes, GPUs per node) the spec asks for: api.md (resources, sanity)."""
+    """(nodes, GPUs per node) the spec asks for: api.md (resources, the sanity ladder: a rung
+    wider than one node fills whole nodes)."""
     spec = spec_of(doc_id)
     res = spec.get("resources", {})
     gpus = res.get("gpusPerNode", 1)
-    if stage == "sanity":
-        return 1, spec["sanity"].get("gpus", 1 if gpus > 0 else 0)
+    if stage.startswith("sanity-"):
+        rung = rungs_of(doc_id)[int(stage.removeprefix("sanity-")) - 1]
+        want = rung.get("gpus", 1 if gpus > 0 else 0)
+        return (want // gpus, gpus) if want > gpus else (1, want)
     return res.get("nodes", 1), gpus
 
 
@@ -200,8 +211,54 @@ def test_pytorchjob_in_kubeflow_v1_shape(doc_id: str) -> None:
             assert workdir == container["workingDir"]
             config_dir, _, file = config_path.rpartition("/")
             assert volumes[mounts[config_dir]]["configMap"]["name"] == configs_name(doc_id)
-            assert json.loads(configs[file])["stage"] == stage
+            assert json.loads(configs[file])["stage"] == stage.partition("-")[0]
+            attempt = {e["name"]: e.get("value") for e in container["env"]}["KUBETRAIN_ATTEMPT"]
+            assert attempt == "1"
         assert all(c == commands[0] for c in commands), "Master and Workers run the same argv"
+
+
+def test_render_shows_the_ladder_in_order_with_its_overrides() -> None:
+    """One PyTorchJob `<run>-sanity-<i>` per rung, in order, each with the rung's shape and
+    overrides (seed 003: 1 GPU without DeepSpeed, 8-bit optimizer; then ZeRO-3 on 2; then 8)."""
+    doc = VARIANTS["ladder-2x4"]
+    objects = rendered(doc)
+    name = doc["metadata"]["name"]
+    jobs = [o for o in objects if o["kind"] == "PyTorchJob"]
+    assert [j["metadata"]["name"] for j in jobs] == [
+        f"{name}-sanity-1",
+        f"{name}-sanity-2",
+        f"{name}-sanity-3",
+        f"{name}-train-1",
+    ]
+    configs = stage_configs(objects)
+    rungs = doc["spec"]["sanity"]["rungs"]
+    for index, (job, rung) in enumerate(zip(jobs, rungs, strict=False), start=1):
+        config = json.loads(configs[f"sanity-{index}.json"])
+        assert config["distributed"]["zeroStage"] == rung.get("zeroStage", 3)
+        assert config["training"]["optimizer"] == rung.get("optimizer", "adamw_torch")
+        assert config["training"]["microBatchSize"] == rung.get("microBatchSize", 1)
+        assert config["training"]["maxSteps"] == rung["steps"]
+        replicas = job["spec"]["pytorchReplicaSpecs"]
+        nodes = 1 + replicas.get("Worker", {}).get("replicas", 0)
+        assert nodes * int(job["spec"]["nprocPerNode"]) == rung["gpus"]
+        assert job["metadata"]["labels"][LABEL_STAGE] == f"sanity-{index}"
+        assert job["metadata"]["labels"]["app.kubernetes.io/component"] == "sanity"
+
+
+def test_render_refuses_bad_rung_overrides() -> None:
+    """An 8-bit optimizer on a 1-GPU rung without ZeRO is fine; on a 2-GPU ZeRO-3 rung it is not."""
+    ok = changed(
+        VARIANTS["ladder-2x4"],
+        {"spec.sanity.rungs": [{"gpus": 1, "zeroStage": 0, "optimizer": "adamw_8bit"}]},
+    )
+    assert rendered(ok)
+    bad = changed(
+        VARIANTS["ladder-2x4"],
+        {"spec.sanity.rungs": [{"gpus": 2, "zeroStage": 3, "optimizer": "adamw_8bit"}]},
+    )
+    with pytest.raises(InvalidRun) as refused:
+        rendered(bad)
+    assert [p.path for p in refused.value.problems] == ["spec.sanity.rungs[0].optimizer"]
 
 
 def configs_name(doc_id: str) -> str:
@@ -231,23 +288,66 @@ def test_preprocess_and_merge_jobs(doc_id: str) -> None:
             assert rule["action"] == "FailJob" and set(rule["onExitCodes"]["values"]) <= {2, 3}
         gpus = container.get("resources", {}).get("limits", {}).get(gpu_resource, "0")
         assert int(gpus) <= (0 if stage == "preprocess" else 1)
+        if stage == "preprocess":  # never the training pods' CPUs and memory
+            res = spec_of(doc_id).get("resources", {})
+            limits = container["resources"]["limits"]
+            assert limits == {
+                "cpu": str(res.get("preprocess", {}).get("cpu", "4")),
+                "memory": str(res.get("preprocess", {}).get("memory", "16Gi")),
+            }
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_no_example_gives_preprocessing_a_gpu(path: Any) -> None:
+    doc = yaml.safe_load(path.read_text())
+    target = "local" if path.stem == "tinystories-cpu" else "cluster"
+    _, plan = planned(doc, target=target)
+    preprocess = plan.stage("preprocess")
+    assert preprocess is not None and preprocess.gpus_per_node == 0
+    requested = {
+        **preprocess.resources.get("requests", {}),
+        **preprocess.resources.get("limits", {}),
+    }
+    assert not [k for k in requested if "gpu" in k]
+    if target == "cluster":
+        (job,) = [o for o in rendered(doc) if stage_of_or_none(o) == "preprocess"]
+        (container,) = job["spec"]["template"]["spec"]["containers"]
+        assert not [k for k in container["resources"]["limits"] if "gpu" in k]
+
+
+def stage_of_or_none(obj: dict[str, Any]) -> str | None:
+    return obj["metadata"]["labels"].get(LABEL_STAGE)
+
+
+RECOMMENDED = ("name", "instance", "component", "part-of", "version", "managed-by")
 
 
 @pytest.mark.parametrize("doc_id", sorted(DOCUMENTS))
 def test_labels_name_the_run_and_the_stage(doc_id: str) -> None:
     name = DOCUMENTS[doc_id]["metadata"]["name"]
     queue = spec_of(doc_id).get("queueName")
+    stages = {"preprocess", "train", "merge"} | {
+        f"sanity-{i}" for i in range(1, len(rungs_of(doc_id)) + 1)
+    }
     for obj in objects_of(doc_id):
         labels = obj["metadata"]["labels"]
         assert labels[LABEL_RUN] == name
         assert obj["metadata"]["namespace"] == "ml"
+        # Kubernetes' recommended labels, on every object
+        assert {f"app.kubernetes.io/{k}" for k in RECOMMENDED} <= set(labels)
+        assert labels["app.kubernetes.io/instance"] == name
+        assert (
+            labels["app.kubernetes.io/part-of"] == labels["app.kubernetes.io/name"] == "kubetrain"
+        )
         if obj["kind"] in ("Job", "PyTorchJob"):
-            assert labels[LABEL_STAGE] in ("preprocess", "sanity", "train", "merge")
+            assert labels[LABEL_STAGE] in stages
+            assert labels["app.kubernetes.io/component"] == labels[LABEL_STAGE].partition("-")[0]
             assert labels.get(QUEUE_LABEL) == queue  # set when queueName is, absent otherwise
             for _, template in pod_templates(obj):
                 pod_labels = template["metadata"]["labels"]
                 assert pod_labels[LABEL_RUN] == name
                 assert pod_labels[LABEL_STAGE] == labels[LABEL_STAGE]
+                assert {f"app.kubernetes.io/{k}" for k in RECOMMENDED} <= set(pod_labels)
         for key, value in labels.items():
             assert_label(key, value)
     assert any(QUEUE_LABEL in o["metadata"]["labels"] for o in objects_of(doc_id)) == bool(queue)
@@ -270,7 +370,9 @@ def test_longest_queue_name_the_api_accepts_is_a_valid_label() -> None:
     for obj in objects:
         for key, value in obj["metadata"]["labels"].items():
             assert_label(key, value)
-    assert sum(QUEUE_LABEL in o["metadata"]["labels"] for o in objects) == 4
+    jobs = [o for o in objects if o["kind"] in ("Job", "PyTorchJob")]
+    assert len(jobs) >= 4
+    assert sum(QUEUE_LABEL in o["metadata"]["labels"] for o in objects) == len(jobs)
 
 
 @pytest.mark.parametrize("doc_id", sorted(DOCUMENTS))
@@ -291,11 +393,35 @@ def test_metrics_service_selects_rank_zero_only(doc_id: str) -> None:
 
 
 def test_node_selector_and_tolerations_reach_the_pods() -> None:
+    """resources.nodeSelector is for the training pods (and a GPU merge), not for preprocessing."""
     resources = VARIANTS["pvc-everywhere"]["spec"]["resources"]
+    seen = set()
     for obj in rendered(VARIANTS["pvc-everywhere"]):
         for _, template in pod_templates(obj):
-            assert template["spec"]["nodeSelector"] == resources["nodeSelector"]
+            stage = template["metadata"]["labels"][LABEL_STAGE]
+            seen.add(stage)
+            if stage == "preprocess":
+                assert "nodeSelector" not in template["spec"]
+            else:
+                assert template["spec"]["nodeSelector"] == resources["nodeSelector"]
             assert template["spec"]["tolerations"] == resources["tolerations"]
+    assert {"preprocess", "train", "merge"} <= seen
+
+
+def test_namespace_only_when_given_and_block_style_configs() -> None:
+    """`kubetrain render` without -n writes no metadata.namespace (so `kubectl apply -n ml -f -`
+    places everything); the ConfigMap's JSON is a YAML block, readable as it is."""
+    plain = render_cli("examples/tulu-sft.yaml")
+    assert plain.returncode == 0, plain.stderr
+    objects = list(yaml.safe_load_all(plain.stdout))
+    assert objects and all("namespace" not in o["metadata"] for o in objects)
+    assert "preprocess.json: |" in plain.stdout
+    assert '"apiVersion": "kubetrain.dev/stage-v1"' in plain.stdout  # not an escaped one-liner
+    placed = render_cli("examples/tulu-sft.yaml", "-n", "ml")
+    assert all(o["metadata"]["namespace"] == "ml" for o in yaml.safe_load_all(placed.stdout))
+    as_json = render_cli("examples/tulu-sft.yaml", "-o", "json")
+    listing = json.loads(as_json.stdout)
+    assert listing["kind"] == "List" and listing["items"] == objects
 
 
 def test_pvc_claims_are_mounted_where_the_configs_point() -> None:
@@ -464,6 +590,9 @@ def test_secrets_only_by_reference(doc_id: str) -> None:
                         refs.add((env["name"], ref["name"], ref["key"]))
                     else:
                         assert not SECRET_LIKE.search(env["name"]), env
+    hf = spec_of(doc_id).get("storage", {}).get("hf", {})
+    if "secretName" in hf:  # hub-model: hf:// with a token Secret
+        refs.remove(("HF_TOKEN", hf["secretName"], hf.get("tokenKey", "HF_TOKEN")))
     if "secretName" in s3:
         assert refs == {
             ("AWS_ACCESS_KEY_ID", s3["secretName"], s3.get("accessKeyIdKey", "AWS_ACCESS_KEY_ID")),
@@ -488,7 +617,11 @@ def render_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Comp
     )
 
 
-EXAMPLE_ARGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "examples").glob("*.yaml"))
+EXAMPLE_ARGS = sorted(
+    str(p.relative_to(ROOT))
+    for p in (ROOT / "examples").glob("*.yaml")
+    if p.stem in DOCUMENTS  # the cluster's examples (tinystories-cpu is for `kubetrain run`)
+)
 
 
 def test_render_is_byte_identical_and_leaks_no_credentials() -> None:
@@ -524,12 +657,12 @@ def names_of(doc: dict[str, Any], attempts: tuple[int, ...] = (1, 2)) -> dict[st
     names = {f"{o['kind']}/{o['metadata']['name']}": o["kind"] for o in rendered(doc)}
     for stage in plan.stages:
         for attempt in attempts:
-            obj = render_stage(run, plan, stage, namespace="ml", attempt=attempt)
-            names[f"{obj['kind']}/{obj['metadata']['name']}"] = obj["kind"]
+            for obj in render_stage(run, plan, stage, attempt, "ml"):
+                names[f"{obj['kind']}/{obj['metadata']['name']}"] = obj["kind"]
     return names
 
 
-@pytest.mark.parametrize("base", ["tulu-sft", "tinystories-cpu", "pvc-everywhere"])
+@pytest.mark.parametrize("base", ["tulu-sft", "no-sanity-cpu-2-nodes", "pvc-everywhere"])
 def test_child_names_fit_for_the_longest_run_name(base: str) -> None:
     doc = changed(DOCUMENTS[base], {"metadata.name": longest_name("run-with-a-long-name-")})
     parse_run(doc)  # the API accepts it
@@ -550,8 +683,8 @@ def test_child_names_differ_for_long_names_with_a_shared_prefix() -> None:
     assert first["metadata"]["name"][:-1] == second["metadata"]["name"][:-1]
     a, b = names_of(first), names_of(second)
     assert not set(a) & set(b)
-    # ConfigMap, Service, preprocess, sanity, merge, and one train job per attempt (1 and 2).
-    assert len(a) == len(b) == 7
+    # ConfigMap, Service, preprocess, 3 sanity rungs, merge, and a train job per attempt (1, 2).
+    assert len(a) == len(b) == 9
 
 
 def test_no_shell_anywhere() -> None:

@@ -49,8 +49,11 @@ MAX_DATA_URIS = 256
 DURATION_PATTERN = r"^([0-9]+h)?([0-9]+m)?([0-9]+s)?$"
 QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
 IDENTIFIER_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.\-]*$"
-#: An http(s) endpoint without user:password@ — credentials belong in the Secret, never in a spec.
-ENDPOINT_PATTERN = r"^(https?://[^\s@/]+(/[^\s@]*)?)?$"
+#: An http(s) endpoint: host (or [IPv6]), port and path only — no user:password@ (credentials
+#: belong in the Secret), no query, nothing a shell or an env consumer could read as syntax.
+ENDPOINT_PATTERN = (
+    r"^(https?://([A-Za-z0-9.\-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?(/[A-Za-z0-9._~%/\-]*)?)?$"
+)
 #: Kubernetes label values (also node selector and toleration values): at most 63 characters.
 LABEL_VALUE_PATTERN = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
 #: Kubernetes label keys (qualified names): an optional DNS-1123 prefix and a name of at most 63.
@@ -735,7 +738,8 @@ PATTERN_HINTS = {
     IDENTIFIER_PATTERN: "a field name: letters, digits, '_', '.' and '-'",
     LABEL_VALUE_PATTERN: "a label value: letters, digits, '-', '_' and '.', at most 63",
     LABEL_KEY_PATTERN: "a label key such as example.com/gpu-type",
-    ENDPOINT_PATTERN: "an http(s) URL without user:password@ (credentials go in the Secret)",
+    ENDPOINT_PATTERN: "an http(s) URL: host, port and path, no user:password@ (credentials go "
+    "in the Secret)",
 }
 
 

@@ -150,8 +150,7 @@ def render_config_map(plan: Plan, namespace: str | None = None) -> dict[str, Any
 
 
 def render_metrics_service(plan: Plan, namespace: str | None = None) -> dict[str, Any]:
-    """Selects whichever stage pod exports metrics (rank 0 / the Job's pod)."""
-    ports = sorted({s.metrics_port for s in plan.stages})
+    """Selects whichever stage pod exports metrics (rank 0 / the Job's pod), by port name."""
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -161,12 +160,11 @@ def render_metrics_service(plan: Plan, namespace: str | None = None) -> dict[str
             "selector": {LABEL_RUN: plan.run, LABEL_METRICS: "true"},
             "ports": [
                 {
-                    "name": "metrics" if i == 0 else f"metrics-{i}",
-                    "port": port,
-                    "targetPort": port,
+                    "name": "metrics",
+                    "port": plan.stages[0].metrics_port,
+                    "targetPort": "metrics",
                     "protocol": "TCP",
                 }
-                for i, port in enumerate(ports)
             ],
         },
     }
