@@ -4,22 +4,50 @@
 - apiGroups: ["apiextensions.k8s.io"]
   resources: ["customresourcedefinitions"]
   verbs: ["list", "watch"]
+# framework: with --namespace, Kopf's namespace observer lists and watches namespaces
+- apiGroups: [""]
+  resources: ["namespaces"]
+  verbs: ["list", "watch"]
 {{- end }}
 {{- define "kubetrain.namespacedRules" }}
-# framework: Kopf watches runs and patches its finalizer and progress annotations on them
+# framework: Kopf watches (indexes) runs and patches its finalizer on them
 - apiGroups: ["kubetrain.dev"]
   resources: ["trainingruns"]
-  verbs: ["get", "list", "watch", "patch"]
-# application: status: conditions, progress, attempts, outputs
+  verbs: ["list", "watch", "patch"]
+# application: k8s.Cluster.patch_status: conditions, progress, attempts, outputs
 - apiGroups: ["kubetrain.dev"]
   resources: ["trainingruns/status"]
-  verbs: ["get", "patch"]
-# framework: Kopf posts an event per handler outcome and per condition transition
+  verbs: ["patch"]
+# framework: Kopf posts the events k8s.post_event queues (one per condition transition, attempt)
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
-# framework: the same events through the events.k8s.io API
-- apiGroups: ["events.k8s.io"]
-  resources: ["events"]
+# application: handlers.run_jobs index and child_changed: the preprocess and merge Jobs' status
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["list", "watch"]
+# application: k8s.Cluster.create (stage Jobs), set_suspend (spec.suspend)
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["create", "patch"]
+# application: handlers.run_pytorchjobs index and child_changed: sanity and training jobs' status
+- apiGroups: ["kubeflow.org"]
+  resources: ["pytorchjobs"]
+  verbs: ["list", "watch"]
+# application: k8s.Cluster.create (attempts), set_suspend (runPolicy.suspend), delete (stall, failure)
+- apiGroups: ["kubeflow.org"]
+  resources: ["pytorchjobs"]
+  verbs: ["create", "patch", "delete"]
+# application: handlers.run_pods index: exit codes, termination messages, pods still running
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list", "watch"]
+# application: k8s.Cluster.create / update_data: the run's stage configs (kept current for attempts)
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["create", "patch"]
+# application: k8s.Cluster.create: the run's metrics Service (progress polling, PodMonitor)
+- apiGroups: [""]
+  resources: ["services"]
   verbs: ["create"]
 {{- end }}
