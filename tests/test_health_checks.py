@@ -1,11 +1,12 @@
 """The GitOps health checks on runs whose status the operator's own code derived.
 
-Real: the Argo CD Lua script runs in a real Lua runtime (lupa), with `obj` set the way Argo CD
-sets it; the Flux healthCheckExprs are evaluated with cel-python on the object's top-level fields,
-as kustomize-controller does. The sample runs come from the operator's status tests: their World
-drives the real `derive_status` through a lifecycle (tests/test_status.py). Not real: Argo CD and
-Flux themselves (neither can run here); the order Flux applies the three expressions in
-(inProgress, failed, current, else in progress) is the documented one.
+Real: the Argo CD Lua script runs in a real Lua 5.1 runtime (lupa; Argo CD's gopher-lua is 5.1),
+with `obj` set the way Argo CD sets it; the Flux healthCheckExprs are evaluated with cel-python on
+the object's top-level fields, as kustomize-controller does. The sample runs come from the
+operator's status tests: their World drives the real `derive_status` through a lifecycle
+(tests/test_status.py). Not real: Argo CD and Flux themselves (neither can run here); the order
+Flux applies the three expressions in (inProgress, failed, current, else in progress) is the
+documented one.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from collections.abc import Callable
 from typing import Any
 
 import celpy
-import lupa
 import pytest
 import yaml
+from lupa import lua51
 
 from chart_support import CHART, ROOT
 from operator_support import result, run_doc
@@ -124,7 +125,8 @@ FLUX_STATUS = {
 
 
 def argocd_health(run: dict[str, Any]) -> dict[str, Any]:
-    lua = lupa.LuaRuntime(unpack_returned_tuples=True)
+    lua = lua51.LuaRuntime(unpack_returned_tuples=True)
+    assert lua.lua_version == (5, 1)
     lua.globals().obj = lua.table_from(copy.deepcopy(run), recursive=True)
     health = lua.execute(LUA.read_text())
     return dict(health.items())
