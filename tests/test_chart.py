@@ -35,7 +35,8 @@ from chart_support import (
 from kubetrain_operator.permissions import CLUSTER_RULES, NAMESPACED_RULES, Rule
 from test_render import restricted_violations
 
-KUBE_VERSION = kubernetes_validate.latest_version()
+#: The chart's minimum (Chart.yaml kubeVersion) and the newest schema kubernetes-validate bundles.
+KUBE_VERSIONS = ["1.29.0", kubernetes_validate.latest_version()]
 MONITORING = "monitoring.coreos.com/v1"
 FULLNAME = "kubetrain"
 
@@ -72,14 +73,17 @@ def test_helm_lint_strict_is_clean() -> None:
         assert problems == [], problems
 
 
+@pytest.mark.parametrize("version", KUBE_VERSIONS)
 @pytest.mark.parametrize("name", sorted(VALUE_SETS))
-def test_every_rendered_core_object_passes_kubernetes_validate_strict(name: str) -> None:
+def test_every_rendered_core_object_passes_kubernetes_validate_strict(
+    name: str, version: str
+) -> None:
     objects = render(VALUE_SETS[name])
     assert objects
     for obj in objects:
         if obj["apiVersion"] == MONITORING:
             continue  # no bundled schema; see the module docstring
-        kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
+        kubernetes_validate.validate(obj, version, strict=True)
 
 
 def test_value_sets_render_what_they_say() -> None:
@@ -429,3 +433,10 @@ def test_the_credential_check_can_fail() -> None:
     (container,) = named(objects, "Deployment", FULLNAME)["spec"]["template"]["spec"]["containers"]
     container["env"].append({"name": "X", "value": "https://minio:pw@minio.local"})
     assert credentials_in(objects) == ["URI with userinfo"]
+
+
+def test_the_strict_validation_can_fail() -> None:
+    deployment = copy.deepcopy(named(render({}), "Deployment", FULLNAME))
+    deployment["spec"]["template"]["spec"]["containers"][0]["livenessProbes"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, KUBE_VERSIONS[0], strict=True)
