@@ -843,3 +843,16 @@ def test_writing_out_a_default_is_not_a_change() -> None:
     assert [
         f.path for f in kube.rule_failures(_set(new, "spec.training.optimizer", "sgd"), old)
     ] == ["spec.training"]
+
+
+def test_every_valid_spec_of_the_test_tables_passes_model_and_crd() -> None:
+    """The variants the plan/render/contract tests use are valid custom resources too."""
+    from runspecs import all_documents, local_documents
+
+    documents = {**all_documents(), **local_documents()}
+    assert len(documents) >= 15
+    for doc_id, doc in documents.items():
+        api.parse_run(doc)
+        assert kube.schema_errors(doc) == [], doc_id
+        evaluation = kube.evaluate_rules(doc)
+        assert evaluation.failures == [], doc_id
