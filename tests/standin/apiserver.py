@@ -277,7 +277,11 @@ class StandInAPIServer(kmock.KubernetesEmulator):
         params = request.params
         if method == "GET":
             verb = (
-                "watch" if params.get("watch") in ("true", "1") else "get" if route.name else "list"
+                "watch"
+                if str(params.get("watch", "")).lower() in ("true", "1")
+                else "get"
+                if route.name
+                else "list"
             )
         else:
             verb = {
@@ -344,7 +348,7 @@ class StandInAPIServer(kmock.KubernetesEmulator):
             return aiohttp.web.Response(
                 text=self.pod_log(route.namespace, route.name or ""), content_type="text/plain"
             )
-        if method == "GET" and params.get("watch") in ("true", "1"):
+        if method == "GET" and str(params.get("watch", "")).lower() in ("true", "1"):
             return await self._watch(request, route, params, accept)
         if method == "GET" and route.name is None:
             return aiohttp.web.json_response(self._list(route, params, accept))
@@ -795,7 +799,12 @@ class StandInAPIServer(kmock.KubernetesEmulator):
                     self.kill_pod(updated, force=True)
             else:
                 meta.pop("deletionGracePeriodSeconds", None)
-        if finalizers or self._graceful(rt, updated):
+        terminating_ns = rt.key == ("", "namespaces") and bool(
+            (updated.get("spec") or {}).get("finalizers")
+        )
+        if terminating_ns:  # the namespace controller empties it first (collect_garbage)
+            updated.setdefault("status", {})["phase"] = "Terminating"
+        if finalizers or terminating_ns or self._graceful(rt, updated):
             if not meta.get("deletionTimestamp") or finalizers != list(
                 meta.get("finalizers") or []
             ):
@@ -978,7 +987,7 @@ class StandInAPIServer(kmock.KubernetesEmulator):
         response = aiohttp.web.StreamResponse(headers={"Content-Type": "application/json"})
         await response.prepare(request._raw_request)
         chunks: list[bytes] = []
-        if since in (None, "", "0") or params.get("sendInitialEvents") == "true":
+        if since in (None, "", "0") or str(params.get("sendInitialEvents")).lower() == "true":
             cursor = self._rv
             chunks = [encode("ADDED", o) for o in self._select(route, params)]
         else:
@@ -991,8 +1000,8 @@ class StandInAPIServer(kmock.KubernetesEmulator):
                 await response.write_eof()
                 return response
         if (
-            params.get("sendInitialEvents") == "true"
-            and params.get("allowWatchBookmarks") == "true"
+            str(params.get("sendInitialEvents")).lower() == "true"
+            and str(params.get("allowWatchBookmarks")).lower() == "true"
         ):
             # The one BOOKMARK sent: the end of the initial events of a streaming list
             # (client-go's WatchList, which kubectl wait/delete use), without which it waits.
