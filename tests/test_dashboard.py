@@ -201,7 +201,9 @@ class Live:
         return body["data"]
 
     def series(self, expr: str) -> list[dict[str, Any]]:
-        data = self.get("/api/v1/query_range", query=expr, start=self.start, end=self.end, step=0.2)
+        data = self.get(
+            "/api/v1/query_range", query=expr, start=self.start, end=self.end, step=0.25
+        )
         return [s for s in data["result"] if s["values"]]
 
 
@@ -229,12 +231,12 @@ def tiny_run_spec(tmp_path: Path) -> Path:
 def prometheus_config(tmp_path: Path, targets: dict[str, tuple[int, dict[str, str]]]) -> Path:
     """One job per target, labelled as the chart's PodMonitor/ServiceMonitor would label it.
 
-    200 ms scrapes: a tiny stage lives a second or two (a real one, hours)."""
+    250 ms scrapes: a tiny stage lives a second or two (a real one, hours)."""
     (tmp_path / "rules.yaml").write_text(yaml.safe_dump(prometheus_rules()))
     config = {
         "global": {
-            "scrape_interval": "200ms",
-            "scrape_timeout": "150ms",
+            "scrape_interval": "250ms",
+            "scrape_timeout": "250ms",  # a loaded CI core may answer slowly
             "evaluation_interval": "1s",
         },
         "rule_files": [str(tmp_path / "rules.yaml")],
