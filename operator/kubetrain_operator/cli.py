@@ -88,7 +88,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     plans, failed = _plans(args)
     if failed:
         return EXIT_INVALID
-    print(f"{len(plans)} TrainingRun(s) valid for the {args.target}", file=sys.stderr)
+    where = "a cluster" if args.target == "cluster" else "`kubetrain run`"
+    print(f"{len(plans)} TrainingRun(s) valid for {where}", file=sys.stderr)
     return EXIT_OK
 
 
