@@ -83,3 +83,29 @@ def launcher(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
     warm = Launcher(tmp_path_factory.getbasetemp() / "launcher-logs")
     yield warm
     warm.close()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """The opt-in real-cluster e2e suite (docs/standin.md): `pytest --kube-context NAME -m e2e`."""
+    group = parser.getgroup("e2e", "real-cluster end-to-end tests")
+    group.addoption(
+        "--kube-context",
+        default=None,
+        help="kubeconfig context of a cluster with the Kubeflow training operator",
+    )
+    group.addoption(
+        "--e2e-image",
+        default=None,
+        help="trainer image the e2e runs use (spec.image); default: the operator's",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--kube-context"):
+        return
+    skip = pytest.mark.skip(
+        reason="needs a real cluster: pytest --kube-context NAME -m e2e (see docs/standin.md)"
+    )
+    for item in items:
+        if "e2e" in item.keywords:
+            item.add_marker(skip)

@@ -317,7 +317,7 @@ def test_python_m_tests_standin_writes_a_kubeconfig_kubectl_can_use(tmp_path: Pa
     )
     try:
         line = proc.stdout.readline().strip()
-        assert line == str(tmp_path / "kubeconfig"), proc.stderr.read() if not line else line
+        assert line == str(tmp_path / "kubeconfig"), line or proc.stderr.read()
         kubectl = Kubectl(StandIn("", Path(line), tmp_path, None, None))  # type: ignore[arg-type]
         kubectl.run("apply", "-f", str(CRDS))
         assert "No resources found" in kubectl.run("get", "tr").stderr
