@@ -10,8 +10,10 @@ tensor, elements materialised in `param.data`]. DeepSpeed ZeRO-3 keeps the parti
 (empty) — except for "persistent" parameters below `stage3_param_persistence_threshold`, which
 stay whole on every rank although they have a partition too. Without ZeRO-3 all three are equal.
 `optimizerElements` counts the fp32 master elements this rank's optimizer steps (ZeRO-1/2/3 hold
-a partition, DDP all of them). `processGroupAfterStage`: whether the process group was still up
-when the stage returned (it must not be). Read by tests/test_train_distributed.py.
+a partition, DDP all of them); `cpuOffload` whether DeepSpeed's ZeRO optimizer keeps that
+partition in host memory and steps it there. `processGroupAfterStage`: whether the process group
+was still up when the stage returned (it must not be). Read by tests/test_train_distributed.py
+and tests/test_train_optimizers.py.
 """
 
 from __future__ import annotations
@@ -47,7 +49,12 @@ class Probe(TrainerCallback):  # type: ignore[misc]
         elements, holder = master_elements(optimizer)
         self.path.write_text(
             json.dumps(
-                {"parameters": parameters, "optimizerElements": elements, "optimizer": holder}
+                {
+                    "parameters": parameters,
+                    "optimizerElements": elements,
+                    "optimizer": holder,
+                    "cpuOffload": cpu_offload(optimizer),
+                }
             ),
             encoding="utf-8",
         )
@@ -71,6 +78,13 @@ def master_elements(optimizer: Any) -> tuple[int, str]:
         optimizer = optimizer.optimizer
     params = [p for group in optimizer.param_groups for p in group["params"]]
     return sum(int(p.numel()) for p in params), type(optimizer).__name__
+
+
+def cpu_offload(optimizer: Any) -> bool:
+    """DeepSpeed's ZeRO-1/2 optimizer's own flag, found under accelerate's wrapper."""
+    while not hasattr(optimizer, "cpu_offload") and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return bool(getattr(optimizer, "cpu_offload", False))
 
 
 def main() -> None:
