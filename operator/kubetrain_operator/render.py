@@ -1,8 +1,13 @@
-"""Stages → Kubernetes objects (plain dicts) — pure.
+"""Planned stages → Kubernetes objects (plain dicts) — pure.
 
-Every pod meets Pod Security "restricted"; secrets reach pods only through secretKeyRef; user
-strings never reach an argv or a shell (they travel in the stage config JSON, mounted from a
-ConfigMap). Child names are deterministic, so creating them is idempotent.
+render only consumes the plan: each stage's kind, shape, resources, env, metrics port and config
+come from `plan.Stage`; nothing is read from the run's spec here. Every pod meets Pod Security
+"restricted"; secrets reach pods only through secretKeyRef; user strings never reach an argv or a
+shell (they travel in the stage config JSON, mounted from a ConfigMap). Child names are
+deterministic (`<run>-preprocess-<key8>`, `<run>-sanity-<i>`, `<run>-train-<attempt>`,
+`<run>-merge`), so creating them is idempotent. `metadata.namespace` is set only when a namespace
+is given. Every object carries `kubetrain.dev/run`, `kubetrain.dev/stage` (stage objects) and the
+recommended `app.kubernetes.io/*` labels.
 """
 
 from __future__ import annotations
