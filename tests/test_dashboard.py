@@ -78,8 +78,8 @@ ALERT_PROBES = {
     ],
     "TrainingLossNotFinite": ["increase(kubetrain_train_nonfinite_loss_total[10m])"],
     "TrainingLossNotDecreasing": [
-        'deriv(kubetrain_train_loss{stage="sanity"}[10m])',
-        'delta(kubetrain_train_step{stage="sanity"}[10m])',
+        'deriv(kubetrain_train_loss{stage=~"sanity-[0-9]+"}[10m])',
+        'delta(kubetrain_train_step{stage=~"sanity-[0-9]+"}[10m])',
     ],
     "CheckpointTooOld": [
         "time() - max by (namespace, run) (kubetrain_checkpoint_last_timestamp_seconds)"
@@ -307,7 +307,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     forced, operator_port, web = free_port(), free_port(), free_port()
     pod = {"namespace": NAMESPACE}
     targets = {
-        f"stage-{stage}": (port, {**pod, "pod": f"{RUN}-{stage}", "stage": stage.split("-")[0]})
+        f"stage-{stage}": (port, {**pod, "pod": f"{RUN}-{stage}", "stage": stage})
         for stage, port in stage_ports.items()
     }
     targets["forced-gpu"] = (forced, {**pod, "pod": f"{FORCED_RUN}-train-1", "stage": "train"})
