@@ -34,8 +34,9 @@ test: setup lint
 	$(BIN)/pytest -q -m "not gpu and not e2e"
 
 demo: setup
-	$(BIN)/kubetrain validate examples/*.yaml
-	$(BIN)/kubetrain render examples/tinystories-cpu.yaml > /dev/null
+	$(BIN)/kubetrain validate $(filter-out examples/tinystories-cpu.yaml,$(wildcard examples/*.yaml))
+	$(BIN)/kubetrain validate --target local examples/tinystories-cpu.yaml
+	$(BIN)/kubetrain render examples/tinystories.yaml > /dev/null
 	$(BIN)/kubetrain run examples/tinystories-cpu.yaml
 
 crd: setup
