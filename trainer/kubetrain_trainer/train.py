@@ -724,6 +724,9 @@ def prepare(config: TrainConfig, workdir: Path) -> Session:
     position, resumed = find_resume_point(config, layout, env, meta_now)
     rows = dataset.rows("train")
     args.max_steps = total_steps(config, rows, position)
+    if metrics is not None:  # a resumed stage shows where it stands before its first step
+        metrics.step.labels(run=config.run).set(position.start_step)
+        metrics.total_steps.labels(run=config.run).set(args.max_steps)
 
     trainer = make_trainer(config, args, tokenizer, dataset, inputs.model_dir)
     trainer.kubetrain_accounting = StepAccounting(world_size=env.world_size, device=args.device)
