@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -93,3 +95,26 @@ def prometheus_rules(**settings: Any) -> dict[str, Any]:
     values = {"metrics": {"prometheusRule": {"enabled": True, **settings}}}
     (rule,) = of_kind(render(values), "PrometheusRule")
     return rule["spec"]
+
+
+def stage_pod_templates(example: str, directory: Path, nodes: int = 1) -> list[dict[str, Any]]:
+    """The pod templates of an example's stages on `nodes` nodes, as `kubetrain render` renders
+    them (the real CLI): what the chart's PodMonitor, NetworkPolicy and alerts must match."""
+    doc = yaml.safe_load((ROOT / "examples" / example).read_text())
+    doc["spec"]["resources"]["nodes"] = nodes
+    path = directory / example
+    path.write_text(yaml.safe_dump(doc))
+    proc = subprocess.run(
+        [sys.executable, "-m", "kubetrain_operator.cli", "render", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    templates: list[dict[str, Any]] = []
+    for obj in yaml.safe_load_all(proc.stdout):
+        if obj and obj["kind"] == "Job":
+            templates.append(obj["spec"]["template"])
+        elif obj and obj["kind"] == "PyTorchJob":
+            templates += [r["template"] for r in obj["spec"]["pytorchReplicaSpecs"].values()]
+    return templates

@@ -12,14 +12,13 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from chart_support import ROOT, prometheus_rules
+from chart_support import ROOT, prometheus_rules, stage_pod_templates
 
 TEST_FILE = ROOT / "observability" / "alerts-test.yaml"
 #: docs/metrics.md, "Alerts shipped with the chart".
@@ -95,35 +94,7 @@ def test_the_unit_tests_follow_the_thresholds_in_values(
     assert "FAILED" in proc.stdout + proc.stderr
 
 
-def exporting_pods(example: str) -> list[dict[str, str]]:
-    """Labels of the pods that serve metrics, as `kubetrain render` renders them (the real CLI)."""
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "kubetrain_operator.cli",
-            "render",
-            str(ROOT / "examples" / example),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-    labels = []
-    for obj in yaml.safe_load_all(proc.stdout):
-        if not obj or obj["kind"] not in ("Job", "PyTorchJob"):
-            continue
-        templates = (
-            [obj["spec"]["template"]]
-            if obj["kind"] == "Job"
-            else [r["template"] for r in obj["spec"]["pytorchReplicaSpecs"].values()]
-        )
-        labels += [t["metadata"]["labels"] for t in templates]
-    return [x for x in labels if x.get("kubetrain.dev/metrics") == "true"]
-
-
-def test_the_sanity_selector_matches_the_rungs_the_operator_renders() -> None:
+def test_the_sanity_selector_matches_the_rungs_the_operator_renders(tmp_path: Path) -> None:
     """The PodMonitor copies kubetrain.dev/stage into `stage`; the alert must see every rung."""
     (rule,) = [
         r
@@ -132,7 +103,12 @@ def test_the_sanity_selector_matches_the_rungs_the_operator_renders() -> None:
         if r["alert"] == "TrainingLossNotDecreasing"
     ]
     (pattern,) = set(re.findall(r'stage=~"([^"]+)"', rule["expr"]))
-    stages = {x["kubetrain.dev/stage"] for x in exporting_pods("tulu-dpo.yaml")}
+    exporting = [
+        t["metadata"]["labels"]
+        for t in stage_pod_templates("tulu-sft.yaml", tmp_path)
+        if t["metadata"]["labels"].get("kubetrain.dev/metrics") == "true"
+    ]
+    stages = {x["kubetrain.dev/stage"] for x in exporting}
     assert {"preprocess", "train", "merge"} <= stages
     sanity = {s for s in stages if re.fullmatch(pattern, s)}
     assert sanity and all(s.startswith("sanity-") for s in sanity), stages

@@ -14,6 +14,7 @@ import copy
 import re
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
@@ -31,6 +32,7 @@ from chart_support import (
     of_kind,
     render,
     render_text,
+    stage_pod_templates,
 )
 from kubetrain_operator.permissions import CLUSTER_RULES, NAMESPACED_RULES, Rule
 from test_render import restricted_violations
@@ -345,6 +347,38 @@ def test_monitors_select_the_exporting_pods_and_the_operator_service() -> None:
     assert service_monitor["spec"]["endpoints"][0]["port"] == service["spec"]["ports"][0]["name"]
     all_ns = render({"metrics": {"podMonitor": {"enabled": True}}})
     assert of_kind(all_ns, "PodMonitor")[0]["spec"]["namespaceSelector"] == {"any": True}
+
+
+def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return selector.items() <= labels.items()
+
+
+def test_monitor_and_policy_select_the_pods_the_operator_renders(tmp_path: Path) -> None:
+    """Against `kubetrain render` of a two-node run: the PodMonitor picks exactly one pod per
+    stage (the Job's, the PyTorchJob's master: rank 0), on the port it names; the stage policy
+    covers every stage pod, workers included."""
+    objects = render(EVERYTHING)
+    (pod_monitor,) = of_kind(objects, "PodMonitor")
+    selector = pod_monitor["spec"]["selector"]["matchLabels"]
+    templates = stage_pod_templates("tulu-sft.yaml", tmp_path, nodes=2)
+    assert any(t["metadata"]["labels"].get("kubetrain.dev/metrics") is None for t in templates)
+    picked = [t for t in templates if selects(selector, t["metadata"]["labels"])]
+    stages = [t["metadata"]["labels"]["kubetrain.dev/stage"] for t in picked]
+    assert sorted(stages) == sorted(
+        {t["metadata"]["labels"]["kubetrain.dev/stage"] for t in templates}
+    )
+    (endpoint,) = pod_monitor["spec"]["podMetricsEndpoints"]
+    for template in picked:
+        (container,) = template["spec"]["containers"]
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert ports[endpoint["port"]] == 9400
+    policy = [
+        p for p in of_kind(objects, "NetworkPolicy") if p["metadata"]["name"].endswith("stages")
+    ]
+    for template in templates:
+        assert selects(
+            policy[0]["spec"]["podSelector"]["matchLabels"], template["metadata"]["labels"]
+        )
 
 
 def test_dashboard_config_map_is_the_generated_json_for_the_sidecar() -> None:
