@@ -474,3 +474,18 @@ def test_the_strict_validation_can_fail() -> None:
     deployment["spec"]["template"]["spec"]["containers"][0]["livenessProbes"] = {}
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(deployment, KUBE_VERSIONS[0], strict=True)
+
+
+def test_bring_your_own_service_account_needs_its_name() -> None:
+    import helm_python as helm
+
+    with pytest.raises(helm.HelmError, match=r"serviceAccount\.name is required"):
+        render({"serviceAccount": {"create": False}})
+    objects = render({"serviceAccount": {"create": False, "name": "ops-kubetrain"}})
+    assert "ops-kubetrain" not in {
+        sa["metadata"]["name"] for sa in of_kind(objects, "ServiceAccount")
+    }
+    (container_spec,) = pod_specs(objects)
+    assert container_spec["serviceAccountName"] == "ops-kubetrain"
+    for binding in of_kind(objects, "ClusterRoleBinding"):
+        assert binding["subjects"][0]["name"] == "ops-kubetrain"
