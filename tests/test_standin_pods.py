@@ -95,14 +95,7 @@ pathlib.Path("/dev/termination-log").write_text('{"rows": 3}')
 
 def test_a_job_pod_runs_with_its_volumes_env_and_user(cluster: StandIn, kubectl: Kubectl) -> None:
     data = pvc(cluster)
-    kubectl.apply(
-        {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {"name": "creds"},
-            "stringData": {"token": "s3cr3t"},
-        }
-    )
+    kubectl.run("create", "secret", "generic", "creds", "--from-literal=token=s3cr3t")
     kubectl.apply(
         {
             "apiVersion": "v1",
@@ -192,7 +185,10 @@ def test_a_failing_pod_reports_its_exit_code_and_message_and_fails_the_job(
 def test_fallback_to_logs_on_error_puts_the_log_tail_in_the_message(
     cluster: StandIn, kubectl: Kubectl
 ) -> None:
-    script = "import sys; print('first', flush=True); print('the last words', file=sys.stderr); sys.exit(7)"
+    script = (
+        "import sys; print('first', flush=True); print('the last words', file=sys.stderr); "
+        "sys.exit(7)"
+    )
     kubectl.apply(
         job("fallback", script, container={"terminationMessagePolicy": "FallbackToLogsOnError"})
     )

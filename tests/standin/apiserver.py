@@ -53,7 +53,7 @@ import kmock
 import yaml
 from kmock._internal import apps, rendering
 
-from . import discovery, tables
+from . import discovery, protobuf, tables
 from .admission import admit_custom, name_causes
 from .errors import (
     ApiError,
@@ -362,12 +362,16 @@ class StandInAPIServer(kmock.KubernetesEmulator):
         if method == "DELETE":
             options = request.data if isinstance(request.data, dict) else {}
             return aiohttp.web.json_response(await self._delete(route, options, params))
-        if "protobuf" in request.headers.get("Content-Type", "") or "cbor" in request.headers.get(
-            "Content-Type", ""
-        ):
-            # client-go retries in JSON after a 415 (its content-type fallback)
-            raise unsupported_media(request.headers["Content-Type"])
-        body = self._decode(request)
+        content_type = request.headers.get("Content-Type", "")
+        if "protobuf" in content_type:
+            try:  # kubectl create secret|configmap|namespace|serviceaccount
+                body = protobuf.decode(request.body)
+            except protobuf.Undecodable:
+                raise unsupported_media(content_type) from None
+        elif "cbor" in content_type:
+            raise unsupported_media(content_type)
+        else:
+            body = self._decode(request)
         if method == "POST" and route.name is None:
             obj = await self._create(route, body, params, warnings)
             return self._respond(obj, 201, warnings)
@@ -1187,7 +1191,8 @@ def _builtin_defaults(rt: ResourceType, obj: Obj, old: Obj | None) -> None:
     """The defaulting the API server does for the built-in kinds we use."""
     key = rt.key
     if key == ("", "secrets"):
-        obj.setdefault("type", "Opaque")
+        if not obj.get("type"):
+            obj["type"] = "Opaque"
         string_data = obj.pop("stringData", None) or {}
         data = obj.setdefault("data", {}) or {}
         obj["data"] = data
@@ -1226,7 +1231,7 @@ def _builtin_defaults(rt: ResourceType, obj: Obj, old: Obj | None) -> None:
         labels["batch.kubernetes.io/job-name"] = obj["metadata"]["name"]
         labels["job-name"] = obj["metadata"]["name"]
     elif key == ("", "namespaces") and old is None:
-        obj.setdefault("spec", {}).setdefault("finalizers", ["kubernetes"])
+        obj.setdefault("spec", {})["finalizers"] = ["kubernetes"]  # PrepareForCreate sets it
         obj["status"] = {"phase": "Active"}
     elif key == ("", "persistentvolumeclaims") and old is None:
         obj["status"] = {"phase": "Bound"}

@@ -103,7 +103,8 @@ def unsupported_media(content_type: str) -> ApiError:
         f"the body of the request was in an unknown format - accepted media types include: "
         f"application/json, application/yaml, application/json-patch+json, "
         f"application/merge-patch+json, application/strategic-merge-patch+json "
-        f"({content_type} given; the stand-in decodes no protobuf)",
+        f"({content_type} given; of protobuf, the stand-in decodes Secret, ConfigMap, Namespace "
+        "and ServiceAccount only)",
     )
 
 
