@@ -229,6 +229,25 @@ def test_retryable_failure_then_a_new_attempt_succeeds(world: World) -> None:
     )
 
 
+def test_changed_resources_take_effect_at_the_next_attempt(world: World) -> None:
+    w, run = world, "resize"
+    w.c.apply(run_doc(run))
+    data_stage(w, run)
+    first = w.c.wait_child(run, "train-1")
+    assert "Worker" not in first["spec"]["pytorchReplicaSpecs"]
+    w.c.start(first)
+    w.c.patch_spec(run, {"resources": {"nodes": 2, "gpusPerNode": 0}})
+    time.sleep(1.5)
+    current = [c for c in w.c.children(run) if c["metadata"]["name"] == f"{run}-train-1"][0]
+    assert "Worker" not in current["spec"]["pytorchReplicaSpecs"]  # the running attempt stays
+    w.c.finish(first, 143, result("train", False, error="terminated after step 40"))
+    second = w.c.wait_child(run, "train-2", timeout=10)
+    assert second["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 1
+    config = next(c for c in w.api.live("configmaps") if c["metadata"]["name"] == f"{run}-config")
+    train = json.loads(next(v for k, v in config["data"].items() if k.startswith("train")))
+    assert train["distributed"]["worldSize"] == 2
+
+
 def test_a_stall_restarts_the_attempt_only_after_its_pods_stopped(world: World) -> None:
     w, run = world, "stall"
     w.c.apply(run_doc(run, stallTimeout="3s"))

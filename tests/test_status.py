@@ -276,7 +276,7 @@ def test_a_failed_preprocess_job_ends_the_run_with_its_own_message(code: int, re
 @pytest.mark.parametrize(
     ("state", "phase", "ready_reason"),
     [
-        ("pending", st.P_TRAINING, st.R_TRAINING),
+        ("pending", st.P_TRAINING, st.R_STARTING),
         ("running", st.P_TRAINING, st.R_TRAINING),
         ("suspended", st.P_TRAINING, st.R_TRAINING),
     ],

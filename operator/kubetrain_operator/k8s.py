@@ -44,6 +44,8 @@ CALLS: frozenset[tuple[str, str, str]] = frozenset(
 )
 
 REQUEST_TIMEOUT = 30.0
+#: Connections to the API server (and threads that make the synchronous calls).
+POOL_SIZE = 32
 
 
 class ApiError(Exception):
@@ -55,7 +57,7 @@ class ApiError(Exception):
         self.permanent = 400 <= status < 500 and status not in (408, 409, 429)
 
 
-def load_configuration(pool_size: int = 32) -> Any:
+def load_configuration(pool_size: int = POOL_SIZE) -> Any:
     """The in-cluster service account, else the kubeconfig (KUBECONFIG / ~/.kube/config)."""
     configuration = client.Configuration()
     try:

@@ -11,7 +11,9 @@ startup handler; the operator's own settings come from the environment (settings
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import kopf
@@ -37,12 +39,20 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     )
     # Only warnings and errors of Kopf's own log become events; ours are posted explicitly.
     settings.posting.level = logging.WARNING
+    # Kopf logs a success line per handler per watch event (four handlers see every child
+    # event): that would be most of the log. Failures are still logged; `--verbose` shows all.
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     # Watches: the server ends a watch after this long; the client gives up a little later.
     settings.watching.server_timeout = ours.watch_server_timeout
     settings.watching.client_timeout = ours.watch_server_timeout + 30
     settings.watching.connect_timeout = 30
     # Peering: none (see the module docstring); `--standalone` says the same on the command line.
     settings.peering.standalone = True
+    # The kubernetes client is synchronous: its calls run in threads, as many as its pool allows.
+    asyncio.get_running_loop().set_default_executor(
+        ThreadPoolExecutor(max_workers=k8s.POOL_SIZE, thread_name_prefix="k8s")
+    )
     metrics = OperatorMetrics()
     if ours.metrics_port:
         metrics.serve(ours.metrics_port)

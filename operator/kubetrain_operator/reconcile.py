@@ -10,6 +10,7 @@ that has not caught up with it yet.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Iterable, Mapping
@@ -40,6 +41,9 @@ log = logging.getLogger(__name__)
 
 Key = tuple[str, str]
 ERROR_BACKOFF_MAX = 30.0
+#: How long an object this process created (or found existing) is trusted to exist without
+#: asking again: covers the watch lag until the indexes show it; after that, level-based again.
+EXPECTATION_SECONDS = 60.0
 
 
 @dataclass
@@ -63,6 +67,9 @@ class _Entry:
     progress: Progress | None = None
     scraped_at: float = 0.0
     written: tuple[str, dict[str, Any]] | None = None
+    uid: str | None = None
+    expected: dict[str, tuple[float, str]] = field(default_factory=dict)
+    """name → (when, digest of what was ensured): creates this process need not repeat."""
 
 
 def metrics_service(run_name: str) -> str:
@@ -173,6 +180,9 @@ class Reconciler:
         if meta.get("deletionTimestamp"):
             return  # children go with it (owner references); nothing to start
         uid = meta.get("uid")
+        entry = self._entries.setdefault(key, _Entry())
+        if entry.uid != uid:  # a new run of the same name: nothing is known about it
+            entry.uid, entry.expected = uid, {}
         children = [
             c
             for c in _items(self.indexes.jobs, key) + _items(self.indexes.pytorchjobs, key)
@@ -213,10 +223,17 @@ class Reconciler:
     async def _execute(self, key: Key, run: dict[str, Any], action: object) -> None:
         if isinstance(action, EnsureObject):
             body = {**action.body, "metadata": dict(action.body["metadata"])}
+            entry = self._entries.setdefault(key, _Entry())
+            name = f"{body['kind']}/{body['metadata']['name']}"
+            digest = json.dumps(body.get("data"), sort_keys=True) if action.update else ""
+            known = entry.expected.get(name)
+            if known and time.monotonic() - known[0] < EXPECTATION_SECONDS and known[1] == digest:
+                return
             k8s.adopt(body, run)
             created = await self.cluster.create(body)
             if not created and action.update:
                 await self.cluster.update_data(body)
+            entry.expected[name] = (time.monotonic(), digest)
             if created:
                 log.info("%s/%s: created %s %s", *key, body["kind"], body["metadata"]["name"])
                 if action.attempt_reason is not None:

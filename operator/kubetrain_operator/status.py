@@ -431,7 +431,9 @@ class _Status:
             "observedGeneration": self.generation,
         }
         self.conditions[type_] = entry
-        changed = previous is None and status == "True"
+        # A transition: a status that changed, or an abnormal condition raised on the first visit
+        # (a run invalid from the start still gets its Warning event).
+        changed = previous is None and type_ == STALLED and status == "True"
         changed = changed or (previous is not None and previous.get("status") != status)
         if changed:
             warn = (type_ == STALLED and status == "True") or reason in _WARNING_REASONS
@@ -655,7 +657,9 @@ class _Lifecycle:
     def waiting(self, stage: Stage, child: ChildState) -> None:
         """Summary for a stage whose child exists and has not finished."""
         phase, reason = self.stage_phase(stage), self.stage_reason(stage)
-        message = f"{child.name}: {child.phase}"
+        message = f"{child.name}: " + ("starting" if child.phase == "pending" else child.phase)
+        if stage.name == "train" and child.phase == "pending":
+            reason = R_STARTING
         if self.spec.suspend and not self.spec.queue_name:
             self.status.summary(P_SUSPENDED, ("False", R_SUSPENDED, message), "paused")
             return
@@ -697,7 +701,7 @@ class _Lifecycle:
             self.stage_pending(stage)
             self.status.summary(
                 self.stage_phase(stage),
-                ("False", self.stage_reason(stage), f"{name}: created"),
+                ("False", self.stage_reason(stage), f"{name}: starting"),
                 "progressing",
             )
             return False
@@ -808,7 +812,7 @@ class _Lifecycle:
                 # Just created (not yet seen) or lost in a crash: create-if-absent again.
                 self.ensure_child(stage, attempt)
                 self.status.summary(
-                    P_TRAINING, ("False", R_STARTING, f"{name}: created"), "progressing"
+                    P_TRAINING, ("False", R_STARTING, f"{name}: starting"), "progressing"
                 )
                 return False
             if child.phase == "succeeded":
@@ -901,7 +905,7 @@ class _Lifecycle:
             f" after: {message}" if why != "initial" else ""
         )
         self.status.actions.append(RecordEvent("Normal", "AttemptStarted", _bounded(text)))
-        self.status.summary(P_TRAINING, ("False", R_STARTING, text), "progressing")
+        self.status.summary(P_TRAINING, ("False", R_STARTING, f"{name}: starting"), "progressing")
 
     def train_succeeded(self, current: dict[str, Any], child: ChildState) -> None:
         result = child.result or {}

@@ -1,0 +1,300 @@
+"""The operator under load: N TrainingRuns applied at once to the stand-in API server.
+
+    .venv/bin/python bench/operator.py --runs 500
+
+Starts tests/standin's API server (in this process) and the real operator
+(`python -m kopf run --standalone -m kubetrain_operator.main --namespace ml`, production timings:
+resync and progress polling every 30 s), then:
+
+1. applies every run as fast as 8 client threads can POST them, and times until every run has its
+   first child (the preprocess Job);
+2. waits until the operator is idle (no request for 3 s) and counts its requests per run;
+3. plays the Job controller: marks every preprocess Job Complete at once (8 threads) and times,
+   per run, from its Job's status change to the run's `DataReady=True` as a watch over HTTP
+   delivers it (a burst: the single-threaded stand-in queues ~5 requests per run);
+4. plays the training operator: marks each run's train-1 PyTorchJob Running, paced (--rate per
+   second), and times the same way until the run's Ready reason is Training;
+5. reads the operator's peak RSS (VmHWM).
+
+Prints one table with the targets next to the figures. Requests are those with the operator's
+user agents (Kopf's and the kubernetes client's), watches included. The stand-in gets our CRD
+with an open schema here: its schema and CEL interpreters cost ~80 ms per TrainingRun write in
+cel-python, which would be the figure measured instead of the operator (the tests admit with the
+full CRD).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from operator_harness import (  # noqa: E402
+    TEST_AGENT,
+    ApiServer,
+    OperatorProcess,
+    crd_without_admission,
+    path_of,
+    wait_for,
+)
+from operator_support import NAMESPACE, job_status, run_doc  # noqa: E402
+
+
+def operator_calls(api: ApiServer) -> int:
+    return sum(1 for c in api.calls() if c.user_agent != TEST_AGENT)
+
+
+def breakdown(api: ApiServer, start: int, runs: int) -> str:
+    """Operator requests per run since call number `start`, by verb and resource."""
+    counts = Counter(
+        f"{c.verb} {c.resource}" for c in api.calls()[start:] if c.user_agent != TEST_AGENT
+    )
+    return ", ".join(f"{k} {v / runs:.2f}" for k, v in counts.most_common())
+
+
+def idle(api: ApiServer, quiet: float = 3.0, timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    last, since = operator_calls(api), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        now = operator_calls(api)
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return
+    raise RuntimeError("the operator never went idle")
+
+
+class Watch(threading.Thread):
+    """A watch over HTTP (as any client sees the API): when each object first satisfies `test`.
+    Cheaper for this process than polling 500 objects, which would slow the in-process server."""
+
+    def __init__(self, api: ApiServer, path: str, test: Callable[[dict[str, Any]], str | None]):
+        super().__init__(daemon=True)
+        version = api.request("GET", path)["metadata"]["resourceVersion"]
+        self.url = f"{api.url}{path}?watch=true&resourceVersion={version}&timeoutSeconds=900"
+        self.test = test
+        self.seen: dict[str, float] = {}
+        self.response: Any = None
+
+    def run(self) -> None:
+        request = urllib.request.Request(self.url, headers={"User-Agent": TEST_AGENT})
+        with (
+            contextlib.suppress(OSError, ValueError),
+            urllib.request.urlopen(request, timeout=900) as self.response,
+        ):
+            for line in self.response:
+                name = self.test(json.loads(line)["object"])
+                if name is not None and name not in self.seen:
+                    self.seen[name] = time.monotonic()
+
+    def close(self) -> None:
+        """End the stream (the server cannot shut down while a watch is open)."""
+        if self.response is not None:
+            with contextlib.suppress(OSError):
+                self.response.fp.raw._sock.shutdown(socket.SHUT_RDWR)
+        self.join(5)
+
+    def wait(self, count: int, timeout: float) -> None:
+        wait_for(lambda: len(self.seen) >= count, timeout, what=f"{count} objects")
+
+
+def measure(
+    api: ApiServer,
+    names: list[str],
+    runs_path: str,
+    api_version: str,
+    plural: str,
+    child: Callable[[str], str],
+    state: str,
+    reached: Callable[[dict[str, Any]], str | None],
+    interval: float,
+) -> list[float]:
+    """Seconds from each child's status change (as its controller PATCHes it) to the run's status
+    showing it (as a watch delivers it); all at once (8 threads) or one every `interval` s."""
+    watch = Watch(api, runs_path, reached)
+    watch.start()
+    changed: dict[str, float] = {}
+    kind = "Job" if plural == "jobs" else "PyTorchJob"
+
+    def change(name: str) -> None:
+        changed[name] = time.monotonic()
+        api.request(
+            "PATCH",
+            path_of(api_version, plural, NAMESPACE, child(name)) + "/status",
+            {"status": job_status(kind, state, time.time())},
+            "application/merge-patch+json",
+        )
+
+    if interval:
+        for name in names:
+            change(name)
+            time.sleep(interval)
+    else:
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(change, names))
+    watch.wait(len(names), 600)
+    watch.close()
+    idle(api)
+    return [watch.seen[n] - changed[n] for n in names]
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=500)
+    parser.add_argument("--rate", type=float, default=25.0, help="paced changes per second")
+    args = parser.parse_args()
+    names = [f"bench-{i:04d}" for i in range(args.runs)]
+    with tempfile.TemporaryDirectory() as tmp, ApiServer(Path(tmp), crd_without_admission()) as api:
+        op = OperatorProcess(
+            api,
+            Path(tmp),
+            verbose=False,
+            KUBETRAIN_RESYNC_SECONDS="30",
+            KUBETRAIN_PROGRESS_SECONDS="30",
+            KUBETRAIN_WATCH_SERVER_TIMEOUT="300",
+        ).start()
+        assert op.proc is not None
+        wait_for(
+            lambda: any(c.resource == "trainingruns" and c.verb == "list" for c in api.calls()),
+            60,
+            what="the operator listing runs",
+        )
+        idle(api, quiet=1.0)
+        before = operator_calls(api)
+        mark = len(api.calls())
+        runs_path = path_of("kubetrain.dev/v1alpha1", "trainingruns", NAMESPACE)
+        wanted = set(names)
+
+        def first_child(job: dict[str, Any]) -> str | None:
+            run = job["metadata"].get("labels", {}).get("kubetrain.dev/run")
+            return run if run in wanted else None
+
+        jobs_watch = Watch(api, path_of("batch/v1", "jobs", NAMESPACE), first_child)
+        jobs_watch.start()
+        started = time.monotonic()
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda n: api.request("POST", runs_path, run_doc(n)), names))
+        applied = time.monotonic() - started
+        jobs_watch.wait(len(names), 600)
+        jobs_watch.close()
+        first_child_s = max(jobs_watch.seen.values()) - started
+        idle(api)
+        initial_requests = operator_calls(api) - before
+        initial_breakdown = breakdown(api, mark, args.runs)
+        mark = len(api.calls())
+
+        # the Job controller reports every preprocess Job Complete, all at once
+        jobs = {j["metadata"]["labels"]["kubetrain.dev/run"]: j for j in api.live("jobs")}
+
+        def data_ready(run: dict[str, Any]) -> str | None:
+            for cond in (run.get("status") or {}).get("conditions", []):
+                if cond["type"] == "DataReady" and cond["status"] == "True":
+                    return str(run["metadata"]["name"])
+            return None
+
+        before = operator_calls(api)
+        burst = measure(
+            api,
+            names,
+            runs_path,
+            "batch/v1",
+            "jobs",
+            lambda n: jobs[n]["metadata"]["name"],
+            "succeeded",
+            data_ready,
+            0.0,
+        )
+        change_requests = operator_calls(api) - before
+        change_breakdown = breakdown(api, mark, args.runs)
+
+        # the training operator reports each train-1 PyTorchJob Running, paced
+        def training(run: dict[str, Any]) -> str | None:
+            for cond in (run.get("status") or {}).get("conditions", []):
+                if cond["type"] == "Ready" and cond["reason"] == "Training":
+                    return str(run["metadata"]["name"])
+            return None
+
+        paced = measure(
+            api,
+            names,
+            runs_path,
+            "kubeflow.org/v1",
+            "pytorchjobs",
+            lambda n: f"{n}-train-1",
+            "running",
+            training,
+            1.0 / args.rate,
+        )
+        rss = peak_rss_mib(op.proc.pid)
+        op.stop()
+
+    rows = [
+        ("runs applied at once", f"{args.runs} (POSTed in {applied:.1f} s)", ""),
+        ("every run has its first child", f"{first_child_s:.1f} s", "< 60 s"),
+        (
+            "operator API requests per run (apply → first child → idle)",
+            f"{initial_requests / args.runs:.2f}",
+            "≤ 10",
+        ),
+        (
+            "operator API requests per run (child status change → idle)",
+            f"{change_requests / args.runs:.2f}",
+            "",
+        ),
+        ("Job Complete → run status, all at once: p50", f"{statistics.median(burst):.2f} s", ""),
+        (
+            "Job Complete → run status, all at once: p99",
+            f"{percentile(burst, 0.99):.2f} s",
+            "< 2 s",
+        ),
+        (
+            f"PyTorchJob Running → run status, {args.rate:g}/s: p50",
+            f"{statistics.median(paced):.2f} s",
+            "",
+        ),
+        (
+            f"PyTorchJob Running → run status, {args.rate:g}/s: p99",
+            f"{percentile(paced, 0.99):.2f} s",
+            "< 2 s",
+        ),
+        ("operator peak RSS", f"{rss:.0f} MiB", ""),
+    ]
+    width = max(len(r[0]) for r in rows)
+    print(f"{'measure':<{width}}  {'value':>26}  target")
+    for label, value, target in rows:
+        print(f"{label:<{width}}  {value:>26}  {target}")
+    print(f"\nper run, apply → idle: {initial_breakdown}")
+    print(f"per run, status change → idle: {change_breakdown}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
