@@ -238,7 +238,7 @@ def test_changed_resources_take_effect_at_the_next_attempt(world: World) -> None
     w.c.start(first)
     w.c.patch_spec(run, {"resources": {"nodes": 2, "gpusPerNode": 0}})
     time.sleep(1.5)
-    current = [c for c in w.c.children(run) if c["metadata"]["name"] == f"{run}-train-1"][0]
+    current = next(c for c in w.c.children(run) if c["metadata"]["name"] == f"{run}-train-1")
     assert "Worker" not in current["spec"]["pytorchReplicaSpecs"]  # the running attempt stays
     w.c.finish(first, 143, result("train", False, error="terminated after step 40"))
     second = w.c.wait_child(run, "train-2", timeout=10)

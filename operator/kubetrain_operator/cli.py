@@ -5,6 +5,7 @@
     kubetrain render -f - -o json < run.yaml            # `-` (or -f -) reads stdin
     kubetrain crd | kubectl apply -f -
     kubetrain run examples/tinystories-cpu.yaml         # the whole plan locally (trainer extra)
+    kubetrain operator [--namespace NS]                 # the operator (operator extra: Kopf)
 
 Exit codes (documented in docs/cli.md; 2 stays argparse's usage error):
     0 done · 1 invalid input (a TrainingRun, or data a stage refused) · 2 usage error ·
@@ -137,6 +138,34 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run_locally(args)
 
 
+def operator_argv(args: argparse.Namespace) -> list[str]:
+    """`python -m kopf run --standalone -m kubetrain_operator.main …` (the CLI never imports
+    Kopf itself: it stays fast, and import-linter says so)."""
+    scope = ["--namespace", args.namespace] if args.namespace else ["--all-namespaces"]
+    liveness = ["--liveness", args.liveness] if args.liveness else []
+    verbose = ["--verbose"] if args.verbose else []
+    return [
+        sys.executable,
+        "-m",
+        "kopf",
+        "run",
+        "--standalone",
+        "-m",
+        "kubetrain_operator.main",
+        *scope,
+        *liveness,
+        *verbose,
+    ]
+
+
+def cmd_operator(args: argparse.Namespace) -> int:
+    import os
+
+    argv = operator_argv(args)
+    os.execv(argv[0], argv)  # noqa: S606 (our own argv, no shell)
+    return EXIT_OK  # not reached
+
+
 def _add_files(p: argparse.ArgumentParser) -> None:
     p.add_argument("files", nargs="*", type=Path, metavar="FILE", help="run files; - is stdin")
     p.add_argument(
@@ -208,6 +237,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve each stage's Prometheus metrics here (default: a free port)",
     )
     p.set_defaults(func=cmd_run, parser=p)
+    p = sub.add_parser(
+        "operator", help="run the operator (Kopf) against the kubeconfig or in-cluster config"
+    )
+    p.add_argument("-n", "--namespace", default=None, help="watch one namespace (default: all)")
+    p.add_argument(
+        "--liveness",
+        default="http://0.0.0.0:8080/healthz",
+        help="Kopf's liveness endpoint ('' to disable)",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="Kopf's debug log")
+    p.set_defaults(func=cmd_operator, parser=p)
     return parser
 
 
