@@ -397,7 +397,7 @@ class TrainLogCallback(TrainerCallback):
             entry["gradNorm"],
             entry["learningRate"] or 0.0,
             self.clock.tokens_per_second or 0.0,
-            format_duration(entry["etaSeconds"]),
+            format_duration(self.clock.eta(state)),
         )
 
     def on_evaluate(

@@ -75,7 +75,7 @@ class BlockDataset(torch.utils.data.Dataset[dict[str, Any]]):
                 f"tokens, the manifest says blockSize {self.block_size} — the dataset is damaged "
                 "or from another release: delete its directory and rerun preprocessing"
             )
-        values = part.flatten().to_numpy(zero_copy_only=True)
+        values: np.ndarray = part.flatten().to_numpy(zero_copy_only=True)
         return values.reshape(-1, self.block_size)
 
     def __len__(self) -> int:

@@ -135,7 +135,7 @@ def bnb_config(precision: str) -> Any:
     """4-bit NF4 with double quantization: the QLoRA recipe."""
     from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(
+    return BitsAndBytesConfig(  # type: ignore[no-untyped-call]
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
@@ -221,7 +221,8 @@ def check_compatible(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, manifest: dict[str, Any]
 ) -> None:
     """Tokenizer and data must fit the model: refuse now rather than fail at step 1."""
-    rows = int(model.get_input_embeddings().num_embeddings)
+    embeddings: Any = model.get_input_embeddings()
+    rows = int(embeddings.num_embeddings)
     data_vocab = int(manifest["tokenizer"]["vocabSize"])
     for what, size in (("the tokenizer", len(tokenizer)), ("the dataset's tokenizer", data_vocab)):
         if size > rows:
@@ -244,7 +245,7 @@ def lora_config(adapter: AdapterConfig) -> LoraConfig:
 
     return LoraConfig(
         r=adapter.r,
-        lora_alpha=adapter.alpha,
+        lora_alpha=adapter.alpha,  # type: ignore[arg-type]  # peft takes any number
         lora_dropout=adapter.dropout,
         target_modules=list(adapter.target_modules),
         task_type="CAUSAL_LM",
@@ -258,7 +259,7 @@ def attach_adapter(
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if adapter.type == "qlora":
-        model = prepare_model_for_kbit_training(
+        model = prepare_model_for_kbit_training(  # type: ignore[no-untyped-call]
             model, use_gradient_checkpointing=gradient_checkpointing
         )
     try:

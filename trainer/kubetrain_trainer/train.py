@@ -198,7 +198,7 @@ def training_arguments(config: TrainConfig, staging: Path, env: DistEnv, cuda: b
         "restore_callback_states_from_checkpoint": False,
     }
     if config.method == "dpo":
-        from trl import DPOConfig
+        from trl.trainer.dpo_config import DPOConfig
 
         assert config.dpo is not None
         return DPOConfig(
@@ -475,8 +475,7 @@ def make_trainer(
     adapter = config.adapter.type != "none"
     trainer: Any
     if config.method == "dpo":
-        from trl import DPOTrainer
-        from trl.trainer.dpo_trainer import DataCollatorForPreference
+        from trl.trainer.dpo_trainer import DataCollatorForPreference, DPOTrainer
 
         class KubetrainDPOTrainer(KubetrainTrainerMixin, DPOTrainer):
             def _prepare_dataset(self, dataset: Any, *args: Any, **kwargs: Any) -> Any:

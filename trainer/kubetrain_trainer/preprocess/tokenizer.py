@@ -250,7 +250,9 @@ def save(plan: TokenizerPlan, trained: Tokenizer | None, dest: Path) -> Tokenize
     if trained is not None:
         from transformers import PreTrainedTokenizerFast
 
-        hf = PreTrainedTokenizerFast(tokenizer_object=trained, eos_token=plan.special_tokens[0])
+        hf = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+            tokenizer_object=trained, eos_token=plan.special_tokens[0]
+        )
         hf.chat_template = plan.template
         hf.save_pretrained(str(dest))
     else:
