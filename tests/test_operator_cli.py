@@ -23,7 +23,8 @@ from operator_support import NAMESPACE, run_doc
 BIN = Path(sys.executable).parent
 
 
-def test_kubetrain_operator_watches_a_namespace_and_serves_liveness(tmp_path: Path) -> None:
+def test_kubetrain_operator_watches_all_namespaces_and_serves_liveness(tmp_path: Path) -> None:
+    """Without --namespace: cluster-wide (the other tests run with --namespace)."""
     with ApiServer(tmp_path) as api:
         port = free_port()
         env = OperatorProcess(api, tmp_path).env
