@@ -748,3 +748,50 @@ def test_a_finished_child_waits_briefly_for_its_pods_exit_codes() -> None:
     other.children[name]["status"] = job_status("PyTorchJob", "failed", other.now)
     other.step(dt=st.POD_REPORT_GRACE + 1)
     assert other.status["attemptHistory"][0]["result"] == "Failed"
+
+
+@pytest.mark.parametrize(
+    ("kind", "conditions", "active", "phase"),
+    [
+        ("Job", [], 0, "pending"),
+        ("Job", [], 1, "running"),
+        ("Job", ["FailureTarget"], 1, "running"),  # Failed follows once pods are gone
+        ("Job", ["SuccessCriteriaMet"], 1, "running"),  # Complete follows
+        ("Job", ["Complete"], 0, "succeeded"),
+        ("Job", ["Failed"], 0, "failed"),
+        ("Job", ["Suspended"], 0, "suspended"),
+        ("PyTorchJob", ["Created"], 0, "pending"),
+        ("PyTorchJob", ["Created", "Running"], 0, "running"),
+        ("PyTorchJob", ["Created", "Restarting"], 0, "running"),
+        ("PyTorchJob", ["Created", "Succeeded"], 0, "succeeded"),
+        ("PyTorchJob", ["Created", "Failed"], 0, "failed"),
+        ("PyTorchJob", ["Created", "Suspended"], 0, "suspended"),
+    ],
+)
+def test_every_job_and_pytorchjob_condition(
+    kind: str, conditions: list[str], active: int, phase: str
+) -> None:
+    from operator_support import condition
+
+    body = {
+        "apiVersion": "batch/v1" if kind == "Job" else "kubeflow.org/v1",
+        "kind": kind,
+        "metadata": {"name": "x"},
+        "spec": {},
+        "status": {"conditions": [condition(c, T0) for c in conditions]},
+    }
+    if active:
+        body["status"]["active"] = active
+    assert st.observe_child("x", body, []).phase == phase
+
+
+def test_an_invalid_spec_that_is_fixed_starts_the_run() -> None:
+    world = World(run_doc(method={"stage": "dpo"}))
+    world.step()
+    assert world.condition(st.READY)["reason"] == st.R_INVALID_SPEC
+    world.run["spec"]["method"] = {"stage": "sft", "adapter": {"type": "lora"}}
+    world.run["metadata"]["generation"] = 2
+    world.step()
+    assert world.condition(st.STALLED)["status"] == "False"
+    assert world.child("preprocess")
+    assert world.condition(st.READY)["observedGeneration"] == 2

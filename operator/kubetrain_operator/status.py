@@ -319,8 +319,9 @@ def _conditions_true(body: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
 def observe_child(
     name: str, body: Mapping[str, Any] | None, pods: Sequence[Mapping[str, Any]]
 ) -> ChildState:
-    """Read a Job (conditions Complete/Failed/Suspended) or a PyTorchJob (Succeeded/Failed/
-    Suspended/Running/Restarting/Created) and its pods' exit codes and termination messages."""
+    """Read a Job (conditions Complete/Failed/Suspended; FailureTarget and SuccessCriteriaMet
+    only announce those) or a PyTorchJob (Succeeded/Failed/Suspended/Running/Restarting/Created)
+    and its pods' exit codes and termination messages."""
     own = pods_of(name, pods)
     active = sum(1 for p in own if not pod_terminated(p))
     if body is None:
@@ -338,7 +339,11 @@ def observe_child(
         phase = "failed"
     elif "Suspended" in true or (suspended_spec and active == 0):
         phase = "suspended"
-    elif "Running" in true or (kind == "Job" and (body.get("status") or {}).get("active")):
+    elif (
+        "Running" in true
+        or "Restarting" in true  # the training operator is recreating pods of this attempt
+        or (kind == "Job" and (body.get("status") or {}).get("active"))
+    ):
         phase = "running"
     else:
         phase = "pending"
