@@ -210,3 +210,28 @@ def test_a_zero_checkpoint_is_not_resumed_on_another_process_count(
     assert result(tmp_path / "b")["exitCode"] == EXIT_INVALID
     assert f"written by {first} processes under ZeRO stage 2, this run has {then}" in error
     assert "universal checkpoints" in error
+
+
+def test_a_corrupted_object_in_the_bucket_falls_back_after_the_download(
+    moto_endpoint: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    s3 = S3Settings(endpoint=moto_endpoint, region="us-east-1", allow_insecure_endpoint=True)
+    bucket = f"b-{uuid.uuid4().hex[:12]}"
+    storage.client(s3).create_bucket(Bucket=bucket)
+    remote = f"s3://{bucket}/out/checkpoints"
+    for step in (5, 10):
+        local = tmp_path / "made" / checkpoint.step_name(step)
+        local.mkdir(parents=True)
+        (local / "model.safetensors").write_bytes(bytes(range(256)) * (16 + step))
+        checkpoint.write_marker(local, {"step": step, "files": checkpoint.files_of(local)})
+        storage.upload_dir(local, storage.join(remote, local.name), s3, marker=checkpoint.MARKER)
+    newest = storage.join(remote, "step-00000010", "model.safetensors")
+    size = storage.size(newest, s3)
+    storage.write_text(newest, "x" * size, s3)  # same size, other bytes: the object is damaged
+    with caplog.at_level(logging.WARNING):
+        chosen = checkpoint.resume_point(
+            tmp_path / "staging", remote, s3, leader=True, is_rank_zero=True, nodes=1
+        )
+    assert chosen == tmp_path / "staging" / "step-00000005"
+    assert "step-00000010 failed verification" in caplog.text
+    assert checkpoint.read_marker(chosen, verify=True) is not None

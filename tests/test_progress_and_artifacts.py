@@ -126,3 +126,19 @@ def test_perplexity_above_max_perplexity_fails_the_merge_with_exit_3(
     assert result["perplexity"] > 1.5 and result["evalTokens"] > 0
     assert f"{result['perplexity']:.3f}" in result["error"]
     assert not (out / "merged").exists()
+
+
+def test_the_bitsandbytes_cpu_kernel_warning_is_not_shown_at_stage_start() -> None:
+    import subprocess
+    import sys
+
+    def stderr(code: str) -> str:
+        argv = [sys.executable, "-c", code]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=120).stderr
+
+    message = "Failed to load CPU gemm_4bit_forward"
+    assert message in stderr("import bitsandbytes")  # the control: bitsandbytes says it
+    quiet = stderr(
+        "from kubetrain_trainer.stage import setup_logging; setup_logging(); import bitsandbytes"
+    )
+    assert message not in quiet

@@ -271,3 +271,27 @@ def test_each_file_of_a_glob_is_fingerprinted_into_the_key(tmp_path: Path) -> No
     from kubetrain_trainer.preprocess import pipeline
 
     assert pipeline.locate(parse(cfg), tmp_path / "work").key != first["key"]
+
+
+@pytest.mark.parametrize(
+    ("key", "shard"),
+    [("a" * 64, "../../escaped/train-00000.arrow"), ("../../escaped", "train-00000.arrow")],
+)
+def test_a_manifest_that_names_paths_outside_the_dataset_is_refused(
+    tmp_path: Path, key: str, shard: str
+) -> None:
+    from kubetrain_trainer.preprocess import dataset
+
+    root = tmp_path / "datasets" / "x"
+    root.mkdir(parents=True)
+    manifest = {
+        "formatVersion": dataset.FORMAT_VERSION,
+        "key": key,
+        "format": "text",
+        "splits": {"train": {"shards": [{"file": shard, "bytes": 1, "sha256": "0"}], "rows": 1}},
+    }
+    (root / dataset.MANIFEST).write_text(json.dumps(manifest))
+    (root / dataset.SUCCESS).write_text(key)
+    with pytest.raises(dataset.DatasetError, match="could lead outside the dataset") as caught:
+        dataset.load_manifest(str(root))
+    assert caught.value.exit_code == EXIT_INVALID

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -139,7 +140,26 @@ def load_manifest(uri: str, s3: S3Settings | None = None) -> dict[str, Any]:
             f"{uri}: formatVersion {manifest.get('formatVersion')!r}, this trainer reads "
             f"{FORMAT_VERSION!r} — rerun preprocess with this image"
         )
+    _refuse_escapes(uri, manifest)
     return manifest
+
+
+_KEY = re.compile(r"^[0-9a-f]{64}$")
+_SHARD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*\.arrow$")
+
+
+def _refuse_escapes(uri: str, manifest: dict[str, Any]) -> None:
+    """The key and shard names become local paths: a sha256, and plain file names, nothing else."""
+    bad = [str(manifest.get("key"))] if not _KEY.match(str(manifest.get("key", ""))) else []
+    bad += [
+        str(s.get("file")) for s in shard_files(manifest) if not _SHARD.match(str(s.get("file")))
+    ]
+    if bad:
+        raise DatasetError(
+            f"{uri}/{MANIFEST}: {bad[0]!r} is not a dataset key or shard file name (a path there "
+            "could lead outside the dataset) — the manifest was not written by kubetrain; rerun "
+            "the preprocess stage"
+        )
 
 
 #: How a user reruns the stage that repairs a damaged dataset (named in DatasetError messages).
