@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import socket
 import statistics
 import sys
@@ -125,21 +126,22 @@ def measure(
     reached: Callable[[dict[str, Any]], str | None],
     interval: float,
 ) -> list[float]:
-    """Seconds from each child's status change (as its controller PATCHes it) to the run's status
-    showing it (as a watch delivers it); all at once (8 threads) or one every `interval` s."""
+    """Seconds from each child's status change (when the API server answered its controller's
+    PATCH) to the run's status showing it (as a watch delivers it); all at once (8 threads) or
+    one every `interval` s."""
     watch = Watch(api, runs_path, reached)
     watch.start()
     changed: dict[str, float] = {}
     kind = "Job" if plural == "jobs" else "PyTorchJob"
 
     def change(name: str) -> None:
-        changed[name] = time.monotonic()
         api.request(
             "PATCH",
             path_of(api_version, plural, NAMESPACE, child(name)) + "/status",
             {"status": job_status(kind, state, time.time())},
             "application/merge-patch+json",
         )
+        changed[name] = time.monotonic()  # the API server has committed the change
 
     if interval:
         for name in names:
@@ -152,6 +154,12 @@ def measure(
     watch.close()
     idle(api)
     return [watch.seen[n] - changed[n] for n in names]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -221,6 +229,7 @@ def main() -> int:
             return None
 
         before = operator_calls(api)
+        cpu_before, wall_before = cpu_seconds(op.proc.pid), time.monotonic()
         burst = measure(
             api,
             names,
@@ -233,6 +242,8 @@ def main() -> int:
             0.0,
         )
         change_requests = operator_calls(api) - before
+        burst_cpu = cpu_seconds(op.proc.pid) - cpu_before
+        burst_wall = time.monotonic() - wall_before - 3.0  # less the idle wait
         change_breakdown = breakdown(api, mark, args.runs)
 
         # the training operator reports each train-1 PyTorchJob Running, paced
@@ -284,6 +295,11 @@ def main() -> int:
             f"PyTorchJob Running → run status, {args.rate:g}/s: p99",
             f"{percentile(paced, 0.99):.2f} s",
             "< 2 s",
+        ),
+        (
+            "operator CPU during the burst (of its wall time)",
+            f"{burst_cpu:.1f} s of {burst_wall:.1f} s",
+            "",
         ),
         ("operator peak RSS", f"{rss:.0f} MiB", ""),
     ]

@@ -76,9 +76,11 @@ def _reconciler(memo: kopf.Memo, kwargs: dict[str, Any]) -> Reconciler:
 
 
 @kopf.on.event(*RUN)
-async def run_changed(namespace: str | None, name: str, memo: kopf.Memo, **kwargs: Any) -> None:
+async def run_changed(
+    namespace: str | None, name: str, meta: kopf.Meta, memo: kopf.Memo, **kwargs: Any
+) -> None:
     reconciler = _reconciler(memo, kwargs)
-    reconciler.poke((namespace or "", name))
+    reconciler.poke((namespace or "", name), version=meta.get("resourceVersion"))
     reconciler.poke_dependents((namespace or "", name))
 
 

@@ -67,6 +67,8 @@ class _Entry:
     progress: Progress | None = None
     scraped_at: float = 0.0
     written: tuple[str, dict[str, Any]] | None = None
+    written_version: str | None = None
+    """resourceVersion of the run as this process last wrote it: its own echo needs no pass."""
     uid: str | None = None
     expected: dict[str, tuple[float, str]] = field(default_factory=dict)
     """name → (when, digest of what was ensured): creates this process need not repeat."""
@@ -96,9 +98,14 @@ class Reconciler:
     _dependents: dict[Key, set[Key]] = field(default_factory=dict)
 
     # ----------------------------------------------------------------------------- triggering
-    def poke(self, key: Key, *, scrape: bool = False, delay: float = 0.0) -> None:
-        """Reconcile `key` now (or after `delay` seconds); repeated pokes coalesce."""
+    def poke(
+        self, key: Key, *, scrape: bool = False, delay: float = 0.0, version: str | None = None
+    ) -> None:
+        """Reconcile `key` now (or after `delay` seconds); repeated pokes coalesce. `version`: the
+        run's resourceVersion when its own event pokes — the echo of our status write is skipped."""
         entry = self._entries.setdefault(key, _Entry())
+        if version is not None and version == entry.written_version:
+            return
         loop = asyncio.get_running_loop()
         if delay > 0:
             at = loop.time() + delay
@@ -212,10 +219,8 @@ class Reconciler:
             removed = [k for k in old if k not in status]
             updated = await self.cluster.patch_status(key[0], key[1], status, removed)
             written = updated.get("status")
-            self._entries.setdefault(key, _Entry()).written = (
-                str(uid),
-                written if isinstance(written, dict) else status,
-            )
+            entry.written = (str(uid), written if isinstance(written, dict) else status)
+            entry.written_version = (updated.get("metadata") or {}).get("resourceVersion")
         self.metrics.set_phase(key, status.get("phase"))
         for action in actions:
             await self._execute(key, run, action)
