@@ -261,6 +261,7 @@ class TrainerMetrics:
             "tps": "kubetrain_train_tokens_per_second",
             "eta": "kubetrain_train_eta_seconds",
             "last": "kubetrain_train_last_step_timestamp_seconds",
+            "checkpoint": "kubetrain_checkpoint_last_step",
         }
         self.gauges = {
             k: Gauge(v, v, ["run"], registry=self.registry).labels(run) for k, v in names.items()
@@ -277,6 +278,7 @@ class TrainerMetrics:
         g["tps"].set(1000.0)
         g["eta"].set(max(total - step, 0) * 1.0)
         g["last"].set(time.time() if at is None else at)
+        g["checkpoint"].set(step // 10 * 10)
 
     def close(self) -> None:
         self.server.shutdown()

@@ -121,6 +121,9 @@ def test_happy_path_with_live_progress_and_fast_status(world: World) -> None:
     progress = wait_for(shown, 10, what="progress from the metrics endpoint")
     assert progress["totalSteps"] == 100 and progress["loss"] == 2.5
     assert progress["eta"] == "1m10s" and progress["lastStepTime"]
+    assert (
+        w.c.run(run)["status"]["checkpoint"]["uri"] == f"s3://out/{run}/checkpoints/step-00000030"
+    )
     assert w.c.condition(run, "Ready")["message"].startswith("step 30/100")
     served.step(60)
     wait_for(

@@ -490,6 +490,11 @@ def test_progress_fills_status_and_the_ready_message() -> None:
     assert shown["eta"] == "1h02m" and shown["tokensPerSecond"] == 2140.0
     assert "lastStepTime" in shown
     assert world.condition(st.READY)["message"].startswith("step 10/100")
+    world.step(Progress({**progress(world.now).samples, st.M_CHECKPOINT: 500.0}, world.now))
+    assert world.status["checkpoint"] == {
+        "step": 500,
+        "uri": "s3://out/sft/checkpoints/step-00000500",
+    }
 
 
 def test_a_stall_deletes_the_attempt_and_starts_the_next_after_its_pods_are_gone() -> None:

@@ -93,7 +93,10 @@ M_LOSS = "kubetrain_train_loss"
 M_TOKENS_PER_SECOND = "kubetrain_train_tokens_per_second"
 M_ETA = "kubetrain_train_eta_seconds"
 M_LAST_STEP = "kubetrain_train_last_step_timestamp_seconds"
-PROGRESS_METRICS = (M_STEP, M_TOTAL, M_LOSS, M_TOKENS_PER_SECOND, M_ETA, M_LAST_STEP)
+M_CHECKPOINT = "kubetrain_checkpoint_last_step"
+PROGRESS_METRICS = (M_STEP, M_TOTAL, M_LOSS, M_TOKENS_PER_SECOND, M_ETA, M_LAST_STEP, M_CHECKPOINT)
+#: `<output>/checkpoints/step-XXXXXXXX`: where the trainer puts complete checkpoints (trainer.md).
+CHECKPOINT_DIR = "checkpoints/step-{step:08d}"
 
 #: Attempt reasons: the `reason` label of kubetrain_operator_run_attempts_total (metrics.md).
 AttemptReason = Literal["initial", "failure", "stall"]
@@ -956,6 +959,10 @@ class _Lifecycle:
             progress["lastStepTime"] = format_time(samples[M_LAST_STEP])
         progress["scrapeTime"] = format_time(self.progress.scraped_at)
         self.status.fields["progress"] = progress
+        if samples.get(M_CHECKPOINT):
+            step = int(samples[M_CHECKPOINT])
+            uri = f"{self.plan.output_uri}/{CHECKPOINT_DIR.format(step=step)}"
+            self.status.fields["checkpoint"] = {"step": step, "uri": uri}
 
     def heartbeat(self, child: ChildState) -> float | None:
         """Last sign of step progress: the trainer's last-step time (fresh or remembered), else
