@@ -324,3 +324,40 @@ def test_python_m_tests_standin_writes_a_kubeconfig_kubectl_can_use(tmp_path: Pa
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_core_and_events_k8s_io_events_are_served(kubectl: Kubectl, api: client.ApiClient) -> None:
+    involved = {
+        "apiVersion": "kubetrain.dev/v1alpha1",
+        "kind": "TrainingRun",
+        "name": "columns",
+        "namespace": "default",
+    }
+    client.CoreV1Api(api).create_namespaced_event(
+        "default",
+        {
+            "metadata": {"generateName": "kopf-event-"},
+            "type": "Normal",
+            "reason": "Created",
+            "message": "core event",
+            "involvedObject": involved,
+        },
+    )
+    client.EventsV1Api(api).create_namespaced_event(
+        "default",
+        {
+            "metadata": {"name": "modern"},
+            "type": "Normal",
+            "reason": "Scheduled",
+            "note": "events.k8s.io event",
+            "action": "Create",
+            "reportingController": "tests",
+            "reportingInstance": "tests-1",
+            "eventTime": "2026-01-01T00:00:00.000000Z",
+            "regarding": involved,
+        },
+    )
+    core = kubectl.run("get", "events").stdout
+    assert "Created" in core and "trainingrun/columns" in core and "core event" in core
+    modern = kubectl.json("get", "events.events.k8s.io", "modern")
+    assert modern["note"] == "events.k8s.io event"

@@ -86,7 +86,9 @@ def kubectl(backend: Backend) -> Kubectl:
     return backend.kubectl
 
 
-def apply_run(backend: Backend, name: str, **changes: Any) -> None:
+def apply_run(backend: Backend, name: str, *layers: dict[str, Any]) -> None:
+    """The tiny example as `name`, with the changes of each layer (later layers win)."""
+    changes = {key: value for layer in layers for key, value in layer.items()}
     backend.kubectl.apply(backend.prepare(tiny_run(name, **changes)))
 
 
@@ -95,16 +97,16 @@ def run_object(kubectl: Kubectl, name: str) -> dict[str, Any]:
 
 
 def succeeded(kubectl: Kubectl, name: str, timeout: int = 600) -> dict[str, Any]:
-    done = kubectl.run(
-        "wait",
-        "--for=condition=Succeeded",
-        f"tr/{name}",
-        f"--timeout={timeout}s",
-        check=False,
-        timeout=timeout + 30,
-    )
-    obj = run_object(kubectl, name)
-    assert done.returncode == 0, (done.stderr, obj.get("status"))
+    """The run once it has Succeeded; fails at once when it fails or stalls instead."""
+
+    def finished() -> dict[str, Any] | None:
+        obj = run_object(kubectl, name)
+        stalled = condition(obj, "Stalled") or {}
+        done = obj.get("status", {}).get("phase") in ("Succeeded", "Failed")
+        return obj if done or stalled.get("status") == "True" else None
+
+    obj = wait_for(finished, timeout, f"{name} to finish", every=1.0)
+    assert (condition(obj, "Succeeded") or {}).get("status") == "True", obj.get("status")
     return obj
 
 
@@ -125,7 +127,7 @@ def happy(backend: Backend, kubectl: Kubectl) -> dict[str, Any]:
     """One run of the example, watched as a user watches it; the tests below read it."""
     start = time.monotonic()
     watch = kubectl.watch("get", "tr", "-w")
-    apply_run(backend, "happy", **TRAINING)
+    apply_run(backend, "happy", TRAINING)
     tables: list[str] = []
 
     def training_row() -> bool:
@@ -135,7 +137,11 @@ def happy(backend: Backend, kubectl: Kubectl) -> dict[str, Any]:
         return "Training" in table and bool(step)
 
     wait_for(training_row, 600, "the run to train with progress", every=0.3)
-    obj = succeeded(kubectl, "happy")
+    waited = kubectl.run(
+        "wait", "--for=condition=Succeeded", "tr/happy", "--timeout=600s", check=False, timeout=630
+    )
+    obj = run_object(kubectl, "happy")
+    assert waited.returncode == 0, (waited.stderr, obj.get("status"))
     FIGURES["happy path wall time (s)"] = time.monotonic() - start
     watch.terminate()
     streamed = watch.communicate(timeout=10)[0]
@@ -189,7 +195,7 @@ def test_admission_refuses_an_invalid_spec_naming_the_field(
 def test_a_spec_the_crd_admits_but_the_model_refuses_gets_invalid_spec(
     backend: Backend, kubectl: Kubectl
 ) -> None:
-    apply_run(backend, "bad-selector", **{"spec.resources.nodeSelector": {"bad key!": "x"}})
+    apply_run(backend, "bad-selector", {"spec.resources.nodeSelector": {"bad key!": "x"}})
     ready = wait_for(
         lambda: condition(run_object(kubectl, "bad-selector"), "Ready"), 120, "a Ready condition"
     )
@@ -204,7 +210,7 @@ def test_a_spec_the_crd_admits_but_the_model_refuses_gets_invalid_spec(
 def test_sigkill_mid_run_resumes_from_the_newest_checkpoint(
     backend: Backend, kubectl: Kubectl, happy: dict[str, Any]
 ) -> None:
-    apply_run(backend, "resume", **TRAINING, **NO_SANITY)
+    apply_run(backend, "resume", TRAINING, NO_SANITY)
     wait_for(
         lambda: (
             checkpoint_done(backend, "resume", 40)
@@ -236,7 +242,7 @@ def test_sigkill_mid_run_resumes_from_the_newest_checkpoint(
 
 def test_a_stalled_trainer_is_replaced_by_a_new_attempt(backend: Backend, kubectl: Kubectl) -> None:
     # the timeout must cover a fresh attempt's start-up too (torch, transformers imports)
-    apply_run(backend, "stall", **TRAINING, **NO_SANITY, **{"spec.stallTimeout": "40s"})
+    apply_run(backend, "stall", TRAINING, NO_SANITY, {"spec.stallTimeout": "40s"})
     wait_for(
         lambda: (
             checkpoint_done(backend, "stall", 40)
@@ -273,7 +279,7 @@ def test_bad_data_above_max_rejected_fraction_stalls_without_a_new_attempt(
     rows = ['{"text": "a fine line of text that the tokenizer will accept"}'] * 50
     rows += ['{"body": "no text field here"}'] * 50
     backend.put_file("bad.jsonl", ("\n".join(rows) + "\n").encode())
-    apply_run(backend, "bad-data", **NO_SANITY, **{"spec.data.train": ["pvc://data/bad.jsonl"]})
+    apply_run(backend, "bad-data", NO_SANITY, {"spec.data.train": ["pvc://data/bad.jsonl"]})
     stalled = wait_for(
         lambda: (
             (c := condition(run_object(kubectl, "bad-data"), "Stalled"))
@@ -304,9 +310,9 @@ def test_suspend_stops_after_a_checkpoint_and_resume_continues_from_it(
     apply_run(
         backend,
         "pause",
-        **TRAINING,
-        **NO_SANITY,
-        **{"spec.training.maxSteps": steps, "spec.checkpoints": {"everySteps": 100, "keep": 10}},
+        TRAINING,
+        NO_SANITY,
+        {"spec.training.maxSteps": steps, "spec.checkpoints": {"everySteps": 100, "keep": 10}},
     )
     wait_for(lambda: checkpoint_done(backend, "pause", 100), 600, "a first checkpoint", every=0.05)
     kubectl.run("patch", "tr", "pause", "--type=merge", "-p", '{"spec":{"suspend":true}}')
@@ -323,9 +329,9 @@ def test_two_nodes_train_through_the_pytorchjob_env(backend: Backend, kubectl: K
     apply_run(
         backend,
         "twonode",
-        **TRAINING,
-        **NO_SANITY,
-        **{"spec.training.maxSteps": 20, "spec.resources.nodes": 2},
+        TRAINING,
+        NO_SANITY,
+        {"spec.training.maxSteps": 20, "spec.resources.nodes": 2},
     )
     obj = succeeded(kubectl, "twonode")
     (job,) = [
@@ -340,6 +346,82 @@ def test_two_nodes_train_through_the_pytorchjob_env(backend: Backend, kubectl: K
     assert (env["RANK"], env["WORLD_SIZE"], env["PET_NNODES"]) == ("1", "2", "2")
     assert env["MASTER_ADDR"] == "twonode-train-1-master-0"
     assert obj["status"]["progress"]["step"] == 20
+
+
+def _chat_and_preference_rows() -> tuple[bytes, bytes]:
+    """Chat and preference rows cut from the shipped corpus (real text, not typed here)."""
+    text = (ROOT / "examples" / "data" / "tinystories-cpu.txt").read_text()
+    stories = [s.strip() for s in text.split("\n\n") if s.strip().count(". ") >= 2][:400]
+    chat, prefs = [], []
+    for index, story in enumerate(stories):
+        first, rest = story.split(". ", 1)
+        other = stories[(index + 7) % len(stories)].split(". ", 1)[1]
+        chat.append(
+            {
+                "messages": [
+                    {"role": "user", "content": first + "."},
+                    {"role": "assistant", "content": rest},
+                ]
+            }
+        )
+        prefs.append({"prompt": first + ".", "chosen": rest, "rejected": other})
+    encode = lambda rows: ("\n".join(json.dumps(r) for r in rows) + "\n").encode()  # noqa: E731
+    return encode(chat), encode(prefs)
+
+
+def test_sft_then_dpo_chain_waits_and_starts_from_the_sft_output(
+    backend: Backend, kubectl: Kubectl, happy: dict[str, Any]
+) -> None:
+    chat, prefs = _chat_and_preference_rows()
+    backend.put_file("chat.jsonl", chat)
+    backend.put_file("prefs.jsonl", prefs)
+    common = {
+        **TRAINING,
+        **NO_SANITY,
+        "spec.tokenizer": DELETE,
+        "spec.data.chatTemplate": "tulu",
+        "spec.data.validationFraction": 0.05,
+    }
+    apply_run(
+        backend,
+        "chain-dpo",
+        common,
+        {
+            "spec.model": {"fromRun": "chain-sft"},
+            "spec.method": {"stage": "dpo"},
+            "spec.data.format": "preference",
+            "spec.data.train": ["pvc://data/prefs.jsonl"],
+            "spec.training.maxSteps": 10,
+        },
+    )
+    apply_run(
+        backend,
+        "chain-sft",
+        common,
+        {
+            "spec.model": {"uri": "pvc://data/runs/happy/final"},
+            "spec.method": {"stage": "sft"},
+            "spec.data.format": "chat",
+            "spec.data.train": ["pvc://data/chat.jsonl"],
+            "spec.training.maxSteps": 20,
+        },
+    )
+    time.sleep(3)
+    assert not [
+        j for j in backend.objects("pytorchjobs") if j["metadata"]["name"].startswith("chain-dpo")
+    ], "DPO started before SFT"
+    sft = succeeded(kubectl, "chain-sft")
+    dpo = succeeded(kubectl, "chain-dpo")
+    (train,) = [
+        j for j in backend.objects("pytorchjobs") if j["metadata"]["name"] == "chain-dpo-train-1"
+    ]
+    sft_done = condition(sft, "Succeeded")["lastTransitionTime"]
+    assert train["metadata"]["creationTimestamp"] >= sft_done
+    (config,) = [
+        c for c in backend.objects("configmaps") if c["metadata"]["name"] == "chain-dpo-config"
+    ]
+    assert "runs/chain-sft/final" in config["data"]["train.json"]
+    assert dpo["status"]["progress"]["step"] == 10
 
 
 def test_delete_removes_every_child_and_pod(

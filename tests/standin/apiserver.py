@@ -58,6 +58,7 @@ from .admission import admit_custom, name_causes
 from .errors import (
     ApiError,
     Cause,
+    already_exists,
     bad_request,
     conflict,
     invalid,
@@ -566,17 +567,11 @@ class StandInAPIServer(kmock.KubernetesEmulator):
             body.pop("status", None)
         body["apiVersion"], body["kind"] = rt.api_version, rt.kind
         key = (meta.get("namespace", ""), meta.get("name", ""))
+        obj = self._admit(rt, body, None, params, warnings)  # invalid beats exists, as there
         if key in self._bucket(rt):
-            from .errors import already_exists
-
             raise already_exists(rt, key[1])
-        obj = self._admit(rt, body, None, params, warnings)
         if params.get("dryRun") == "All":
             return obj
-        if key in self._bucket(rt):  # re-check: admission may have awaited nothing, but be safe
-            from .errors import already_exists
-
-            raise already_exists(rt, key[1])
         self._put_new(rt, obj)
         self._after_write(rt, obj, None)
         return self._out(rt, obj)

@@ -80,6 +80,11 @@ class Container:
 
 class PodRunner:
     def __init__(self, server: StandInAPIServer, workdir: Path) -> None:
+        if os.geteuid() != 0:
+            raise PermissionError(
+                "the stand-in's pod runner needs root: each pod gets a mount "
+                "namespace (unshare) and runs as its runAsUser"
+            )
         self.server = server
         self.workdir = workdir
         self.running: dict[str, Container] = {}  # by pod uid
