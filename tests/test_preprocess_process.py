@@ -30,7 +30,7 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 def test_kubetrain_run_preprocess_publishes_under_the_cache_dir(tmp_path: Path) -> None:
     corpus = write_text_corpus(tmp_path / "corpus.txt", 60_000)
     doc = yaml.safe_load((ROOT / "examples" / "tinystories-cpu.yaml").read_text())
-    doc["spec"]["data"]["train"] = str(corpus)
+    doc["spec"]["data"]["train"] = [str(corpus)]
     doc["spec"]["tokenizer"]["train"]["vocabSize"] = 512
     doc["spec"]["output"] = {"uri": str(tmp_path / "output")}
     spec = tmp_path / "run.yaml"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -140,6 +141,8 @@ def test_sigkill_of_kubetrain_run_leaves_no_stage_process(
     spec, workdir = prepared
     cli = _start(spec, workdir, tmp_path / "cli.log")
     _wait(lambda: _training(workdir), "the trainer never trained")
+    printed = (tmp_path / "cli.log").read_text(encoding="utf-8", errors="replace")
+    assert re.search(r"train: metrics at http://127\.0\.0\.1:\d+/metrics", printed), printed
     assert len(stage_processes(workdir)) >= 2  # torchrun and the trainer
     os.killpg(cli.pid, signal.SIGKILL)  # the CLI's process group: what a closed terminal does
     cli.wait()
@@ -159,3 +162,19 @@ def test_sigkill_of_kubetrain_run_leaves_no_stage_process(
     finally:
         os.killpg(again.pid, signal.SIGKILL)
         again.wait()
+
+
+@pytest.mark.parametrize(
+    ("seconds", "shown"), [(50520, "14h02m"), (842 * 60, "14h02m"), (425, "7m05s"), (42, "42s")]
+)
+def test_the_launcher_shows_etas_with_hours(seconds: float, shown: str) -> None:
+    from kubetrain_operator.local import duration
+
+    assert duration(seconds) == shown
+
+
+def test_the_preprocessing_bar_shows_bytes_read_of_the_input() -> None:
+    from kubetrain_operator.local import read_of
+
+    assert read_of(12_345_678, 56_000_000) == "12.3/56.0 MB"
+    assert read_of(1_000_000, None) == "1.0 MB"

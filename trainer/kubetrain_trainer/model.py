@@ -48,8 +48,10 @@ def local_dir(uri: str, workdir: Path, s3: S3Settings, what: str, *, fetch: bool
     try:
         return storage.download_dir(uri, dest, s3)
     except storage.NotFound as error:
+        if storage.is_hf(uri):  # the Hub's answer says what to check (name, token)
+            raise InvalidInput(f"{what}: {error.message}") from None
         raise InvalidInput(
-            f"{what}: {error.message} — point {what} at a directory saved with "
+            f"{what}: {uri} does not exist — point {what} at a directory saved with "
             "save_pretrained (config.json and *.safetensors for a model, tokenizer.json for a "
             "tokenizer)"
         ) from None
