@@ -361,3 +361,25 @@ def test_core_and_events_k8s_io_events_are_served(kubectl: Kubectl, api: client.
     assert "Created" in core and "trainingrun/columns" in core and "core event" in core
     modern = kubectl.json("get", "events.events.k8s.io", "modern")
     assert modern["note"] == "events.k8s.io event"
+
+
+def test_strategic_merge_patch_merges_lists_by_their_keys(kubectl: Kubectl) -> None:
+    containers = [{"name": n, "image": f"{n}:1", "command": ["sleep", "1"]} for n in ("a", "b")]
+    kubectl.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "smp"},
+            "spec": {"containers": containers},
+        }
+    )
+    kubectl.run(
+        "patch", "pod", "smp", "-p", '{"spec": {"containers": [{"name": "b", "image": "b:2"}]}}'
+    )  # kubectl's default for built-in kinds: strategic
+    images = {
+        c["name"]: c["image"] for c in kubectl.json("get", "pod", "smp")["spec"]["containers"]
+    }
+    assert images == {"a": "a:1", "b": "b:2"}
+    refused = kubectl.run("patch", "tr", "columns", "--type=strategic", "-p", "{}", check=False)
+    # custom resources take no strategic merge patch: 415, as from the API server
+    assert refused.returncode == 1 and "is not supported by" in refused.stderr, refused.stderr

@@ -56,6 +56,7 @@ from kmock._internal import apps, rendering
 from . import discovery, protobuf, tables
 from .admission import admit_custom, name_causes
 from .errors import (
+    PATCH_TYPES,
     ApiError,
     Cause,
     already_exists,
@@ -70,6 +71,8 @@ from .patching import PatchError, json_patch, merge_patch, strategic_merge_patch
 from .resources import BUILTINS, ResourceType, from_crd
 from .selection import field_selector, label_selector
 
+BODY_TYPES = ("application/json", "application/yaml", "application/vnd.kubernetes.protobuf")
+STRATEGIC = "application/strategic-merge-patch+json"
 LOG_LIMIT = 20000  # watch events kept for resourceVersion replays
 Obj = dict[str, Any]
 Mutator = Callable[[Obj, Obj | None], None]
@@ -367,10 +370,10 @@ class StandInAPIServer(kmock.KubernetesEmulator):
         if "protobuf" in content_type:
             try:  # kubectl create secret|configmap|namespace|serviceaccount
                 body = protobuf.decode(request.body)
-            except protobuf.Undecodable:
-                raise unsupported_media(content_type) from None
+            except protobuf.Undecodable as why:
+                raise unsupported_media(content_type, BODY_TYPES, str(why)) from None
         elif "cbor" in content_type:
-            raise unsupported_media(content_type)
+            raise unsupported_media(content_type, BODY_TYPES, "the stand-in decodes no CBOR")
         else:
             body = self._decode(request)
         if method == "POST" and route.name is None:
@@ -649,11 +652,12 @@ class StandInAPIServer(kmock.KubernetesEmulator):
         elif content_type == "application/merge-patch+json":
             patched = merge_patch(current, patch)
         elif content_type == "application/strategic-merge-patch+json":
-            if rt.crd is not None:
-                raise unsupported_media(content_type)
+            if rt.crd is not None:  # as the API server: no patch strategies in a CRD
+                raise unsupported_media(content_type, PATCH_TYPES)
             patched = strategic_merge_patch(current, patch)
         else:
-            raise unsupported_media(content_type)
+            accepted = PATCH_TYPES if rt.crd else (*PATCH_TYPES, STRATEGIC)
+            raise unsupported_media(content_type, accepted, "server-side apply is not emulated")
         if not isinstance(patched, dict):
             raise bad_request("the patch did not result in an object")
         given = (

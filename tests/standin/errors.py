@@ -96,15 +96,16 @@ def not_allowed(message: str) -> ApiError:
     return ApiError(405, "MethodNotAllowed", message)
 
 
-def unsupported_media(content_type: str) -> ApiError:
+PATCH_TYPES = ("application/json-patch+json", "application/merge-patch+json")
+
+
+def unsupported_media(content_type: str, accepted: tuple[str, ...], note: str = "") -> ApiError:
     return ApiError(
         415,
         "UnsupportedMediaType",
-        f"the body of the request was in an unknown format - accepted media types include: "
-        f"application/json, application/yaml, application/json-patch+json, "
-        f"application/merge-patch+json, application/strategic-merge-patch+json "
-        f"({content_type} given; of protobuf, the stand-in decodes Secret, ConfigMap, Namespace "
-        "and ServiceAccount only)",
+        "the body of the request was in an unknown format - accepted media types include: "
+        + ", ".join(accepted)
+        + f" ({content_type} given{'; ' + note if note else ''})",
     )
 
 
