@@ -26,6 +26,7 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -452,9 +453,10 @@ RESUME_KEYS = {
 }
 
 
-def refuse_mismatch(meta: dict[str, Any], now: dict[str, Any], location: str) -> None:
-    """Exit 2 if the checkpoint is of another run shape (see RESUME_KEYS), or is sharded by
-    ZeRO for another number of processes (DeepSpeed's per-rank optimizer shards do not load)."""
+def refuse_mismatch(meta: dict[str, Any], now: dict[str, Any], location: str) -> bool:
+    """Exit 2 if the checkpoint is of another run shape (see RESUME_KEYS), or sharded by ZeRO-3
+    for another number of processes. True when it is sharded by ZeRO-1/2 for another number of
+    processes: then it resumes through a DeepSpeed universal checkpoint (`to_universal`)."""
     for key, what in RESUME_KEYS.items():
         if key in meta and meta[key] != now[key]:
             raise InvalidInput(
@@ -463,13 +465,49 @@ def refuse_mismatch(meta: dict[str, Any], now: dict[str, Any], location: str) ->
                 "the changed run a new output.uri (or delete its checkpoints/) to start afresh"
             )
     zero = max(int(meta.get("zeroStage", 0)), int(now["zeroStage"]))
-    if zero >= 1 and meta.get("worldSize", now["worldSize"]) != now["worldSize"]:
+    if zero == 0 or meta.get("worldSize", now["worldSize"]) == now["worldSize"]:
+        return False
+    if zero >= 3 or int(meta.get("zeroStage", 0)) != int(now["zeroStage"]):
         raise InvalidInput(
-            f"{location}: written by {meta['worldSize']} processes under ZeRO stage {zero}, this "
-            f"run has {now['worldSize']} — DeepSpeed's ZeRO checkpoints hold one optimizer shard "
-            "per process and kubetrain does not convert them (DeepSpeed universal checkpoints "
-            f"are not supported yet): resume with {meta['worldSize']} processes, or start afresh "
-            "in a new output.uri"
+            f"{location}: written by {meta['worldSize']} processes under ZeRO stage "
+            f"{meta.get('zeroStage', 0)}, this run has {now['worldSize']} under stage "
+            f"{now['zeroStage']} — kubetrain converts ZeRO-1/2 checkpoints to DeepSpeed universal "
+            "checkpoints for another process count, not ZeRO-3 ones nor a changed stage (not "
+            f"proven here): resume with {meta['worldSize']} processes, or start afresh in a new "
+            "output.uri"
+        )
+    return True
+
+
+def to_universal(directory: Path, step: int) -> None:
+    """Convert the ZeRO-1/2 shards of a checkpoint (`global_stepN/`) into a DeepSpeed universal
+    checkpoint beside them (`global_stepN_universal/`, `latest_universal`), once, with DeepSpeed's
+    own `ds_to_universal`; any number of processes can load that (`load_universal`)."""
+    source, target = directory / f"global_step{step}", directory / f"global_step{step}_universal"
+    if (directory / "latest_universal").exists() and target.is_dir():
+        return
+    shutil.rmtree(target, ignore_errors=True)
+    command = [
+        sys.executable,
+        "-m",
+        "deepspeed.checkpoint.ds_to_universal",
+        "--input_folder",
+        str(source),
+        "--output_folder",
+        str(target),
+        "--num_extract_workers",
+        "1",
+        "--num_merge_workers",
+        "1",
+        "--inject_missing_state",  # Trainer's ZeRO-1/2 checkpoints lack the version marker
+    ]
+    log.info("checkpoint %s: converting to a universal checkpoint", directory.name)
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise InvalidInput(
+            f"{directory}: DeepSpeed could not convert this checkpoint to a universal checkpoint "
+            f"for another process count ({done.stderr.strip().splitlines()[-1:]}) — resume with "
+            "the process count it was written with"
         )
 
 

@@ -582,11 +582,13 @@ def open_inputs(
 
 
 def find_resume_point(
-    config: TrainConfig, layout: CheckpointLayout, env: DistEnv, meta_now: dict[str, Any]
+    config: TrainConfig, layout: CheckpointLayout, env: DistEnv, meta_now: dict[str, Any], args: Any
 ) -> tuple[data.StreamPosition, bool]:
     """Where the run continues: the newest intact checkpoint that fits this run (exit 2 for one
-    that does not), or step 0. The gate judges the first steps of a fresh start: a sanity stage
-    never resumes (resuming a finished gate would judge no steps)."""
+    that does not), or step 0. A ZeRO-1/2 checkpoint of another process count is converted to a
+    universal checkpoint (by each staging leader, the others wait) and loaded as one. The gate
+    judges the first steps of a fresh start: a sanity stage never resumes (resuming a finished
+    gate would judge no steps)."""
     resume = (
         None
         if config.sanity is not None
@@ -600,8 +602,21 @@ def find_resume_point(
         )
     )
     meta = checkpoint.read_marker(resume) if resume is not None else None
-    if meta is not None:
-        checkpoint.refuse_mismatch(meta, meta_now, str(resume))
+    if (
+        resume is not None
+        and meta is not None
+        and checkpoint.refuse_mismatch(meta, meta_now, str(resume))
+    ):
+        if layout.finalizer:
+            checkpoint.to_universal(resume, int(meta["step"]))
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        args.hf_deepspeed_config.config.setdefault("checkpoint", {})["load_universal"] = True
+        log.info(
+            "resuming %d processes from a checkpoint of %d (universal checkpoint)",
+            env.world_size,
+            meta["worldSize"],
+        )
     position = data.StreamPosition(
         start_step=int(meta["step"]) if meta else 0,
         start_sample=int(meta["samplesConsumed"]) if meta else 0,
@@ -720,7 +735,7 @@ def prepare(config: TrainConfig, workdir: Path) -> Session:
     args = training_arguments(config, layout.staging, env, cuda)
     dataset, inputs, tokenizer = open_inputs(config, workdir, args)
     meta_now = run_meta(config, env, dataset.key)
-    position, resumed = find_resume_point(config, layout, env, meta_now)
+    position, resumed = find_resume_point(config, layout, env, meta_now, args)
     rows = dataset.rows("train")
     args.max_steps = total_steps(config, rows, position)
     if metrics is not None:  # a resumed stage shows where it stands before its first step
