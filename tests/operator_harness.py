@@ -52,6 +52,7 @@ GROUPS = {
     "pods": "",
     "configmaps": "",
     "services": "",
+    "serviceaccounts": "",
     "events": "",
     "secrets": "",
 }

@@ -34,7 +34,9 @@ from chart_support import (
     render_text,
     stage_pod_templates,
 )
+from kubetrain_operator.cluster_defaults import NO_DEFAULTS
 from kubetrain_operator.permissions import CLUSTER_RULES, NAMESPACED_RULES, Rule
+from kubetrain_operator.settings import ENVIRONMENT, OperatorSettings
 from test_render import restricted_violations
 
 #: The chart's minimum (Chart.yaml kubeVersion) and the newest schema kubernetes-validate bundles.
@@ -134,6 +136,8 @@ def test_notes_tell_the_next_three_commands() -> None:
         {"operator": {"watchNamespaces": ["Not_A_Namespace"]}},
         {"storage": {"s3": {"endpoint": "https://key:secret@minio.example"}}},
         {"storage": {"cacheRoot": "ftp://elsewhere"}},
+        {"storage": {"outputRoot": "s3://runs"}},  # removed: every run names spec.output.uri
+        {"storage": {"s3": {"endpoint": "http://minio.storage:9000"}}},  # needs the allowance
     ],
     ids=repr,
 )
@@ -225,6 +229,69 @@ def test_operator_deployment(values: dict[str, Any], expected: list[str]) -> Non
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["KUBETRAIN_TRAINER_IMAGE"] == "ghcr.io/kubetrain/trainer:0.1.0"
     assert env["KUBETRAIN_TRAINER_SERVICE_ACCOUNT"] == f"{FULLNAME}-trainer"
+
+
+#: Every cluster default the chart has a value for, set to something other than its default.
+CLUSTER_VALUES: dict[str, Any] = {
+    "operator": {"imagePullSecrets": [{"name": "regcred"}, {"name": "mirror"}]},
+    "trainer": {
+        "image": {"repository": "registry.example/trainer", "tag": "2.0"},
+        "serviceAccount": {"name": "ml-trainer"},
+        "metricsPort": 9500,
+    },
+    "storage": {
+        "cacheRoot": "s3://cache/datasets",
+        "s3": {
+            "endpoint": "http://minio.storage:9000",
+            "allowInsecureEndpoint": True,
+            "secretName": "s3-credentials",
+        },
+    },
+}
+
+
+def operator_settings(values: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The settings the operator reads from the environment the chart's Deployment gives it."""
+    (container,) = named(render(values), "Deployment", FULLNAME)["spec"]["template"]["spec"][
+        "containers"
+    ]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert set(env) <= ENVIRONMENT, f"passed but never read: {sorted(set(env) - ENVIRONMENT)}"
+    for name in ENVIRONMENT:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        assert isinstance(value, str), f"{name}: a literal value"
+        monkeypatch.setenv(name, value)
+    return OperatorSettings.from_env()
+
+
+@pytest.mark.parametrize("values", [*VALUE_SETS.values(), CLUSTER_VALUES], ids=repr)
+def test_the_operator_reads_every_setting_the_deployment_passes(
+    values: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = operator_settings(values, monkeypatch)
+    assert settings.metrics_port == 9401
+    name = (values.get("trainer") or {}).get("serviceAccount", {}).get("name")
+    assert settings.defaults.trainer_service_account == (name or f"{FULLNAME}-trainer")
+
+
+def test_chart_values_become_the_operator_s_cluster_defaults(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert operator_settings({}, monkeypatch).defaults == NO_DEFAULTS.model_copy(
+        update={"trainer_service_account": f"{FULLNAME}-trainer"}
+    )
+    defaults = operator_settings(CLUSTER_VALUES, monkeypatch).defaults
+    assert defaults.model_dump() == {
+        "trainer_image": "registry.example/trainer:2.0",
+        "trainer_service_account": "ml-trainer",
+        "image_pull_secrets": ("regcred", "mirror"),
+        "metrics_port": 9500,
+        "cache_root": "s3://cache/datasets",
+        "s3_allow_insecure_endpoint": True,
+        "s3_endpoint": "http://minio.storage:9000",
+        "s3_secret_name": "s3-credentials",
+    }
 
 
 def test_images_follow_tag_and_digest_values() -> None:

@@ -6,7 +6,8 @@ progress scrape over HTTP with prometheus-client's parser), the stand-in API ser
 prometheus-client. Played by the tests (tests/operator_harness.py): the Job controller, the
 Kubeflow training operator and the kubelet — they create pods with the controllers' labels and
 patch pod and child status as those controllers do. Timings are shrunk through the operator's
-settings (resync 1 s, backoff 0.5 s).
+settings (resync 1 s, backoff 0.5 s); the operator runs with cluster defaults (trainer image and
+ServiceAccount, pull secret) as the chart passes them.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import pytest
 
 from kubetrain_operator import k8s, permissions
 from kubetrain_operator.api import parse_run
+from kubetrain_operator.cluster_defaults import ClusterDefaults
 from kubetrain_operator.plan import plan_run
 from kubetrain_operator.reconcile import metrics_service
 from kubetrain_operator.render import metrics_service_name, render_all
@@ -37,6 +39,18 @@ from operator_harness import (
 from operator_support import NAMESPACE, PREPROCESS_RESULT, result, run_doc
 
 pytestmark = pytest.mark.timeout(300)
+
+#: What the chart would configure; the operator reads it from its environment.
+DEFAULTS = ClusterDefaults(
+    trainer_image="registry.example/kubetrain/trainer:test",
+    trainer_service_account="kubetrain-trainer",
+    image_pull_secrets=("regcred",),
+)
+DEFAULTS_ENV = {
+    "KUBETRAIN_TRAINER_IMAGE": DEFAULTS.trainer_image,
+    "KUBETRAIN_TRAINER_SERVICE_ACCOUNT": "kubetrain-trainer",
+    "KUBETRAIN_IMAGE_PULL_SECRETS": "regcred",
+}
 
 
 class World:
@@ -55,7 +69,7 @@ class World:
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     workdir = tmp_path_factory.mktemp("operator")
     with ApiServer(workdir) as api:
-        op = OperatorProcess(api, workdir).start()
+        op = OperatorProcess(api, workdir, **DEFAULTS_ENV).start()
         w = World(api, op)
         try:
             yield w
@@ -403,7 +417,7 @@ def test_the_operator_creates_exactly_what_render_shows(world: World) -> None:
     merge_stage(w, run)
     w.c.wait_condition(run, "Succeeded", "True")
     parsed = parse_run(doc)
-    plan = plan_run(parsed)
+    plan = plan_run(parsed, defaults=DEFAULTS)
     expected = {
         (o["kind"], o["metadata"]["name"]): o for o in render_all(parsed, plan, namespace=NAMESPACE)
     }
@@ -412,11 +426,19 @@ def test_the_operator_creates_exactly_what_render_shows(world: World) -> None:
         for obj in w.api.live(plural):
             if obj["metadata"].get("labels", {}).get("kubetrain.dev/run") == run:
                 created[(obj["kind"], obj["metadata"]["name"])] = obj
+    for account in w.api.live("serviceaccounts"):  # shared by the namespace's runs: no run label
+        if account["metadata"]["name"] == DEFAULTS.trainer_service_account:
+            created[("ServiceAccount", account["metadata"]["name"])] = account
     assert set(created) == set(expected)
+    for pod in [t for obj in expected.values() for t in _pod_specs(obj)]:
+        assert pod["serviceAccountName"] == "kubetrain-trainer"
+        assert pod["automountServiceAccountToken"] is False
+        assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+        assert pod["containers"][0]["image"] == DEFAULTS.trainer_image
     for key, want in expected.items():
         got = created[key]
-        owners = got["metadata"].pop("ownerReferences")
-        assert [o["name"] for o in owners] == [run]
+        owners = got["metadata"].pop("ownerReferences", [])
+        assert [o["name"] for o in owners] == ([] if key[0] == "ServiceAccount" else [run])
         for generated in (
             "uid",
             "resourceVersion",
@@ -428,6 +450,14 @@ def test_the_operator_creates_exactly_what_render_shows(world: World) -> None:
         got.pop("status", None)
         assert _subset(want, got), key
     assert metrics_service(run) == metrics_service_name(plan)
+
+
+def _pod_specs(obj: dict[str, Any]) -> list[dict[str, Any]]:
+    if obj["kind"] == "Job":
+        return [obj["spec"]["template"]["spec"]]
+    if obj["kind"] == "PyTorchJob":
+        return [r["template"]["spec"] for r in obj["spec"]["pytorchReplicaSpecs"].values()]
+    return []
 
 
 def _subset(want: Any, got: Any) -> bool:

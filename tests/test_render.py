@@ -26,10 +26,14 @@ import kubernetes_validate
 import pytest
 import yaml
 from kubeflow.training import ApiClient, KubeflowOrgV1PyTorchJob
+from pydantic import ValidationError
 
 from kubetrain_operator.api import InvalidRun, ResourcesSpec, TrainingRunSpec, parse_run
-from kubetrain_operator.render import render_stage
+from kubetrain_operator.cluster_defaults import NO_DEFAULTS, ClusterDefaults
+from kubetrain_operator.plan import plan_run
+from kubetrain_operator.render import render_all, render_stage
 from runspecs import (
+    DELETE,
     ROOT,
     VARIANTS,
     all_containers,
@@ -696,3 +700,205 @@ def test_no_shell_anywhere() -> None:
                     assert c["command"][0] not in SHELLS
                     assert "-c" not in c["command"]
                     assert not any("shell=True" in item for item in c["command"])
+
+
+# ------------------------------------------------------------------------- cluster defaults
+
+CLUSTER = ClusterDefaults(
+    trainer_image="registry.example/kubetrain/trainer@sha256:" + "b" * 64,
+    trainer_service_account="kubetrain-trainer",
+    image_pull_secrets=("regcred", "mirror-cred"),
+    metrics_port=9500,
+    cache_root="s3://cluster-cache/datasets",
+    s3_endpoint="https://minio.storage.example",
+    s3_secret_name="cluster-s3",
+)
+
+
+def with_defaults(doc: dict[str, Any], defaults: ClusterDefaults) -> list[dict[str, Any]]:
+    run = parse_run(doc)
+    return render_all(run, plan_run(run, defaults=defaults), namespace="ml")
+
+
+def stage_pods(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [t["spec"] for obj in objects for _, t in pod_templates(obj)]
+
+
+def configs_of(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {name: json.loads(text) for name, text in stage_configs(objects).items()}
+
+
+def bare_spec(doc: dict[str, Any]) -> dict[str, Any]:
+    """The document without what the cluster defaults could fill in."""
+    return changed(doc, {"spec.image": DELETE, "spec.storage": DELETE, "spec.sanity": DELETE})
+
+
+def test_cluster_defaults_fill_what_the_spec_leaves_unset() -> None:
+    objects = with_defaults(bare_spec(example("llama-lora-merge")), CLUSTER)
+    pods = stage_pods(objects)
+    assert len(pods) >= 3
+    for pod in pods:
+        assert pod["serviceAccountName"] == "kubetrain-trainer"
+        assert pod["automountServiceAccountToken"] is False
+        assert pod["imagePullSecrets"] == [{"name": "regcred"}, {"name": "mirror-cred"}]
+        (container,) = pod["containers"]
+        assert container["image"] == CLUSTER.trainer_image
+        assert container["ports"] == [{"name": "metrics", "containerPort": 9500, "protocol": "TCP"}]
+        refs = {
+            e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"] if "valueFrom" in e
+        }
+        assert refs == {"cluster-s3"}
+    (service,) = [o for o in objects if o["kind"] == "Service"]
+    assert service["spec"]["ports"][0]["port"] == 9500
+    configs = configs_of(objects)
+    assert configs["preprocess.json"]["cacheRoot"] == "s3://cluster-cache/datasets"
+    for config in configs.values():
+        assert config["metricsPort"] == 9500
+        assert config["s3"]["endpoint"] == "https://minio.storage.example"
+        assert config["s3"]["allowInsecureEndpoint"] is False
+
+
+def test_the_trainer_service_account_is_rendered_first_without_an_owner_or_token() -> None:
+    objects = with_defaults(example("tulu-sft"), CLUSTER)
+    account = objects[0]
+    assert account == {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": {
+            "name": "kubetrain-trainer",
+            "namespace": "ml",
+            "labels": {
+                "app.kubernetes.io/name": "kubetrain",
+                "app.kubernetes.io/component": "trainer",
+                "app.kubernetes.io/part-of": "kubetrain",
+                "app.kubernetes.io/managed-by": "kubetrain-operator",
+            },
+        },
+        "automountServiceAccountToken": False,
+    }
+    assert [o["kind"] for o in objects].count("ServiceAccount") == 1
+    for version in KUBE_VERSIONS:
+        kubernetes_validate.validate(account, version, strict=True)
+
+
+def test_the_spec_wins_over_every_cluster_default() -> None:
+    doc = changed(
+        example("llama-lora-merge"),
+        {
+            "spec.image": "own.example/trainer:1.2",
+            "spec.storage": {
+                "s3": {
+                    "secretName": "own-s3",
+                    "endpoint": "http://own-minio:9000",
+                    "allowInsecureEndpoint": True,
+                },
+                "cacheRoot": "s3://own-cache/",
+            },
+        },
+    )
+    objects = with_defaults(doc, CLUSTER)
+    for pod in stage_pods(objects):
+        (container,) = pod["containers"]
+        assert container["image"] == "own.example/trainer:1.2"
+        refs = {
+            e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"] if "valueFrom" in e
+        }
+        assert refs == {"own-s3"}
+    configs = configs_of(objects)
+    assert configs["preprocess.json"]["cacheRoot"] == "s3://own-cache"
+    for config in configs.values():
+        assert config["s3"] == {
+            "endpoint": "http://own-minio:9000",
+            "region": "",
+            "allowInsecureEndpoint": True,
+        }
+
+
+def test_without_defaults_pods_keep_the_built_in_behaviour() -> None:
+    objects = with_defaults(bare_spec(example("llama-lora-merge")), NO_DEFAULTS)
+    assert "ServiceAccount" not in [o["kind"] for o in objects]
+    output = example("llama-lora-merge")["spec"]["output"]["uri"].rstrip("/")
+    assert configs_of(objects)["preprocess.json"]["cacheRoot"] == f"{output}/cache"
+    for pod in stage_pods(objects):
+        assert "serviceAccountName" not in pod and "imagePullSecrets" not in pod
+        assert pod["automountServiceAccountToken"] is False
+        (container,) = pod["containers"]
+        assert container["image"] == NO_DEFAULTS.trainer_image
+        assert not [e for e in container["env"] if "valueFrom" in e]
+
+
+def test_the_default_s3_secret_only_reaches_runs_that_use_s3() -> None:
+    doc = changed(
+        bare_spec(example("llama-lora-merge")),
+        {
+            "spec.model.uri": "pvc://models/llama",
+            "spec.data.train": ["pvc://data/train.jsonl"],
+            "spec.output.uri": "pvc://out/run",
+        },
+    )
+    no_cache = CLUSTER.model_copy(update={"cache_root": "pvc://cache/datasets"})
+    objects = with_defaults(doc, no_cache)
+    for pod in stage_pods(objects):
+        assert not [e for e in pod["containers"][0]["env"] if "valueFrom" in e]
+    with_s3_cache = with_defaults(doc, CLUSTER)  # the default cache is on S3: it needs the keys
+    for pod in stage_pods(with_s3_cache):
+        assert [e for e in pod["containers"][0]["env"] if "valueFrom" in e]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("trainer_image", "trainer:latest; rm -rf /"),
+        ("trainer_service_account", "Not_A_Name"),
+        ("image_pull_secrets", ("ok", "bad name")),
+        ("metrics_port", 70000),
+        ("cache_root", "/srv/cache"),
+        ("cache_root", "s3://key:secret@bucket/cache"),
+        ("s3_endpoint", "http://minio:9000"),
+        ("s3_endpoint", "https://169.254.169.254"),
+        ("s3_secret_name", "UPPER"),
+    ],
+)
+def test_cluster_defaults_refuse_bad_values(field: str, value: Any) -> None:
+    with pytest.raises(ValidationError) as caught:
+        ClusterDefaults(**{field: value})
+    assert caught.value.errors()[0]["loc"][0] == field
+
+
+def test_an_insecure_default_endpoint_must_be_allowed_explicitly() -> None:
+    allowed = ClusterDefaults(s3_endpoint="http://minio:9000", s3_allow_insecure_endpoint=True)
+    run = parse_run(bare_spec(example("llama-lora-merge")))
+    config = plan_run(run, defaults=allowed).stages[0].config
+    assert config["s3"]["allowInsecureEndpoint"] is True
+
+
+def test_render_cli_with_the_chart_s_flags_is_what_the_operator_creates() -> None:
+    doc = bare_spec(example("llama-lora-merge"))
+    args = [
+        "--image", CLUSTER.trainer_image,
+        "--service-account", "kubetrain-trainer",
+        "--image-pull-secret", "regcred",
+        "--image-pull-secret", "mirror-cred",
+        "--metrics-port", "9500",
+        "--cache-root", "s3://cluster-cache/datasets",
+        "--s3-endpoint", "https://minio.storage.example",
+        "--s3-secret-name", "cluster-s3",
+    ]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "kubetrain_operator.cli", "render", "-", "-n", "ml", *args],
+        input=yaml.safe_dump(doc),
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "operator")},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert list(yaml.safe_load_all(proc.stdout)) == with_defaults(doc, CLUSTER)
+    bad = subprocess.run(
+        [sys.executable, "-m", "kubetrain_operator.cli", "render", "-", "--cache-root", "/x"],
+        input=yaml.safe_dump(doc),
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "operator")},
+    )
+    assert bad.returncode == 2
+    assert "--cache-root: a pod cannot reach a local path" in bad.stderr

@@ -98,6 +98,10 @@ Endpoint = Annotated[
     _field_rules("endpoint"),
 ]
 Identifier = Annotated[str, Field(min_length=1, max_length=128, pattern=IDENTIFIER_PATTERN)]
+#: A container image reference (registry/name:tag or @digest): no spaces, nothing a shell reads.
+ImageReference = Annotated[str, Field(max_length=512, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:@\-]*$")]
+#: Names of ServiceAccounts and Secrets.
+ObjectName = Annotated[str, Field(max_length=253, pattern=DNS1123_SUBDOMAIN)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 Optimizer = Literal[
     "adamw_torch",
@@ -571,7 +575,7 @@ class OutputSpec(_Model):
 class S3Spec(_Model):
     """S3 (or MinIO and friends) settings; credentials by reference only."""
 
-    secret_name: Annotated[str, Field(max_length=253, pattern=DNS1123_SUBDOMAIN)] | None = None
+    secret_name: ObjectName | None = None
     """Secret with the keys below; its values reach pods only through secretKeyRef."""
     access_key_id_key: Identifier = "AWS_ACCESS_KEY_ID"
     """Key of the access key id in the Secret."""
@@ -589,7 +593,7 @@ class S3Spec(_Model):
 class HFSpec(_Model):
     """The Hugging Face Hub, for hf:// models and tokenizers; the token by reference only."""
 
-    secret_name: Annotated[str, Field(max_length=253, pattern=DNS1123_SUBDOMAIN)] | None = None
+    secret_name: ObjectName | None = None
     """Secret holding the Hub token (gated and private repositories)."""
     token_key: Identifier = "HF_TOKEN"  # noqa: S105 (a key name)
     """Key of the token in the Secret."""
@@ -633,9 +637,7 @@ class TrainingRunSpec(_Model):
     """Where results go."""
     storage: StorageSpec = Field(default_factory=StorageSpec)
     """Object storage and Hub credentials, and the dataset cache."""
-    image: (
-        Annotated[str, Field(max_length=512, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:@\-]*$")] | None
-    ) = None
+    image: ImageReference | None = None
     """Trainer image; default: the operator's configured trainer image."""
     max_restarts: int = Field(default=3, ge=0, le=100)
     """Training attempts restarted after retryable failures or stalls."""

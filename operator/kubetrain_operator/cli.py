@@ -30,9 +30,10 @@ import yaml
 from kubetrain_operator import __version__
 from kubetrain_operator import exit_codes as codes
 from kubetrain_operator.api import SpecError, SpecErrors, TrainingRun
+from kubetrain_operator.cluster_defaults import NO_DEFAULTS, ClusterDefaults
 from kubetrain_operator.documents import STDIN, Loaded, load_runs, resolve_upstream
 from kubetrain_operator.plan import Plan, Target, plan_run
-from kubetrain_operator.render import DEFAULT_IMAGE, render_all
+from kubetrain_operator.render import render_all
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = codes.OK, codes.INVALID, codes.USAGE
 
@@ -57,7 +58,9 @@ def _usage(args: argparse.Namespace, message: str) -> int:
     return EXIT_USAGE
 
 
-def plan_document(item: Loaded, loaded: list[Loaded], target: Target) -> Plan | None:
+def plan_document(
+    item: Loaded, loaded: list[Loaded], target: Target, defaults: ClusterDefaults = NO_DEFAULTS
+) -> Plan | None:
     """The item's plan for a target, or None after printing why there is none."""
     for text in item.problems:
         problem(item.file, text)
@@ -65,18 +68,52 @@ def plan_document(item: Loaded, loaded: list[Loaded], target: Target) -> Plan | 
         return None
     try:
         upstream = resolve_upstream(item.run, item.file, loaded)
-        return plan_run(item.run, target=target, upstream_model=upstream)
+        return plan_run(item.run, target=target, upstream_model=upstream, defaults=defaults)
     except SpecError as error:
         for each in error.errors if isinstance(error, SpecErrors) else [error]:
             problem(item.file, each)
         return None
 
 
+#: render's flags → ClusterDefaults fields: the operator's settings (settings.CLUSTER_ENV).
+DEFAULT_FLAGS = {
+    "trainer_image": "--image",
+    "trainer_service_account": "--service-account",
+    "image_pull_secrets": "--image-pull-secret",
+    "metrics_port": "--metrics-port",
+    "cache_root": "--cache-root",
+    "s3_endpoint": "--s3-endpoint",
+    "s3_allow_insecure_endpoint": "--s3-allow-insecure-endpoint",
+    "s3_secret_name": "--s3-secret-name",
+}
+
+
+def _defaults(args: argparse.Namespace) -> ClusterDefaults:
+    """The cluster defaults given as flags (render); a bad one is a usage error naming it."""
+    from pydantic import ValidationError
+
+    given = {
+        name: getattr(args, name)
+        for name in DEFAULT_FLAGS
+        if getattr(args, name, None) not in (None, [], False)
+    }
+    if "image_pull_secrets" in given:
+        given["image_pull_secrets"] = tuple(given["image_pull_secrets"])
+    try:
+        return ClusterDefaults(**given)
+    except ValidationError as error:
+        first = error.errors()[0]
+        flag = DEFAULT_FLAGS.get(str(first["loc"][0]) if first["loc"] else "", "a flag")
+        message = str(first["msg"]).removeprefix("Value error, ")
+        raise SystemExit(_usage(args, f"{flag}: {message}")) from None
+
+
 def _plans(args: argparse.Namespace) -> tuple[list[tuple[TrainingRun, Plan]], bool]:
     loaded = [item for file in _files(args) for item in load_runs(file)]
+    defaults = _defaults(args)
     plans, failed = [], False
     for item in loaded:
-        plan = plan_document(item, loaded, args.target)
+        plan = plan_document(item, loaded, args.target, defaults)
         if plan is None or item.run is None:
             failed = True
             continue
@@ -100,7 +137,7 @@ def cmd_render(args: argparse.Namespace) -> int:
         return EXIT_INVALID
     objects: list[dict[str, Any]] = []
     for run, plan in plans:
-        objects += render_all(run, plan, args.namespace, image=args.image)
+        objects += render_all(run, plan, args.namespace)
     sys.stdout.write(dump(objects, args.output))
     return EXIT_OK
 
@@ -179,6 +216,36 @@ def _add_files(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_cluster_defaults(p: argparse.ArgumentParser) -> None:
+    """The operator's cluster defaults (docs/operator.md): pass the chart's values to render
+    exactly what the operator creates. A run's own spec value always wins."""
+    group = p.add_argument_group(
+        "cluster defaults", "what the operator fills in where the spec is silent (the spec wins)"
+    )
+    dest = {flag: name for name, flag in DEFAULT_FLAGS.items()}
+    helps = {
+        "--image": f"trainer image (default {NO_DEFAULTS.trainer_image}; spec.image wins)",
+        "--service-account": "ServiceAccount of every stage pod (rendered too; the operator "
+        "creates it if absent)",
+        "--image-pull-secret": "pull secret of every stage pod (repeatable)",
+        "--metrics-port": f"port of the stage pods' /metrics (default {NO_DEFAULTS.metrics_port})",
+        "--cache-root": "dataset cache (s3:// or pvc://) where spec.storage.cacheRoot is unset",
+        "--s3-endpoint": "S3 endpoint where spec.storage.s3.endpoint is empty",
+        "--s3-allow-insecure-endpoint": "allow a plain http:// --s3-endpoint",
+        "--s3-secret-name": "S3 Secret where spec.storage.s3.secretName is unset (runs that "
+        "use s3:// only)",
+    }
+    for flag, text in helps.items():
+        if flag == "--image-pull-secret":
+            group.add_argument(flag, dest=dest[flag], action="append", default=[], help=text)
+        elif flag == "--s3-allow-insecure-endpoint":
+            group.add_argument(flag, dest=dest[flag], action="store_true", help=text)
+        elif flag == "--metrics-port":
+            group.add_argument(flag, dest=dest[flag], type=int, default=None, help=text)
+        else:
+            group.add_argument(flag, dest=dest[flag], default=None, help=text)
+
+
 def _add_output(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", choices=["yaml", "json"], default="yaml")
 
@@ -211,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="set metadata.namespace (default: none, so kubectl apply -n NS works)",
     )
-    p.add_argument("--image", default=DEFAULT_IMAGE, help="trainer image (spec.image wins)")
+    _add_cluster_defaults(p)
     _add_output(p)
     p.set_defaults(func=cmd_render, parser=p, target="cluster")
     p = sub.add_parser("crd", help="print the TrainingRun CustomResourceDefinition")

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 PLURALS = {
     "ConfigMap": "configmaps",
     "Service": "services",
+    "ServiceAccount": "serviceaccounts",
     "Job": "jobs",
     "PyTorchJob": "pytorchjobs",
     "TrainingRun": "trainingruns",
@@ -34,6 +35,7 @@ CALLS: frozenset[tuple[str, str, str]] = frozenset(
         ("create", "", "configmaps"),
         ("patch", "", "configmaps"),
         ("create", "", "services"),
+        ("create", "", "serviceaccounts"),
         ("create", "batch", "jobs"),
         ("patch", "batch", "jobs"),
         ("create", "kubeflow.org", "pytorchjobs"),

@@ -115,4 +115,12 @@ NAMESPACED_RULES: tuple[Rule, ...] = (
         "application",
         "k8s.Cluster.create: the run's metrics Service (progress polling, PodMonitor)",
     ),
+    Rule(
+        "",
+        ("serviceaccounts",),
+        ("create",),
+        "application",
+        "k8s.Cluster.create: the trainer ServiceAccount where a run starts and it is missing "
+        "(no Role binds it; stage pods never mount its token)",
+    ),
 )

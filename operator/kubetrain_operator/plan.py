@@ -4,8 +4,11 @@ Each :class:`Stage` carries everything an executor needs: the stage config (the 
 with the DeepSpeed config inside), its shape (nodes × processes, GPUs, world size), its resources,
 its environment (credentials only as secretKeyRef) and its metrics port. `render` (Kubernetes
 objects) and `local` (`kubetrain run`) only consume these fields: neither reads `run.spec` for a
-stage, nor rebuilds a config. Every default comes from the API model: the configs spell out each
-value, so the trainer never falls back on a default of its own (tests/test_contract.py).
+stage, nor rebuilds a config. Every default comes from the API model or, for what a cluster
+decides (trainer image and ServiceAccount, pull secrets, dataset cache, S3 endpoint and Secret,
+metrics port), from `ClusterDefaults` — applied here and nowhere else, the spec's value first. The
+configs spell out each value, so the trainer never falls back on a default of its own
+(tests/test_contract.py).
 
 Stages, in order: `preprocess`; `sanity-1` … `sanity-N`, one per rung of the sanity ladder (none
 without `spec.sanity`); `train`; `merge` (merge and evaluation).
@@ -30,9 +33,10 @@ from kubetrain_operator.api import (
     TrainingRun,
     TrainingRunSpec,
 )
+from kubetrain_operator.cluster_defaults import DEFAULT_METRICS_PORT, NO_DEFAULTS, ClusterDefaults
 
 STAGE_API_VERSION = "kubetrain.dev/stage-v1"
-METRICS_PORT = 9400
+METRICS_PORT = DEFAULT_METRICS_PORT
 #: Where pvc://CLAIM/path URIs are mounted in pods (render adds the volumes).
 PVC_MOUNT_ROOT = "/mnt/pvc"
 CONFIG_DIR = "/etc/kubetrain"
@@ -106,8 +110,11 @@ class Plan:
     dataset_pointer: str
     preprocess_key: str
     """sha256 of the preprocess config minus run-specific fields: names the preprocess Job."""
-    image: str | None = None
-    """spec.image (None: the executor's default trainer image)."""
+    image: str = NO_DEFAULTS.trainer_image
+    """spec.image, else the cluster's trainer image."""
+    service_account: str | None = None
+    """The cluster's trainer ServiceAccount (None: the namespace's default account)."""
+    image_pull_secrets: tuple[str, ...] = ()
     queue_name: str | None = None
     suspend: bool = False
     shared_memory: str = "8Gi"
@@ -130,8 +137,9 @@ def plan_run(
     upstream_model: str | None = None,
     base_dir: str | None = None,
     cache_root: str | None = None,
-    metrics_port: int = METRICS_PORT,
+    metrics_port: int | None = None,
     local_procs: int | None = None,
+    defaults: ClusterDefaults = NO_DEFAULTS,
 ) -> Plan:
     """Stages of a run for a target.
 
@@ -140,6 +148,7 @@ def plan_run(
     paths against `base_dir`, may move the dataset cache to `cache_root`, serve metrics on
     `metrics_port` and train with `local_procs` processes (default: one node's GPUs, or one).
     A cluster refuses local paths (a pod cannot read them); local runs refuse pvc://.
+    `defaults` fill what the spec leaves unset (the spec's value always wins).
     """
     spec = run.spec
     if spec.model.from_run is not None and upstream_model is None:
@@ -151,24 +160,45 @@ def plan_run(
     uris = _UriMapper(target, base_dir)
     raw_output = spec.output.uri.rstrip("/")
     output = uris.map(raw_output, "spec.output.uri")
-    raw_cache = cache_root or spec.storage.cache_root or f"{raw_output}/cache"
+    raw_cache = (
+        cache_root or spec.storage.cache_root or defaults.cache_root or f"{raw_output}/cache"
+    )
     where = "spec.storage.cacheRoot" if spec.storage.cache_root else "spec.output.uri"
     cache = uris.map(raw_cache.rstrip("/"), where if cache_root is None else "--cache-dir")
+    if metrics_port is None:
+        metrics_port = defaults.metrics_port
+    s3 = spec.storage.s3
+    own_endpoint = bool(s3.endpoint)
     common = {
         "apiVersion": STAGE_API_VERSION,
         "run": run.name,
         "metricsPort": metrics_port,
         "s3": {
-            "endpoint": spec.storage.s3.endpoint,
-            "region": spec.storage.s3.region,
-            "allowInsecureEndpoint": spec.storage.s3.allow_insecure_endpoint,
+            "endpoint": s3.endpoint if own_endpoint else defaults.s3_endpoint,
+            "region": s3.region,
+            "allowInsecureEndpoint": s3.allow_insecure_endpoint
+            if own_endpoint
+            else defaults.s3_allow_insecure_endpoint,
         },
     }
     pointer = f"{output}/dataset.json"
     model = _model_source(spec, uris, upstream_model)
     preprocess = _preprocess_config(spec, uris, model, cache, pointer, common)
     shape = _Shapes(spec, target, local_procs)
-    env = _env(spec, target)
+    reads_s3 = any(
+        str(uri).startswith("s3://")
+        for uri in (
+            spec.model.uri,
+            upstream_model,
+            spec.tokenizer.uri,
+            raw_output,
+            raw_cache,
+            *spec.data.train,
+            *(spec.data.validation or ()),
+        )
+    )
+    s3_secret = s3.secret_name or (defaults.s3_secret_name if reads_s3 else None)
+    env = _env(spec, target, s3_secret)
     res = spec.resources
     stages = [
         Stage(
@@ -246,7 +276,9 @@ def plan_run(
         cache_root=cache,
         dataset_pointer=pointer,
         preprocess_key=_preprocess_key(preprocess),
-        image=spec.image,
+        image=spec.image or defaults.trainer_image,
+        service_account=defaults.trainer_service_account,
+        image_pull_secrets=defaults.image_pull_secrets,
         queue_name=spec.queue_name,
         suspend=spec.suspend,
         shared_memory=res.shared_memory,
@@ -319,7 +351,7 @@ def _resources(
     return {"requests": dict(amounts), "limits": dict(amounts)} if amounts else {}
 
 
-def _env(spec: TrainingRunSpec, target: Target) -> tuple[Env, ...]:
+def _env(spec: TrainingRunSpec, target: Target, s3_secret: str | None) -> tuple[Env, ...]:
     """Environment of every stage process: caches on the pod's emptyDir, credentials by reference
     only. Local runs use the caller's environment (and credentials) as they are."""
     hub = spec.uses_hub()
@@ -343,10 +375,10 @@ def _env(spec: TrainingRunSpec, target: Target) -> tuple[Env, ...]:
     if hub and hf.secret_name:
         env.append(_secret_env("HF_TOKEN", hf.secret_name, hf.token_key))
     s3 = spec.storage.s3
-    if s3.secret_name:
+    if s3_secret:
         env += [
-            _secret_env("AWS_ACCESS_KEY_ID", s3.secret_name, s3.access_key_id_key),
-            _secret_env("AWS_SECRET_ACCESS_KEY", s3.secret_name, s3.secret_access_key_key),
+            _secret_env("AWS_ACCESS_KEY_ID", s3_secret, s3.access_key_id_key),
+            _secret_env("AWS_SECRET_ACCESS_KEY", s3_secret, s3.secret_access_key_key),
         ]
     return tuple(env)
 

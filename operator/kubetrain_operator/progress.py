@@ -21,6 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from kubetrain_operator.status import PROGRESS_METRICS, Progress
 
 DEFAULT_URL = "http://{service}.{namespace}.svc:{port}/metrics"
+URL_ENV = "KUBETRAIN_METRICS_URL"
+ENDPOINTS_ENV = "KUBETRAIN_METRICS_ENDPOINTS"
 SCRAPE_TIMEOUT = 2.0
 
 
@@ -33,9 +35,9 @@ class Endpoints:
 
     @classmethod
     def from_env(cls) -> Endpoints:
-        file = os.environ.get("KUBETRAIN_METRICS_ENDPOINTS")
+        file = os.environ.get(ENDPOINTS_ENV)
         return cls(
-            template=os.environ.get("KUBETRAIN_METRICS_URL", DEFAULT_URL),
+            template=os.environ.get(URL_ENV, DEFAULT_URL),
             overrides=Path(file) if file else None,
         )
 

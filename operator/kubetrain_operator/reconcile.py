@@ -21,7 +21,6 @@ import aiohttp
 
 from kubetrain_operator import k8s
 from kubetrain_operator.operator_metrics import OperatorMetrics
-from kubetrain_operator.plan import METRICS_PORT
 from kubetrain_operator.progress import Endpoints, scrape
 from kubetrain_operator.render import LABEL_RUN, LABEL_STAGE, child_name
 from kubetrain_operator.settings import OperatorSettings
@@ -213,6 +212,7 @@ class Reconciler:
             time.time(),
             upstream=upstream,
             timing=self.settings.timing,
+            defaults=self.settings.defaults,
         )
         old = run.get("status") or {}
         if status != old:
@@ -234,7 +234,8 @@ class Reconciler:
             known = entry.expected.get(name)
             if known and time.monotonic() - known[0] < EXPECTATION_SECONDS and known[1] == digest:
                 return
-            k8s.adopt(body, run)
+            if action.owned:
+                k8s.adopt(body, run)
             created = await self.cluster.create(body)
             if not created and action.update:
                 await self.cluster.update_data(body)
@@ -277,7 +278,8 @@ class Reconciler:
         if training and (scrape_now or due):
             if self.session is None:
                 self.session = aiohttp.ClientSession()
-            url = self.endpoints.url(key[0], metrics_service(key[1]), METRICS_PORT)
+            port = self.settings.defaults.metrics_port
+            url = self.endpoints.url(key[0], metrics_service(key[1]), port)
             entry.scraped_at = time.monotonic()
             fresh = await scrape(self.session, url)
             if fresh is not None:

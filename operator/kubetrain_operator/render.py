@@ -7,7 +7,9 @@ shell (they travel in the stage config JSON, mounted from a ConfigMap). Child na
 deterministic (`<run>-preprocess-<key8>`, `<run>-sanity-<i>`, `<run>-train-<attempt>`,
 `<run>-merge`), so creating them is idempotent. `metadata.namespace` is set only when a namespace
 is given. Every object carries `kubetrain.dev/run`, `kubetrain.dev/stage` (stage objects) and the
-recommended `app.kubernetes.io/*` labels.
+recommended `app.kubernetes.io/*` labels; the trainer ServiceAccount, shared by the namespace's
+runs, carries no run label. Image, ServiceAccount and pull secrets are the plan's (spec first,
+then the cluster's defaults).
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from kubetrain_operator.plan import (
     stage_config_json,
 )
 
-DEFAULT_IMAGE = f"ghcr.io/kubetrain/trainer:{__version__}"
 LABEL_RUN = f"{API_GROUP}/run"
 LABEL_STAGE = f"{API_GROUP}/stage"
 LABEL_METRICS = f"{API_GROUP}/metrics"
@@ -72,17 +73,21 @@ def metrics_service_name(plan: Plan) -> str:
 
 
 def render_all(
-    run: TrainingRun,
-    plan: Plan,
-    namespace: str | None = None,
-    *,
-    image: str = DEFAULT_IMAGE,
-    attempt: int = 1,
+    run: TrainingRun, plan: Plan, namespace: str | None = None, *, attempt: int = 1
 ) -> list[dict[str, Any]]:
     """Every object of every stage, in creation order (what `kubetrain render` prints)."""
-    objects = [render_config_map(plan, namespace), render_metrics_service(plan, namespace)]
+    objects = render_shared(plan, namespace)
     for stage in plan.stages:
-        objects += render_stage(run, plan, stage, attempt, namespace, image=image)
+        objects += render_stage(run, plan, stage, attempt, namespace)
+    return objects
+
+
+def render_shared(plan: Plan, namespace: str | None = None) -> list[dict[str, Any]]:
+    """What every stage needs first: the trainer ServiceAccount (when the cluster names one), the
+    stage configs and the metrics Service."""
+    objects = [render_config_map(plan, namespace), render_metrics_service(plan, namespace)]
+    if plan.service_account:
+        objects.insert(0, render_trainer_service_account(plan.service_account, namespace))
     return objects
 
 
@@ -92,8 +97,6 @@ def render_stage(
     stage: Stage,
     attempt: int = 1,
     namespace: str | None = None,
-    *,
-    image: str = DEFAULT_IMAGE,
 ) -> list[dict[str, Any]]:
     """The objects that run one stage: its Job or PyTorchJob.
 
@@ -102,8 +105,8 @@ def render_stage(
     """
     del run  # the plan is final: nothing is read from the spec here
     if stage.distributed:
-        return [render_pytorchjob(plan, stage, attempt, namespace, image=image)]
-    return [render_job(plan, stage, namespace, image=image)]
+        return [render_pytorchjob(plan, stage, attempt, namespace)]
+    return [render_job(plan, stage, namespace)]
 
 
 def _labels(plan: Plan, component: str, stage: str | None = None) -> dict[str, str]:
@@ -144,6 +147,23 @@ def _metadata(
     return meta
 
 
+def render_trainer_service_account(name: str, namespace: str | None = None) -> dict[str, Any]:
+    """The account every stage pod runs as: no Role binds it and no pod mounts its token. Shared
+    by the namespace's runs, so it has no owner (deleting a run leaves it for the others)."""
+    labels = {
+        "app.kubernetes.io/name": "kubetrain",
+        "app.kubernetes.io/component": "trainer",
+        "app.kubernetes.io/part-of": "kubetrain",
+        "app.kubernetes.io/managed-by": "kubetrain-operator",
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": _metadata(name, namespace, labels),
+        "automountServiceAccountToken": False,
+    }
+
+
 def render_config_map(plan: Plan, namespace: str | None = None) -> dict[str, Any]:
     """The stage configs, one JSON file per stage, mounted read-only at /etc/kubetrain."""
     return {
@@ -175,9 +195,7 @@ def render_metrics_service(plan: Plan, namespace: str | None = None) -> dict[str
     }
 
 
-def render_job(
-    plan: Plan, stage: Stage, namespace: str | None = None, *, image: str = DEFAULT_IMAGE
-) -> dict[str, Any]:
+def render_job(plan: Plan, stage: Stage, namespace: str | None = None) -> dict[str, Any]:
     """A batch/v1 Job for preprocess and merge: one pod, no retries (the operator decides)."""
     command = ["python", *stage.trainer_args(f"{CONFIG_DIR}/{stage.config_file}", WORKDIR)]
     labels = _labels(plan, _component(stage), stage.name)
@@ -205,7 +223,7 @@ def render_job(
             "ttlSecondsAfterFinished": 7 * 24 * 3600,
             "suspend": plan.suspend,
             "template": _pod_template(
-                plan, stage, {**labels, LABEL_METRICS: "true"}, "trainer", command, image
+                plan, stage, {**labels, LABEL_METRICS: "true"}, "trainer", command
             ),
         },
     }
@@ -216,8 +234,6 @@ def render_pytorchjob(
     stage: Stage,
     attempt: int = 1,
     namespace: str | None = None,
-    *,
-    image: str = DEFAULT_IMAGE,
 ) -> dict[str, Any]:
     """A Kubeflow v1 PyTorchJob: one Master plus nodes-1 Workers, torchrun in each pod.
 
@@ -242,7 +258,6 @@ def render_pytorchjob(
                 {**labels, LABEL_METRICS: "true"},
                 "pytorch",
                 command,
-                image,
                 extra_env,
             ),
         }
@@ -251,7 +266,7 @@ def render_pytorchjob(
         replicas["Worker"] = {
             "replicas": stage.nodes - 1,
             "restartPolicy": "Never",
-            "template": _pod_template(plan, stage, labels, "pytorch", command, image, extra_env),
+            "template": _pod_template(plan, stage, labels, "pytorch", command, extra_env),
         }
     return {
         "apiVersion": "kubeflow.org/v1",
@@ -277,7 +292,6 @@ def _pod_template(
     labels: dict[str, str],
     container_name: str,
     command: list[str],
-    image: str,
     extra_env: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     mounts: list[dict[str, Any]] = [
@@ -301,7 +315,7 @@ def _pod_template(
         mounts.append({"name": f"pvc-{index}", "mountPath": f"{PVC_MOUNT_ROOT}/{claim}"})
     container: dict[str, Any] = {
         "name": container_name,
-        "image": plan.image or image,
+        "image": plan.image,
         "imagePullPolicy": "IfNotPresent",
         "command": command,
         "workingDir": WORKDIR,
@@ -333,6 +347,10 @@ def _pod_template(
         "containers": [container],
         "volumes": volumes,
     }
+    if plan.service_account:
+        pod_spec["serviceAccountName"] = plan.service_account
+    if plan.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": n} for n in plan.image_pull_secrets]
     if plan.node_selector and (stage.distributed or stage.gpus_per_node):
         pod_spec["nodeSelector"] = dict(plan.node_selector)
     if plan.tolerations:

@@ -30,9 +30,10 @@ from kubetrain_operator.api import (
     TrainingRun,
     parse_run,
 )
+from kubetrain_operator.cluster_defaults import NO_DEFAULTS, ClusterDefaults
 from kubetrain_operator.plan import Plan, Stage, plan_run
 from kubetrain_operator.render import (
-    render_all,
+    render_shared,
     render_stage,
     stage_object_name,
 )
@@ -131,11 +132,13 @@ class Timing:
 # ---------------------------------------------------------------------------------------- actions
 @dataclass(frozen=True)
 class EnsureObject:
-    """Create `body` unless it exists; `update`: bring an existing one's data up to date."""
+    """Create `body` unless it exists; `update`: bring an existing one's data up to date;
+    `owned`: owned by the run (False: shared by the namespace's runs, the trainer account)."""
 
     body: dict[str, Any]
     update: bool = False
     attempt_reason: AttemptReason | None = None
+    owned: bool = True
 
 
 @dataclass(frozen=True)
@@ -515,12 +518,14 @@ def derive_status(
     *,
     upstream: Mapping[str, Any] | None = None,
     timing: Timing = Timing(),
+    defaults: ClusterDefaults = NO_DEFAULTS,
 ) -> tuple[dict[str, Any], list[Action]]:
     """The run's new status and what to do next.
 
     `children`: the run's Jobs and PyTorchJobs (owned by it); `pods`: pods labelled with the run;
     `progress`: the latest scrape of its metrics Service (None: none yet); `upstream`: the run
-    named by `model.fromRun` (None: not found); `now`: unix seconds.
+    named by `model.fromRun` (None: not found); `now`: unix seconds; `defaults`: the cluster's
+    defaults for what the spec leaves unset (the plan applies them).
     """
     meta = run.get("metadata") or {}
     builder = _Status(run.get("status") or {}, int(meta.get("generation") or 1), now)
@@ -540,7 +545,7 @@ def derive_status(
         if upstream_model is None:
             return builder.build(), builder.actions
     try:
-        plan = plan_run(parsed, upstream_model=upstream_model)
+        plan = plan_run(parsed, upstream_model=upstream_model, defaults=defaults)
     except SpecError as error:
         builder.summary(P_FAILED, ("False", R_INVALID_SPEC, str(error)), "failed")
         return builder.build(), builder.actions
@@ -628,12 +633,13 @@ class _Lifecycle:
     def ensure_child(
         self, stage: Stage, attempt: int = 1, reason: AttemptReason | None = None
     ) -> None:
-        """The shared objects (ConfigMap: kept current, e.g. resources; metrics Service), then the
-        stage's own object."""
-        shared = render_all(self.run_, self.plan, namespace=self.namespace)
-        for obj in shared:
-            if obj.get("kind") in ("ConfigMap", "Service"):
-                self.status.actions.append(EnsureObject(obj, update=obj["kind"] == "ConfigMap"))
+        """The shared objects (the trainer ServiceAccount; ConfigMap: kept current, e.g.
+        resources; metrics Service), then the stage's own object."""
+        for obj in render_shared(self.plan, namespace=self.namespace):
+            kind = obj["kind"]
+            self.status.actions.append(
+                EnsureObject(obj, update=kind == "ConfigMap", owned=kind != "ServiceAccount")
+            )
         for body in self.objects_for(stage, attempt):
             self.status.actions.append(EnsureObject(body, attempt_reason=reason))
 

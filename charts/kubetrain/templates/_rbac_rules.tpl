@@ -50,4 +50,8 @@
 - apiGroups: [""]
   resources: ["services"]
   verbs: ["create"]
+# application: k8s.Cluster.create: the trainer ServiceAccount where a run starts and it is missing (no Role binds it; stage pods never mount its token)
+- apiGroups: [""]
+  resources: ["serviceaccounts"]
+  verbs: ["create"]
 {{- end }}
