@@ -395,14 +395,11 @@ class StandInAPIServer(kmock.KubernetesEmulator):
         return response
 
     def _decode(self, request: rendering.Request) -> Any:
-        if request.data is not None and not isinstance(request.data, (bytes, str)):
-            return (
-                request.data
-                if not hasattr(request.data, "items") or isinstance(request.data, (dict, list))
-                else dict(request.data)
-            )
+        """JSON (as kmock parsed it) or YAML; both are what the API server accepts."""
+        if isinstance(request.data, (dict, list)):
+            return request.data
         try:
-            return yaml.safe_load(request.text) if request.text else {}
+            return yaml.safe_load(request.text) if request.text.strip() else {}
         except yaml.YAMLError as error:
             raise bad_request(f"the body of the request could not be decoded: {error}") from None
 
