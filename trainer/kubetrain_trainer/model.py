@@ -20,7 +20,7 @@ import torch
 
 from kubetrain_trainer import storage
 from kubetrain_trainer.config import AdapterConfig, Architecture, ModelSource, S3Settings
-from kubetrain_trainer.stage import InvalidInput, StageFailure
+from kubetrain_trainer.stage import InvalidInput, failure
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -56,7 +56,7 @@ def local_dir(uri: str, workdir: Path, s3: S3Settings, what: str, *, fetch: bool
             "tokenizer)"
         ) from None
     except storage.StorageError as error:  # its own exit code: refused (2) or transient (1)
-        raise StageFailure(error.exit_code, f"{what}: {error.message}", error.details) from None
+        raise failure(error.exit_code, f"{what}: {error.message}", error.details) from None
 
 
 #: What `save_pretrained` writes that loading needs, per kind of directory.

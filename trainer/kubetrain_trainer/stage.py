@@ -52,6 +52,18 @@ class Retryable(StageFailure):
         super().__init__(EXIT_RETRY, message, details)
 
 
+def failure(exit_code: int, message: str, details: dict[str, Any] | None = None) -> StageFailure:
+    """The failure class of an exit code: a storage error re-raised with the field it concerns
+    stays InvalidInput (2) or Retryable (1)."""
+    kinds: dict[int, type[InvalidInput | Unhealthy | Retryable]] = {
+        EXIT_INVALID: InvalidInput,
+        EXIT_UNHEALTHY: Unhealthy,
+        EXIT_RETRY: Retryable,
+    }
+    kind = kinds.get(exit_code)
+    return kind(message, details) if kind else StageFailure(exit_code, message, details)
+
+
 def write_result(stage: str, result: dict[str, Any], workdir: Path) -> Path:
     """Write the summary to <workdir>/result-<stage>.json (whole) and the termination log
     (the kubelet keeps 4 KiB: a shortened summary that is still valid JSON)."""

@@ -27,7 +27,7 @@ from kubetrain_trainer.preprocess.encode import (
     EncodeSettings,
 )
 from kubetrain_trainer.preprocess.rows import Tally
-from kubetrain_trainer.stage import EXIT_TERMINATED, InvalidInput, Retryable, StageFailure
+from kubetrain_trainer.stage import EXIT_TERMINATED, InvalidInput, Retryable, failure
 
 log = logging.getLogger("kubetrain_trainer.preprocess")
 
@@ -128,7 +128,7 @@ def _describe(src: readers.Source, config: PreprocessConfig) -> InputFile:
             src, storage.fingerprint(src.uri, config.s3), storage.size(src.uri, config.s3)
         )
     except storage.StorageError as error:  # missing or unreadable: 2; transient: 1
-        raise StageFailure(error.exit_code, f"{src.split}: {error.message}") from None
+        raise failure(error.exit_code, f"{src.split}: {error.message}") from None
 
 
 def _cached(uri: str, config: PreprocessConfig) -> dict[str, Any] | None:

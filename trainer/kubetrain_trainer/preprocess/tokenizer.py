@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from kubetrain_trainer import storage
 from kubetrain_trainer.config import PreprocessConfig
 from kubetrain_trainer.preprocess.rows import Message
-from kubetrain_trainer.stage import InvalidInput, StageFailure
+from kubetrain_trainer.stage import InvalidInput, failure
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -154,7 +154,7 @@ def plan(config: PreprocessConfig, cache_dir: Path) -> TokenizerPlan:
     try:
         directory = storage.download_dir(uri, target, config.s3, patterns=TOKENIZER_FILES)
     except storage.StorageError as error:  # its own exit code: missing (2) or transient (1)
-        raise StageFailure(error.exit_code, f"tokenizer.uri: {error.message}") from None
+        raise failure(error.exit_code, f"tokenizer.uri: {error.message}") from None
     if not (directory / "tokenizer.json").is_file():
         raise InvalidInput(
             f"tokenizer.uri: {uri} has no tokenizer.json — the fast (Rust) tokenizer is required; "
