@@ -154,9 +154,9 @@ def run_stage(local: LocalStage, workdir: Path) -> int:
     (workdir / f"result-{result}.json").unlink(missing_ok=True)  # never read a previous run's
     (workdir / f"result-{name}.json").unlink(missing_ok=True)
     with local.log_file.open("a", encoding="utf-8") as log, _progress(name) as progress:
-        task = progress.add_task(name, total=None, detail="starting", total_steps="?")
+        task = progress.add_task(name, total=None, detail="starting", total_steps="?", amount="")
         proc = subprocess.Popen(
-            local.argv(workdir),
+            [*DIE_WITH_LAUNCHER, str(os.getpid()), *local.argv(workdir)],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -165,6 +165,7 @@ def run_stage(local: LocalStage, workdir: Path) -> int:
         )
         reader = threading.Thread(target=_pump, args=(proc.stdout, log, progress), daemon=True)
         reader.start()
+        progress.console.print(f"{name}: metrics at http://127.0.0.1:{local.metrics_port}/metrics")
         interrupted = False
         while proc.poll() is None:
             try:
@@ -198,8 +199,8 @@ def _keep_result(workdir: Path, written: str, name: str) -> None:
 
 
 def _progress(name: str) -> Progress:
-    """Tokens for preprocessing, steps for training, just the elapsed time for merge/eval."""
-    unit = {"preprocess": "{task.completed:>10,.0f} tokens", "merge": ""}.get(
+    """Bytes read of the input for preprocessing, steps for training, elapsed time for merge."""
+    unit = {"preprocess": "{task.fields[amount]}", "merge": ""}.get(
         name, "{task.completed:>6.0f}/{task.fields[total_steps]}"
     )
     return Progress(
@@ -234,7 +235,7 @@ def _update(
         result = _result(workdir, name)
         if result.get("ok"):
             state = next(t for t in progress.tasks if t.id == task)
-            done = result.get("tokens", 0) if name == "preprocess" else state.total or 1
+            done = state.total or 1
             hit = " (cache hit)" if result.get("cacheHit") else ""
             progress.update(task, completed=done, total=done, detail=f"[green]done{hit}")
         return
@@ -242,18 +243,52 @@ def _update(
     if not samples:
         return
     if name == "preprocess":
-        tokens = samples.get("kubetrain_preprocess_tokens_total", 0)
-        progress.update(task, completed=tokens, detail="")
+        read = samples.get("kubetrain_preprocess_read_bytes_total", 0.0)
+        size = samples.get("kubetrain_preprocess_input_bytes")
+        tokens = samples.get("kubetrain_preprocess_tokens_total", 0.0)
+        progress.update(task, completed=read, total=size or None, amount=read_of(read, size))
+        left = next(t for t in progress.tasks if t.id == task).time_remaining
+        until = f"  ETA {duration(left)}" if left is not None and read else ""
+        progress.update(task, detail=f"{tokens:,.0f} tokens{until}")
         return
     step, total = samples.get("kubetrain_train_step"), samples.get("kubetrain_train_total_steps")
     loss, eta = samples.get("kubetrain_train_loss"), samples.get("kubetrain_train_eta_seconds")
     detail = "" if loss is None else f"loss {loss:.4f}"
     if eta is not None:
-        detail += f"  ETA {int(eta) // 60}m{int(eta) % 60:02d}s"
+        detail += f"  ETA {duration(eta)}"
     total_steps = int(total) if total else None
     progress.update(
         task, completed=step or 0, total=total_steps, detail=detail, total_steps=total_steps or "?"
     )
+
+
+def duration(seconds: float) -> str:
+    """`14h02m`, `7m05s`, `42s`: hours once there are any (never `842m00s`)."""
+    hours, rest = divmod(max(int(seconds), 0), 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def read_of(read: float, size: float | None) -> str:
+    """`12.3/56.0 MB` of the input read (the total once the stage knows it)."""
+    return f"{read / 1e6:.1f}/{size / 1e6:.1f} MB" if size else f"{read / 1e6:.1f} MB"
+
+
+#: Runs a stage so that the kernel SIGKILLs it when this launcher dies (a closed terminal, the
+#: OOM killer): `prctl(PR_SET_PDEATHSIG)`, kept across exec, then exec of the stage's argv (no
+#: preexec_fn: it is unsafe with the progress bar's thread running). If the launcher died
+#: already (the parent pid changed), the stage does not start. torchrun's own workers are the
+#: trainer's business: each stage process does the same for itself (kubetrain_trainer.lifetime).
+DIE_WITH_LAUNCHER = [
+    sys.executable,
+    "-c",
+    "import ctypes, os, signal, sys; "
+    "ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0); "
+    "os.getppid() == int(sys.argv[1]) or sys.exit(1); "
+    "os.execv(sys.argv[2], sys.argv[2:])",
+]
 
 
 def scrape(port: int) -> dict[str, float]:
