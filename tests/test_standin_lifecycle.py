@@ -113,6 +113,11 @@ def succeeded(kubectl: Kubectl, name: str, timeout: int = 600) -> dict[str, Any]
 
 
 def checkpoint_done(backend: Backend, run: str, step: int) -> bool:
+    """The checkpoint is complete; fails at once if the run's first attempt died before it."""
+    for job in backend.objects("pytorchjobs"):
+        failed = condition(job, "Failed") or {}
+        if job["metadata"]["name"] == f"{run}-train-1" and failed.get("status") == "True":
+            raise AssertionError(f"attempt 1 of {run} failed on its own: {failed.get('message')}")
     return backend.read(f"runs/{run}/checkpoints/step-{step:08d}/COMPLETE") is not None
 
 
