@@ -177,21 +177,21 @@ def method_kubetrain(
     """(c) the preprocess stage itself, as the Job runs it (fingerprints, shards, manifest)."""
     from kubetrain_trainer.config import PreprocessConfig
     from kubetrain_trainer.preprocess import pipeline
+    from stage_base import base_config, changed
 
     config = PreprocessConfig.model_validate(
-        {
-            "apiVersion": "kubetrain.dev/stage-v1",
-            "stage": "preprocess",
-            "run": "bench",
-            "format": "text",
-            "train": [str(corpus)],
-            "blockSize": block,
-            "tokenizer": {"uri": str(tokenizer_dir)},
-            "cacheRoot": str(work / "cache"),
-            "datasetPointer": str(work / "dataset.json"),
-            "metricsPort": 0,
-            "workers": workers,
-        }
+        changed(
+            base_config("preprocess"),  # the planned config: the API's defaults
+            {
+                "run": "bench",
+                "train": [str(corpus)],
+                "blockSize": block,
+                "tokenizer": {"uri": str(tokenizer_dir)},
+                "cacheRoot": str(work / "cache"),
+                "datasetPointer": str(work / "dataset.json"),
+                "workers": workers,
+            },
+        )
     )
     started = time.monotonic()
     result = pipeline.run(config, work)

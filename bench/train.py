@@ -117,9 +117,10 @@ def run_bare(pointer: str, out: Path, steps: int) -> Any:
     )
 
     from kubetrain_trainer import data, model
-    from kubetrain_trainer.config import Architecture, S3Settings
+    from kubetrain_trainer.config import AWS_S3, Architecture
+    from stage_base import train_block
 
-    dataset = data.open_dataset(pointer, out / "work", S3Settings())
+    dataset = data.open_dataset(pointer, out / "work", AWS_S3)
     blocks = dataset.split("train")
     assert blocks is not None
 
@@ -132,7 +133,9 @@ def run_bare(pointer: str, out: Path, steps: int) -> Any:
 
     tokenizer = model.load_tokenizer(dataset.tokenizer_dir)
     set_seed(7)
-    network = model.build_llama(Architecture.model_validate(MODEL), tokenizer)
+    network = model.build_llama(
+        Architecture.model_validate(train_block("model.architecture", MODEL)), tokenizer
+    )
     args = TrainingArguments(
         output_dir=str(out / "bare"),
         max_steps=steps,
@@ -165,9 +168,9 @@ def reader_batches_per_second(pointer: str, work: Path, batches: int) -> float:
     import torch
 
     from kubetrain_trainer import data
-    from kubetrain_trainer.config import S3Settings
+    from kubetrain_trainer.config import AWS_S3
 
-    dataset = data.open_dataset(pointer, work, S3Settings())
+    dataset = data.open_dataset(pointer, work, AWS_S3)
     blocks = dataset.split("train")
     assert blocks is not None
     sampler = data.StreamSampler(len(blocks), 7, 0, batches * MICRO_BATCH)
@@ -304,7 +307,11 @@ def main() -> None:
         from kubetrain_trainer import storage
         from kubetrain_trainer.config import S3Settings
 
-        s3 = {"endpoint": f"http://127.0.0.1:{port}", "region": "us-east-1"}
+        s3 = {
+            "endpoint": f"http://127.0.0.1:{port}",
+            "region": "us-east-1",
+            "allowInsecureEndpoint": True,  # the local moto_server
+        }
         storage.client(S3Settings(**s3)).create_bucket(Bucket="bench")
         remote, clock = run_kubetrain(
             pointer,

@@ -25,6 +25,7 @@ from corpus import paragraphs
 from kubetrain_trainer.config import PreprocessConfig, parse_stage_config
 from kubetrain_trainer.metrics import PreprocessMetrics
 from kubetrain_trainer.preprocess import dataset, pipeline, tokenizer
+from stage_base import base_config, changed
 
 ROOT = Path(__file__).resolve().parents[1]
 EOS = "<|endoftext|>"
@@ -63,21 +64,19 @@ def tokenizer_dir() -> Path:
 
 
 def config(tmp: Path, train: list[str], **overrides: Any) -> dict[str, Any]:
-    """A preprocess stage config (wire format), small and fast by default."""
-    base: dict[str, Any] = {
-        "apiVersion": "kubetrain.dev/stage-v1",
-        "stage": "preprocess",
+    """A complete preprocess stage config (wire format): the planned one (tests/stage_base.py)
+    with the test tokenizer, one worker and paths under `tmp`, then `overrides` (merged into
+    nested blocks, see :func:`stage_base.changed`)."""
+    test: dict[str, Any] = {
         "run": "test-run",
-        "format": "text",
         "train": train,
-        "blockSize": 64,
-        "tokenizer": {"uri": str(tokenizer_dir())},
         "cacheRoot": str(tmp / "cache"),
         "datasetPointer": str(tmp / "out" / "dataset.json"),
-        "metricsPort": 0,
         "workers": 1,
     }
-    return {**base, **overrides}
+    if "tokenizer" not in overrides:
+        test["tokenizer"] = {"uri": str(tokenizer_dir())}
+    return changed(changed(base_config("preprocess"), test), overrides)
 
 
 def parse(cfg: dict[str, Any]) -> PreprocessConfig:

@@ -5,8 +5,9 @@ offload, sanity gates, multi-node, pvc://), the trainer's `kubetrain_trainer.con
 JSON text the ConfigMap carries, and `python -m kubetrain_trainer` (a subprocess) for the exit code.
 Nothing is emulated. The two packages never import each other; this test is where they meet.
 It also holds the one-source-of-defaults checks: the plan writes every field of every stage config
-(no value falls back on a trainer default), any default the trainer keeps equals the API's, and
-every trainer config field is documented.
+(no value falls back on a trainer default), every field the plan always writes is required by the
+trainer (no default at all), any default the trainer keeps equals the API's, and every trainer
+config field is documented.
 """
 
 from __future__ import annotations
@@ -34,10 +35,10 @@ from kubetrain_trainer.config import (
     load_stage_config,
     parse_stage_config,
 )
-from runspecs import ROOT, all_documents, rendered, stage_configs
+from runspecs import ROOT, all_documents, local_documents, planned, rendered, stage_configs
 
 DOCUMENTS = all_documents()
-CLASS_BY_STAGE = {
+CLASS_BY_STAGE: dict[str, type[BaseModel]] = {
     "preprocess": PreprocessConfig,
     "sanity": TrainConfig,
     "train": TrainConfig,
@@ -253,6 +254,11 @@ def trainer_defaults_that_disagree() -> list[str]:
         info = cls.model_fields["metrics_port"]
         if not info.is_required() and _default(info) != operator_plan.METRICS_PORT:
             wrong.append(f"{cls.__name__}.metrics_port ≠ the plan's {operator_plan.METRICS_PORT}")
+    # The settings of storage calls made without a stage config are the API's S3 defaults.
+    for name in tconfig.S3Settings.model_fields:
+        ours, theirs = getattr(tconfig.AWS_S3, name), _default(api.S3Spec.model_fields[name])
+        if ours != theirs:
+            wrong.append(f"AWS_S3.{name}: {ours!r} ≠ API {theirs!r}")
     return wrong
 
 
@@ -268,6 +274,107 @@ def test_the_default_check_can_fail(monkeypatch: pytest.MonkeyPatch) -> None:
     assert trainer_defaults_that_disagree() == ["Optimization.warmup_ratio: 0.0 ≠ API 0.03"]
 
 
+def _nested_model(info: Any) -> type[BaseModel] | None:
+    """The config class a field holds (directly or as `X | None`), or None for a plain value."""
+    for arg in typing.get_args(info.annotation) or (info.annotation,):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return None
+
+
+#: Trainer config fields that keep a default, with the reason: only a field the plan may leave out
+#: of a stage config can have one. None today — the plan writes every field (null where unset).
+DEFAULTS_THE_PLAN_RELIES_ON: dict[str, str] = {}
+
+
+def planned_stage_configs() -> list[dict[str, Any]]:
+    """The config of every stage of every example and test spec, for a cluster and locally."""
+    cluster = [planned(doc)[1] for doc in DOCUMENTS.values()]
+    local = [planned(doc, target="local")[1] for doc in local_documents().values()]
+    return [stage.config for plan in (*cluster, *local) for stage in plan.stages]
+
+
+PLANNED = planned_stage_configs()
+
+
+def written_keys(
+    model: type[BaseModel], data: dict[str, Any], seen: dict[type[BaseModel], list[set[str]]]
+) -> None:
+    """Record the wire keys of `data` for `model` and, below it, for every nested config block."""
+    seen.setdefault(model, []).append(set(data))
+    for name, info in model.model_fields.items():
+        nested, value = _nested_model(info), data.get(info.alias or name)
+        if nested is not None and isinstance(value, dict):
+            written_keys(nested, value, seen)
+
+
+def always_written() -> dict[type[BaseModel], set[str]]:
+    """Per trainer config class: the wire keys the plan writes every time it writes that block."""
+    seen: dict[type[BaseModel], list[set[str]]] = {}
+    for config in PLANNED:
+        written_keys(CLASS_BY_STAGE[stage_kind(config["stage"])], config, seen)
+    return {cls: set.intersection(*keys) for cls, keys in seen.items()}
+
+
+def fields_with_defaults() -> dict[str, bool]:
+    """`Class.field` of each trainer config field with a default → whether the plan always
+    writes it."""
+    written = always_written()
+    return {
+        f"{cls.__name__}.{name}": (info.alias or name) in written.get(cls, set())
+        for cls in CONFIG_CLASSES
+        for name, info in cls.model_fields.items()
+        if not info.is_required()
+    }
+
+
+CONFIG_CLASSES = [
+    cls
+    for cls in vars(tconfig).values()
+    if isinstance(cls, type)
+    and issubclass(cls, BaseModel)
+    and cls.__module__ == tconfig.__name__
+    and cls.model_fields
+]
+
+
+def test_the_plan_reaches_every_trainer_config_class() -> None:
+    """The enumeration below sees every config block (else a class could keep defaults unseen)."""
+    assert len(PLANNED) > 4 * len(DOCUMENTS)
+    assert set(always_written()) == set(CONFIG_CLASSES)
+
+
+def test_fields_the_plan_always_writes_have_no_trainer_default() -> None:
+    """A field the plan always writes is required: the API's defaults are the only defaults.
+    Any default left must be one the plan relies on, listed with its reason."""
+    defaults = fields_with_defaults()
+    assert [field for field, written in defaults.items() if written] == []
+    assert sorted(defaults) == sorted(DEFAULTS_THE_PLAN_RELIES_ON)
+
+
+def test_the_required_field_check_can_fail(monkeypatch: pytest.MonkeyPatch) -> None:
+    for cls, name, default in (
+        (tconfig.S3Settings, "allow_insecure_endpoint", False),
+        (tconfig.MergeConfig, "max_perplexity", None),
+        (tconfig.PreprocessConfig, "document_separator", None),
+    ):
+        monkeypatch.setattr(cls.model_fields[name], "default", default)
+    assert fields_with_defaults() == {
+        "S3Settings.allow_insecure_endpoint": True,
+        "MergeConfig.max_perplexity": True,
+        "PreprocessConfig.document_separator": True,
+    }
+
+
+def test_a_config_missing_a_field_is_refused_naming_it() -> None:
+    """No silent fallback: leaving out a field the plan writes is an error, not a default."""
+    data = valid_train_config()
+    for dotted in ("s3.allowInsecureEndpoint", "training.warmupRatio", "adapter.targetModules"):
+        with pytest.raises(ConfigError, match=dotted.rpartition(".")[2]) as caught:
+            parse_stage_config(with_change(data, dotted, None), "train.json")
+        assert "required field is missing" in str(caught.value)
+
+
 def unwritten_fields(model: type[BaseModel], data: Any, path: str = "") -> list[str]:
     """Trainer config fields (wire names) that a written config leaves to a trainer default."""
     missing = []
@@ -276,13 +383,9 @@ def unwritten_fields(model: type[BaseModel], data: Any, path: str = "") -> list[
         if wire not in data:
             missing.append(f"{path}{wire}")
             continue
-        nested = [
-            a
-            for a in typing.get_args(info.annotation) or (info.annotation,)
-            if isinstance(a, type) and issubclass(a, BaseModel)
-        ]
-        if nested and isinstance(data[wire], dict):
-            missing += unwritten_fields(nested[0], data[wire], f"{path}{wire}.")
+        nested = _nested_model(info)
+        if nested is not None and isinstance(data[wire], dict):
+            missing += unwritten_fields(nested, data[wire], f"{path}{wire}.")
     return missing
 
 
@@ -296,12 +399,13 @@ def test_plan_writes_every_field_of_the_stage_config(doc_id: str, file: str) -> 
 
 def test_every_trainer_config_field_is_documented() -> None:
     undocumented = [
-        f"{cls.__name__}.{name}"
-        for cls in vars(tconfig).values()
-        if isinstance(cls, type)
-        and issubclass(cls, BaseModel)
-        and cls.__module__ == tconfig.__name__
-        for name, info in cls.model_fields.items()
-        if not (info.description or "").strip()
+        f"{cls.__name__}{'' if name is None else '.' + name}"
+        for cls in CONFIG_CLASSES
+        for name, text in [
+            (None, cls.__doc__),
+            *((n, info.description) for n, info in cls.model_fields.items()),
+        ]
+        if not (text or "").strip()
     ]
+    assert len(CONFIG_CLASSES) >= 14
     assert undocumented == []

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from kubetrain_trainer import data, merge, model, train
 from kubetrain_trainer.__main__ import main
-from kubetrain_trainer.config import S3Settings
+from kubetrain_trainer.config import AWS_S3
 from trainer_support import Assets, merge_config, train_config, write_config
 
 
@@ -116,7 +116,7 @@ def test_merge_evaluates_on_the_gpu(assets: Assets, tmp_path: Path) -> None:
     assert result["evalDevice"] == "cuda"
     merged = AutoModelForCausalLM.from_pretrained(str(out / "merged"), dtype=torch.float32)
     assert next(merged.parameters()).device.type == "cpu"
-    dataset = data.open_dataset(assets.chat(), tmp_path / "cpu-eval", S3Settings())
+    dataset = data.open_dataset(assets.chat(), tmp_path / "cpu-eval", AWS_S3)
     on_cpu = merge.perplexity(merged, dataset, 8)
     assert on_cpu["evalTokens"] == result["evalTokens"] > 0
     assert abs(result["perplexity"] / on_cpu["perplexity"] - 1) < 0.02

@@ -27,6 +27,7 @@ from preprocess_support import (
     tokenizer_dir,
     write_jsonl,
 )
+from stage_base import changed
 
 
 def key(cfg: dict[str, Any], tmp: Path) -> str:
@@ -45,17 +46,17 @@ def test_the_key_follows_the_content_and_nothing_else(tmp_path: Path) -> None:
     renamed.parent.mkdir()
     shutil.copy(source, renamed)
     same = {
-        "workers": {**base, "workers": 2},
-        "run name": {**base, "run": "another-run"},
-        "metrics port": {**base, "metricsPort": 9400},
-        "rejection limit": {**base, "maxRejectedFraction": 0.3},
-        "cache root": {**base, "cacheRoot": str(tmp_path / "other-cache")},
-        "pointer": {**base, "datasetPointer": str(tmp_path / "p.json")},
-        "file name and place": {**base, "train": [str(renamed)]},
-        "other formats' fields": {**base, "fields": {"messages": "conversation"}},
-        "textSplit without .txt": {**base, "textSplit": "line"},
-        "seed without holdout": {**base, "seed": 7},
-        "s3 endpoint": {**base, "s3": {"endpoint": "http://127.0.0.1:1"}},
+        "workers": changed(base, {"workers": 2}),
+        "run name": changed(base, {"run": "another-run"}),
+        "metrics port": changed(base, {"metricsPort": 9400}),
+        "rejection limit": changed(base, {"maxRejectedFraction": 0.3}),
+        "cache root": changed(base, {"cacheRoot": str(tmp_path / "other-cache")}),
+        "pointer": changed(base, {"datasetPointer": str(tmp_path / "p.json")}),
+        "file name and place": changed(base, {"train": [str(renamed)]}),
+        "other formats' fields": changed(base, {"fields": {"messages": "conversation"}}),
+        "textSplit without .txt": changed(base, {"textSplit": "line"}),
+        "seed without holdout": changed(base, {"seed": 7}),
+        "s3 endpoint": changed(base, {"s3": {"endpoint": "http://127.0.0.1:1"}}),
     }
     for what, cfg in same.items():
         assert key(cfg, tmp_path) == reference, f"{what} must not change the key"
@@ -69,20 +70,22 @@ def test_the_key_follows_the_content_and_nothing_else(tmp_path: Path) -> None:
     tok_config = json.loads((other_tok / "tokenizer_config.json").read_text())
     (other_tok / "tokenizer_config.json").write_text(json.dumps({**tok_config, "x": 1}))
     train = {"vocabSize": 600, "specialTokens": ["<|endoftext|>"]}
-    changed = {
-        "one input byte": {**base, "train": [str(flipped)]},
-        "a tokenizer file": {**base, "tokenizer": {"uri": str(other_tok)}},
-        "field name": {**base, "fields": {"text": "body"}},
-        "block size": {**base, "blockSize": 128},
-        "partial block": {**base, "partialBlock": "drop"},
-        "holdout fraction": {**base, "validationFraction": 0.1},
-        "validation files": {**base, "validation": [str(renamed)]},
-        "an added input": {**base, "train": [str(source), str(renamed)]},
-        "tokenizer recipe": {**base, "tokenizer": {"train": train}},
-        "tokenizer vocabulary": {**base, "tokenizer": {"train": {**train, "vocabSize": 601}}},
+    different = {
+        "one input byte": changed(base, {"train": [str(flipped)]}),
+        "a tokenizer file": changed(base, {"tokenizer": {"uri": str(other_tok)}}),
+        "field name": changed(base, {"fields": {"text": "body"}}),
+        "block size": changed(base, {"blockSize": 128}),
+        "partial block": changed(base, {"partialBlock": "drop"}),
+        "holdout fraction": changed(base, {"validationFraction": 0.1}),
+        "validation files": changed(base, {"validation": [str(renamed)]}),
+        "an added input": changed(base, {"train": [str(source), str(renamed)]}),
+        "tokenizer recipe": changed(base, {"tokenizer": {"train": train}}),
+        "tokenizer vocabulary": changed(
+            base, {"tokenizer": {"train": {**train, "vocabSize": 601}}}
+        ),
     }
-    keys = {what: key(cfg, tmp_path) for what, cfg in changed.items()}
-    keys["seed with holdout"] = key({**base, "validationFraction": 0.1, "seed": 7}, tmp_path)
+    keys = {what: key(cfg, tmp_path) for what, cfg in different.items()}
+    keys["seed with holdout"] = key(changed(base, {"validationFraction": 0.1, "seed": 7}), tmp_path)
     for what, value in keys.items():
         assert value != reference, f"{what} must change the key"
     assert len(set(keys.values())) == len(keys), "every change gives its own key"
@@ -93,13 +96,13 @@ def test_chat_keys_follow_the_template_and_the_field(tmp_path: Path) -> None:
     base = config(tmp_path, [str(source)], format="chat", chatTemplate="chatml")
     keys = {
         key(base, tmp_path),
-        key({**base, "chatTemplate": "tulu"}, tmp_path),
-        key({**base, "chatTemplate": None}, tmp_path),  # the tokenizer's own template
-        key({**base, "fields": {"messages": "conversation"}}, tmp_path),
-        key({**base, "format": "preference"}, tmp_path),
+        key(changed(base, {"chatTemplate": "tulu"}), tmp_path),
+        key(changed(base, {"chatTemplate": None}), tmp_path),  # the tokenizer's own template
+        key(changed(base, {"fields": {"messages": "conversation"}}), tmp_path),
+        key(changed(base, {"format": "preference"}), tmp_path),
     }
     assert len(keys) == 5
-    assert key({**base, "fields": {"text": "body"}}, tmp_path) == key(base, tmp_path)
+    assert key(changed(base, {"fields": {"text": "body"}}), tmp_path) == key(base, tmp_path)
 
 
 def test_a_complete_dataset_is_reused_and_the_hit_is_visible(

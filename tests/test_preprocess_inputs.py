@@ -32,7 +32,7 @@ import zstandard
 
 from kubetrain_trainer import data
 from kubetrain_trainer.__main__ import main
-from kubetrain_trainer.config import S3Settings
+from kubetrain_trainer.config import AWS_S3
 from kubetrain_trainer.stage import EXIT_INVALID, EXIT_RETRY
 from preprocess_support import ROOT, config, docs, load, run_stage, tokenizer_dir, write_jsonl
 from trainer_support import Assets
@@ -86,7 +86,7 @@ def test_per_document_packing_keeps_attention_within_documents(
         tokenizer={"uri": str(base)},
     )
     result = run_stage(cfg, tmp_path / "w")
-    dataset = data.open_dataset(cfg["datasetPointer"], tmp_path / "probe", S3Settings())
+    dataset = data.open_dataset(cfg["datasetPointer"], tmp_path / "probe", AWS_S3)
     assert dataset.columns == ("input_ids", "labels", "position_ids")
     split = dataset.split("train")
     assert split is not None and len(split) == result["trainRows"]

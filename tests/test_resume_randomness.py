@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from stage_base import train_block
 from trainer_support import Assets, Launcher, losses, resumed_step, train_config, write_config
 
 pytestmark = pytest.mark.slow
@@ -90,7 +91,9 @@ def _dropout_draws(model: Path, adapter: dict[str, Any]) -> bool:
     if adapter["type"] == "lora":
         from peft import get_peft_model
 
-        network = get_peft_model(network, lora_config(AdapterConfig(**adapter)))
+        network = get_peft_model(
+            network, lora_config(AdapterConfig.model_validate(train_block("adapter", adapter)))
+        )
         for name, weight in network.named_parameters():  # B = 0 would hide the dropout
             if "lora_B" in name:
                 torch.nn.init.normal_(weight, std=0.5)

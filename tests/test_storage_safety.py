@@ -22,7 +22,7 @@ import pytest
 
 from kubetrain_trainer import storage
 from kubetrain_trainer.__main__ import main
-from kubetrain_trainer.config import S3Settings
+from kubetrain_trainer.config import AWS_S3, S3Settings
 from kubetrain_trainer.stage import EXIT_INVALID, EXIT_RETRY
 from preprocess_support import config, docs, write_jsonl
 
@@ -82,7 +82,7 @@ def test_a_credential_uri_is_refused_without_echoing_it(
 ) -> None:
     cfg = config(tmp_path, [str(write_jsonl(tmp_path / "ok.jsonl", [{"text": "x"}]))])
     if uri.startswith("hf://"):
-        cfg["tokenizer"] = {"uri": uri}
+        cfg["tokenizer"] = {"uri": uri, "train": None}
     else:
         cfg["validation"] = [uri]
     path = tmp_path / "preprocess.json"
@@ -111,7 +111,7 @@ def test_a_credential_uri_is_refused_without_echoing_it(
     ],
 )
 def test_unsafe_endpoints_are_refused(endpoint: str, allow: bool, problem: str) -> None:
-    s3 = S3Settings(endpoint=endpoint, allow_insecure_endpoint=allow)
+    s3 = S3Settings(endpoint=endpoint, region="", allow_insecure_endpoint=allow)
     with pytest.raises(storage.Refused) as caught:
         storage.client(s3)
     assert problem in caught.value.message and SECRET not in caught.value.message
@@ -120,9 +120,9 @@ def test_unsafe_endpoints_are_refused(endpoint: str, allow: bool, problem: str) 
 
 def test_safe_endpoints_are_accepted() -> None:
     for s3 in (
-        S3Settings(endpoint="https://s3.example.com"),
-        S3Settings(endpoint="http://minio.storage:9000", allow_insecure_endpoint=True),
-        S3Settings(),
+        S3Settings(endpoint="https://s3.example.com", region="", allow_insecure_endpoint=False),
+        S3Settings(endpoint="http://minio.storage:9000", region="", allow_insecure_endpoint=True),
+        AWS_S3,
     ):
         assert storage.endpoint_problem(s3) is None
 

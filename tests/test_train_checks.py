@@ -18,9 +18,10 @@ import torch
 
 from kubetrain_trainer import data, model, train
 from kubetrain_trainer.__main__ import main
-from kubetrain_trainer.config import Architecture, S3Settings
+from kubetrain_trainer.config import AWS_S3, Architecture
 from kubetrain_trainer.stage import EXIT_INVALID, InvalidInput, StageFailure
-from trainer_support import TINY, Assets, train_config, write_config
+from stage_base import train_block
+from trainer_support import Assets, train_config, write_config
 
 
 def _env(world: int) -> train.DistEnv:
@@ -174,15 +175,22 @@ def test_a_refusal_exits_2_before_anything_loads(tmp_path: Path) -> None:
 
 
 def test_model_must_fit_tokenizer_and_blocks(assets: Assets) -> None:
-    dataset = data.open_dataset(assets.text(), assets.root / "checks", S3Settings())
+    dataset = data.open_dataset(assets.text(), assets.root / "checks", AWS_S3)
     tokenizer = model.load_tokenizer(dataset.tokenizer_dir)
-    small = Architecture.model_validate({**TINY, "vocabSize": len(tokenizer) - 1})
+    small = Architecture.model_validate(
+        train_block("model.architecture", {"vocabSize": len(tokenizer) - 1})
+    )
     with pytest.raises(InvalidInput, match="smaller than the tokenizer"):
         model.build_llama(small, tokenizer)
-    fits = model.build_llama(Architecture.model_validate(TINY), tokenizer)
+    fits = model.build_llama(
+        Architecture.model_validate(train_block("model.architecture")), tokenizer
+    )
     assert fits.get_input_embeddings().num_embeddings == len(tokenizer)
     model.check_compatible(fits, tokenizer, dataset.manifest)
-    short = model.build_llama(Architecture.model_validate({**TINY, "contextLength": 32}), tokenizer)
+    short = model.build_llama(
+        Architecture.model_validate(train_block("model.architecture", {"contextLength": 32})),
+        tokenizer,
+    )
     with pytest.raises(InvalidInput, match="blockSize: 64 exceeds the model's context of 32"):
         model.check_compatible(short, tokenizer, dataset.manifest)
     bigger = {**dataset.manifest, "tokenizer": {**dataset.manifest["tokenizer"], "vocabSize": 5000}}
@@ -209,7 +217,7 @@ def test_dataset_without_success_marker_is_refused(assets: Assets, tmp_path: Pat
     pointer = tmp_path / "dataset.json"
     pointer.write_text(json.dumps({"key": copy.name, "uri": str(copy)}))
     with pytest.raises(InvalidInput, match="_SUCCESS"):
-        data.open_dataset(str(pointer), tmp_path / "work", S3Settings())
+        data.open_dataset(str(pointer), tmp_path / "work", AWS_S3)
 
 
 def test_missing_model_files_say_which_file_and_what_to_do(tmp_path: Path) -> None:
@@ -223,7 +231,7 @@ def test_missing_model_files_say_which_file_and_what_to_do(tmp_path: Path) -> No
         model.load_pretrained(empty, dtype=torch.float32)
     assert "no weights" in caught.value.message and "model.safetensors" in caught.value.message
     with pytest.raises(InvalidInput, match=r"^model.uri: .* does not exist — point model.uri at"):
-        model.local_dir(str(tmp_path / "absent"), tmp_path, S3Settings(), "model.uri")
+        model.local_dir(str(tmp_path / "absent"), tmp_path, AWS_S3, "model.uri")
 
 
 def _dataset_copy(pointer: str, root: Path, **manifest_changes: object) -> str:
@@ -240,7 +248,7 @@ def _dataset_copy(pointer: str, root: Path, **manifest_changes: object) -> str:
 def test_dataset_errors_say_what_to_do(assets: Assets, tmp_path: Path) -> None:
     unknown = _dataset_copy(assets.text(), tmp_path / "a", format="audio")
     with pytest.raises(InvalidInput, match=r"^datasetPointer: .* has format 'audio'") as caught:
-        data.open_dataset(unknown, tmp_path / "work", S3Settings())
+        data.open_dataset(unknown, tmp_path / "work", AWS_S3)
     assert "rerun preprocessing" in caught.value.message
     manifest = json.loads(
         (Path(json.loads(Path(assets.text()).read_text())["uri"]) / "manifest.json").read_text()
@@ -256,7 +264,7 @@ def test_dataset_errors_say_what_to_do(assets: Assets, tmp_path: Path) -> None:
 
 
 def test_block_rows_are_memory_mapped_and_exact(assets: Assets) -> None:
-    dataset = data.open_dataset(assets.text(), assets.root / "checks", S3Settings())
+    dataset = data.open_dataset(assets.text(), assets.root / "checks", AWS_S3)
     split = dataset.split("train")
     assert split is not None and len(split) == dataset.rows("train")
     table = dataset.table("train")

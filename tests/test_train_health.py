@@ -18,7 +18,6 @@ from trainer_support import (
     Launcher,
     ledger,
     result,
-    stage_config,
     train_config,
     write_config,
 )
@@ -69,15 +68,14 @@ def test_exploding_gradient_norm_stops_the_run(
 
 
 def _sanity(assets: Assets, root: Path, min_loss_drop: float, max_grad_norm: float) -> Path:
-    doc = train_config(assets.text(), root / "out").model_dump(by_alias=True)
-    doc.update(
+    config = train_config(
+        assets.text(),
+        root / "out" / "sanity",
         stage="sanity",
         sanity={"minLossDrop": min_loss_drop, "maxGradNorm": max_grad_norm},
-        outputUri=str(root / "out" / "sanity"),
+        training={"maxSteps": 30, "loggingSteps": 3},
     )
-    doc["training"].update(maxSteps=30, loggingSteps=3)
-    doc.pop("apiVersion"), doc.pop("run")
-    return write_config(root / "sanity.json", stage_config(doc))
+    return write_config(root / "sanity.json", config)
 
 
 def test_sanity_gate_passes_with_its_numbers(

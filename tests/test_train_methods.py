@@ -137,6 +137,6 @@ def test_chat_attention_stays_within_examples(assets: Assets) -> None:
 
 
 def _s3() -> Any:
-    from kubetrain_trainer.config import S3Settings
+    from kubetrain_trainer.config import AWS_S3
 
-    return S3Settings()
+    return AWS_S3

@@ -2,7 +2,8 @@
 
 Everything built here is cached on disk under one directory per test session, so test modules that
 each ask for "the text dataset" or "the base model" share one copy (the preprocess stage's own
-content-keyed cache makes the second request a cache hit).
+content-keyed cache makes the second request a cache hit). Stage configs start from the complete
+configs the operator's plan writes (tests/stage_base.py) and change only what a test exercises.
 
 `Launcher` runs the real entry point (`python -m kubetrain_trainer …`) in fresh processes that can
 be killed. To keep ten kill-and-resume cycles affordable on two cores, the processes are forked
@@ -31,18 +32,11 @@ from kubetrain_trainer.config import (
     TrainConfig,
     parse_stage_config,
 )
+from stage_base import TINY as TINY  # the trainer tests' model, re-exported
+from stage_base import base_config, changed
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
-#: The tiny Llama every trainer test builds (pretraining from scratch).
-TINY = {
-    "hiddenSize": 64,
-    "layers": 2,
-    "heads": 4,
-    "kvHeads": 2,
-    "intermediateSize": 128,
-    "contextLength": 128,
-}
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 BLOCK = 64
 ENV = {
@@ -55,19 +49,12 @@ ENV = {
 }
 
 
-def merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
-    """A copy of base with nested mappings updated from changes."""
-    out = dict(base)
-    for key, value in changes.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merged(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def stage_config(doc: dict[str, Any]) -> Any:
-    return parse_stage_config({"apiVersion": "kubetrain.dev/stage-v1", "run": "t", **doc})
+def stage_config(*changes: dict[str, Any]) -> Any:
+    """The planned config of `changes[0]["stage"]` with each change applied in turn, parsed."""
+    config = base_config(changes[0]["stage"])
+    for change in changes:
+        config = changed(config, change)
+    return parse_stage_config(config)
 
 
 def write_config(path: Path, config: TrainConfig | MergeConfig | PreprocessConfig) -> Path:
@@ -95,10 +82,9 @@ class Assets:
                     "blockSize": BLOCK,
                     "cacheRoot": str(self.root / "cache"),
                     "datasetPointer": str(pointer),
-                    "metricsPort": 0,
                     "workers": 1,
-                    **doc,
-                }
+                },
+                doc,
             )
             run(config, self.root / name / "work")
         return str(pointer)
@@ -192,9 +178,7 @@ class Assets:
 def train_config(pointer: str, output: Path | str, **changes: Any) -> TrainConfig:
     """A tiny, fast train-stage config (pretrain from scratch unless changed)."""
     doc = {
-        "stage": "train",
-        "method": "pretrain",
-        "model": {"architecture": TINY},
+        "stage": changes.get("stage", "train"),
         "datasetPointer": pointer,
         "training": {
             "maxSteps": 20,
@@ -207,11 +191,8 @@ def train_config(pointer: str, output: Path | str, **changes: Any) -> TrainConfi
         },
         "checkpoints": {"everySteps": 1000, "keep": 2},
         "outputUri": str(output),
-        "metricsPort": 0,
     }
-    if "model" in changes:  # a model source replaces the other kind, it does not merge
-        doc["model"] = changes.pop("model")
-    return stage_config(merged(doc, changes))
+    return stage_config(doc, changes)
 
 
 def dpo_config(
@@ -240,9 +221,8 @@ def merge_config(pointer: str, base: str, output: Path | str, **changes: Any) ->
         "outputUri": str(output),
         "precision": "fp32",
         "microBatchSize": 8,
-        "metricsPort": 0,
     }
-    return stage_config(merged(doc, changes))
+    return stage_config(doc, changes)
 
 
 def train_log(workdir: Path, stage: str = "train") -> list[dict[str, Any]]:

@@ -5,6 +5,9 @@ nothing else. Unknown fields are errors, so an operator and a trainer image that
 loudly at start-up (exit 2) instead of silently ignoring a setting. Field names are camelCase on
 the wire, like the CRD.
 
+No field has a default: the plan writes every field (null where a setting is unset), so the API's
+defaults are the only defaults and a config that leaves one out is refused (tests/test_contract.py).
+
     python -m kubetrain_trainer preprocess --config preprocess.json
     torchrun ... -m kubetrain_trainer train --config train.json
     python -m kubetrain_trainer merge --config merge.json
@@ -20,7 +23,6 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 from pydantic.alias_generators import to_camel
 
 STAGE_API_VERSION = "kubetrain.dev/stage-v1"
-METRICS_PORT = 9400
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 Uri = Annotated[str, Field(min_length=1, max_length=2048, pattern=r"^[^\s\x00-\x1f\x7f]+$")]
@@ -43,26 +45,31 @@ class _Config(BaseModel):
 class S3Settings(_Config):
     """Where s3:// URIs live; credentials come from the environment (AWS_* via secretKeyRef)."""
 
-    endpoint: str = ""
+    endpoint: str
     """Endpoint URL for S3-compatible stores; empty for AWS."""
-    region: str = ""
+    region: str
     """Region; empty lets boto3 decide."""
-    allow_insecure_endpoint: bool = False
+    allow_insecure_endpoint: bool
     """Allow a plain http:// endpoint (a trusted in-cluster store); https:// otherwise."""
+
+
+AWS_S3 = S3Settings(endpoint="", region="", allow_insecure_endpoint=False)
+"""No S3 settings of one's own: AWS's endpoints, boto3's region, https only. For storage calls made
+without a stage config (tools, tests); a stage config always carries its own `s3`."""
 
 
 class Fields(_Config):
     """Names of the input fields per format."""
 
-    text: str = "text"
+    text: str
     """Field holding the document (format text): spec.data.textField."""
-    messages: str = "messages"
+    messages: str
     """Field holding the list of {role, content} messages (format chat)."""
-    prompt: str = "prompt"
+    prompt: str
     """Prompt field (format preference)."""
-    chosen: str = "chosen"
+    chosen: str
     """Preferred answer field (format preference)."""
-    rejected: str = "rejected"
+    rejected: str
     """Dispreferred answer field (format preference)."""
 
 
@@ -73,16 +80,16 @@ class TokenizerTrain(_Config):
     """Vocabulary size including the special tokens (≥ 512: bytes plus merges)."""
     special_tokens: list[str] = Field(min_length=1)
     """Special tokens; the first is the end-of-document (EOS) token."""
-    min_frequency: PositiveInt = 2
+    min_frequency: PositiveInt
     """Merges seen fewer times are not learned."""
 
 
 class TokenizerSource(_Config):
     """Exactly one of: a tokenizer directory, or the recipe to train one."""
 
-    uri: Uri | None = None
+    uri: Uri | None
     """Directory with tokenizer.json (and tokenizer_config.json) loaded with transformers."""
-    train: TokenizerTrain | None = None
+    train: TokenizerTrain | None
     """The BPE training recipe (pretraining from scratch)."""
 
     @model_validator(mode="after")
@@ -95,7 +102,7 @@ class TokenizerSource(_Config):
 class Architecture(_Config):
     """A Llama-family model built from a config (pretraining from scratch)."""
 
-    family: Literal["llama"] = "llama"
+    family: Literal["llama"]
     """Model family; llama (LlamaForCausalLM)."""
     hidden_size: PositiveInt
     """Width of the residual stream."""
@@ -109,11 +116,11 @@ class Architecture(_Config):
     """MLP width; the plan resolves the default."""
     context_length: PositiveInt
     """max_position_embeddings."""
-    vocab_size: PositiveInt | None = None
+    vocab_size: PositiveInt | None
     """None: the tokenizer's vocabulary size."""
-    rope_theta: float = 10000.0
+    rope_theta: float
     """RoPE base frequency."""
-    tie_word_embeddings: bool = False
+    tie_word_embeddings: bool
     """Share input and output embeddings."""
 
 
@@ -130,25 +137,25 @@ class PreprocessConfig(_Config):
     """text, chat or preference rows."""
     train: list[Uri] = Field(min_length=1)
     """Training files, prefixes or globs (local paths or s3://)."""
-    validation: list[Uri] = Field(default_factory=list)
+    validation: list[Uri]
     """Validation files, prefixes or globs; empty: hold out validationFraction."""
-    validation_fraction: Fraction = 0.0
+    validation_fraction: Fraction
     """Share of training documents held out when there are no validation files."""
-    fields: Fields = Field(default_factory=Fields)
+    fields: Fields
     """Input field names per format."""
-    text_split: Literal["paragraph", "line"] = "paragraph"
+    text_split: Literal["paragraph", "line"]
     """.txt files: blank-line paragraphs or single lines per document."""
-    document_separator: str | None = Field(default=None, min_length=1, max_length=256)
+    document_separator: str | None = Field(min_length=1, max_length=256)
     """.txt: documents end at this text (e.g. <|endoftext|>); None: textSplit decides."""
-    cross_document_attention: bool = True
+    cross_document_attention: bool
     """Text packing: False restarts position_ids per document, keeping attention within it."""
-    chat_template: Literal["chatml", "tulu", "llama3"] | None = None
+    chat_template: Literal["chatml", "tulu", "llama3"] | None
     """A named chat template; None: the tokenizer's own."""
     block_size: PositiveInt
     """Tokens per packed sequence."""
-    partial_block: Literal["pad", "drop"] = "pad"
+    partial_block: Literal["pad", "drop"]
     """The last partial block of text data: padded (masked) or dropped."""
-    max_rejected_fraction: Fraction = 0.01
+    max_rejected_fraction: Fraction
     """Fail (exit 2) above this share of rejected rows."""
     tokenizer: TokenizerSource
     """The tokenizer to load or train."""
@@ -156,48 +163,50 @@ class PreprocessConfig(_Config):
     """Datasets are published under <cacheRoot>/datasets/<key>/."""
     dataset_pointer: Uri
     """Where the stage writes {cacheKey, uri} for the stages after it (<output>/dataset.json)."""
-    seed: int = 42
+    seed: int
     """Seed for the validation hold-out and shard order."""
-    workers: int | None = Field(default=None, ge=1, le=256)
+    workers: int | None = Field(ge=1, le=256)
     """Worker processes; None: from the cgroup CPU and memory limits."""
-    metrics_port: int = Field(default=METRICS_PORT, ge=0, le=65535)
+    metrics_port: int = Field(ge=0, le=65535)
     """Prometheus port (0: none)."""
-    s3: S3Settings = Field(default_factory=S3Settings)
+    s3: S3Settings
     """S3 settings for s3:// URIs."""
 
 
 class AdapterConfig(_Config):
-    type: Literal["none", "lora", "qlora"] = "none"
+    """Full fine-tune or a LoRA/QLoRA adapter (spec.method.adapter)."""
+
+    type: Literal["none", "lora", "qlora"]
     """none (full fine-tune), lora or qlora."""
-    r: PositiveInt = 16
+    r: PositiveInt
     """LoRA rank."""
-    alpha: float = 32.0
+    alpha: float
     """LoRA scaling (alpha / r)."""
-    dropout: Fraction = 0.05
+    dropout: Fraction
     """Dropout on the LoRA path."""
-    target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
-    )
+    target_modules: list[str]
     """Module names to adapt."""
 
 
 class DPOConfig(_Config):
-    beta: float = 0.1
+    """Direct preference optimisation settings (spec.method.dpo)."""
+
+    beta: float
     """Strength of the KL penalty towards the reference model."""
-    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    loss_type: Literal["sigmoid", "ipo", "hinge"]
     """DPO loss variant."""
-    max_prompt_length: PositiveInt | None = None
+    max_prompt_length: PositiveInt | None
     """Longest prompt kept (tokens); None: no limit of its own."""
 
 
 class ModelSource(_Config):
     """Exactly one of: a pretrained directory (uri) or an architecture to build."""
 
-    uri: Uri | None = None
+    uri: Uri | None
     """A pretrained model directory (local, s3:// or hf://)."""
-    architecture: Architecture | None = None
+    architecture: Architecture | None
     """Build a new model with random weights."""
-    quantized: bool = False
+    quantized: bool
     """The base at uri is pre-quantized: merging an adapter into it is refused."""
 
     @model_validator(mode="after")
@@ -208,37 +217,39 @@ class ModelSource(_Config):
 
 
 class Optimization(_Config):
-    epochs: float | None = None
+    """Optimisation hyper-parameters (spec.training; a sanity rung's overrides applied)."""
+
+    epochs: float | None
     """Passes over the data; exclusive with maxSteps."""
-    max_steps: PositiveInt | None = None
+    max_steps: PositiveInt | None
     """Optimizer steps; exclusive with epochs."""
     learning_rate: float = Field(gt=0)
     """Peak learning rate."""
-    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"]
     """Schedule after warm-up."""
-    warmup_ratio: Fraction = 0.03
+    warmup_ratio: Fraction
     """Share of steps spent warming up linearly."""
-    weight_decay: float = 0.0
+    weight_decay: float
     """AdamW weight decay."""
-    micro_batch_size: PositiveInt = 1
+    micro_batch_size: PositiveInt
     """Sequences per process per forward pass."""
-    gradient_accumulation_steps: PositiveInt = 1
+    gradient_accumulation_steps: PositiveInt
     """Micro-batches per optimizer step."""
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    precision: Literal["bf16", "fp16", "fp32"]
     """Compute precision."""
-    optimizer: str = "adamw_torch"
+    optimizer: str
     """TrainingArguments.optim name."""
-    max_grad_norm: float = 1.0
+    max_grad_norm: float
     """Gradient clipping norm (0 disables)."""
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool
     """Recompute activations in the backward pass."""
-    seed: int = 42
+    seed: int
     """Seed for weights, data order and dropout."""
-    logging_steps: PositiveInt = 10
+    logging_steps: PositiveInt
     """Log a line every this many steps."""
-    eval_steps: PositiveInt | None = None
+    eval_steps: PositiveInt | None
     """Evaluate every this many steps; None: at the end only."""
-    max_grad_norm_abort: float = 1.0e6
+    max_grad_norm_abort: float
     """Abort (exit 3) above this gradient norm."""
 
     @model_validator(mode="after")
@@ -249,9 +260,11 @@ class Optimization(_Config):
 
 
 class Checkpointing(_Config):
-    every_steps: PositiveInt = 500
+    """Checkpoint cadence and retention (spec.checkpoints)."""
+
+    every_steps: PositiveInt
     """Save every this many optimizer steps."""
-    keep: PositiveInt = 3
+    keep: PositiveInt
     """Newest complete checkpoints kept."""
 
 
@@ -265,11 +278,13 @@ class SanityGate(_Config):
 
 
 class Distributed(_Config):
-    zero_stage: int = Field(default=0, ge=0, le=3)
+    """How the processes share the work (spec.distributed, resolved by the plan)."""
+
+    zero_stage: int = Field(ge=0, le=3)
     """0: DDP or one process; 1–3: DeepSpeed ZeRO stage."""
-    deepspeed: dict[str, Any] | None = None
+    deepspeed: dict[str, Any] | None
     """The DeepSpeed config generated by the operator's plan (None for zeroStage 0)."""
-    world_size: PositiveInt = 1
+    world_size: PositiveInt
     """Processes the plan expects (nodes × processes per node)."""
 
 
@@ -286,27 +301,27 @@ class TrainConfig(_Config):
     """pretrain, sft or dpo."""
     model: ModelSource
     """The starting weights."""
-    tokenizer_uri: Uri | None = None
+    tokenizer_uri: Uri | None
     """None: the tokenizer saved with the dataset (trained) or the model's own."""
     dataset_pointer: Uri
     """<output>/dataset.json, written by preprocessing."""
-    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    adapter: AdapterConfig
     """Adapter settings."""
-    dpo: DPOConfig | None = None
+    dpo: DPOConfig | None
     """DPO settings (method dpo only)."""
     training: Optimization
     """Optimisation hyper-parameters."""
-    checkpoints: Checkpointing = Field(default_factory=Checkpointing)
+    checkpoints: Checkpointing
     """Checkpoint cadence and retention."""
-    distributed: Distributed = Field(default_factory=Distributed)
+    distributed: Distributed
     """DDP or DeepSpeed, and the world size the plan expects."""
-    sanity: SanityGate | None = None
+    sanity: SanityGate | None
     """The rung's pass criteria (stage sanity only)."""
     output_uri: Uri
     """Run output root: checkpoints/, final/ (train) or sanity/ (sanity stage) go below it."""
-    metrics_port: int = Field(default=METRICS_PORT, ge=0, le=65535)
+    metrics_port: int = Field(ge=0, le=65535)
     """Prometheus port of rank 0 (0: none)."""
-    s3: S3Settings = Field(default_factory=S3Settings)
+    s3: S3Settings
     """S3 settings for s3:// URIs."""
 
     @model_validator(mode="after")
@@ -343,15 +358,15 @@ class MergeConfig(_Config):
     """The dataset (its validation split is evaluated)."""
     output_uri: Uri
     """The run's output root (final/ is read, merged/ written)."""
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    precision: Literal["bf16", "fp16", "fp32"]
     """Precision of the evaluation."""
-    micro_batch_size: PositiveInt = 1
+    micro_batch_size: PositiveInt
     """Sequences per evaluation batch."""
-    max_perplexity: float | None = Field(default=None, gt=0)
+    max_perplexity: float | None = Field(gt=0)
     """Validation perplexity above this fails the stage (exit 3); None: not checked."""
-    metrics_port: int = Field(default=METRICS_PORT, ge=0, le=65535)
+    metrics_port: int = Field(ge=0, le=65535)
     """Prometheus port (0: none)."""
-    s3: S3Settings = Field(default_factory=S3Settings)
+    s3: S3Settings
     """S3 settings for s3:// URIs."""
 
 

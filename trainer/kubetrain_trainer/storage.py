@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
 
-from kubetrain_trainer.config import S3Settings
+from kubetrain_trainer.config import AWS_S3, S3Settings
 from kubetrain_trainer.stage import EXIT_INVALID, EXIT_RETRY, StageFailure
 
 if TYPE_CHECKING:
@@ -325,7 +325,7 @@ def client(s3: S3Settings | None = None) -> Any:
     import boto3
     from botocore.config import Config
 
-    settings = s3 or S3Settings()
+    settings = s3 or AWS_S3
     refuse_endpoint(settings)
     attempts = int(os.environ.get(MAX_ATTEMPTS_ENV, DEFAULT_MAX_ATTEMPTS))
     return boto3.session.Session().client(  # a session of its own: credentials read now
