@@ -213,7 +213,7 @@ class OperatorProcess:
                 "kubetrain_operator.main",
                 "--namespace",
                 NAMESPACE,
-                "--verbose",
+                *(["--verbose"] if self.verbose else []),  # the chart runs it without
             ],
             env=self.env,
             stdout=handle,

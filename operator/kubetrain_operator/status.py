@@ -13,6 +13,7 @@ between leaves a status whose decisions the next reconcile repeats idempotently 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -529,11 +530,9 @@ def derive_status(
     """
     meta = run.get("metadata") or {}
     builder = _Status(run.get("status") or {}, int(meta.get("generation") or 1), now)
+    document = _document(run)
     try:
-        parsed = parse_run(
-            {k: run.get(k) for k in ("apiVersion", "kind", "metadata", "spec")}
-            | {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": KIND}
-        )
+        parsed = _parsed(document)
     except InvalidRun as error:
         message = "; ".join(str(p) for p in error.problems)
         builder.summary(P_FAILED, ("False", R_INVALID_SPEC, message), "failed")
@@ -545,13 +544,41 @@ def derive_status(
         if upstream_model is None:
             return builder.build(), builder.actions
     try:
-        plan = plan_run(parsed, upstream_model=upstream_model, defaults=defaults)
+        plan = _planned(document, upstream_model, defaults)
     except SpecError as error:
         builder.summary(P_FAILED, ("False", R_INVALID_SPEC, str(error)), "failed")
         return builder.build(), builder.actions
     by_name = {(c.get("metadata") or {}).get("name"): c for c in children}
     _Lifecycle(parsed, plan, namespace, builder, by_name, pods, progress, timing).run()
     return builder.build(), builder.actions
+
+
+#: Metadata that changes with every write (a status patch, too) and that parse_run keeps but
+#: nothing reads: left out of the cache key.
+_VOLATILE_METADATA = ("resourceVersion", "managedFields")
+
+
+def _document(run: Mapping[str, Any]) -> str:
+    """The run as parse_run reads it, canonical JSON: the key of the parse and plan caches."""
+    meta = {k: v for k, v in (run.get("metadata") or {}).items() if k not in _VOLATILE_METADATA}
+    return json.dumps(
+        {"metadata": meta, "spec": run.get("spec")}, sort_keys=True, separators=(",", ":")
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def _parsed(document: str) -> TrainingRun:
+    """parse_run, once per content: a run's status changes far more often than its spec, and
+    every child event reconciles it (bench/operator.py). Refusals are not cached."""
+    body = json.loads(document) | {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": KIND}
+    return parse_run(body)
+
+
+@functools.lru_cache(maxsize=1024)
+def _planned(document: str, upstream_model: str | None, defaults: ClusterDefaults) -> Plan:
+    """plan_run of the parsed run, once per content, upstream model and cluster defaults (the
+    plan is immutable: nothing downstream changes it)."""
+    return plan_run(_parsed(document), upstream_model=upstream_model, defaults=defaults)
 
 
 def _upstream(builder: _Status, name: str, upstream: Mapping[str, Any] | None) -> str | None:
