@@ -1,10 +1,16 @@
 """The operator's settings from its environment: the cluster defaults the chart passes.
 
 Real: `OperatorSettings.from_env` and `ClusterDefaults` validation, over a real process
-environment (monkeypatched variables). Nothing is emulated.
+environment (monkeypatched variables), and the real `kopf run` process refusing a bad value.
+Nothing is emulated.
 """
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -90,3 +96,22 @@ def test_a_plain_http_endpoint_needs_the_explicit_allowance(
         OperatorSettings.from_env()
     monkeypatch.setenv("KUBETRAIN_S3_ALLOW_INSECURE_ENDPOINT", "TRUE")
     assert OperatorSettings.from_env().defaults.s3_endpoint == "http://minio:9000"
+
+
+def test_the_operator_process_refuses_to_start_with_a_bad_default(tmp_path: Path) -> None:
+    """`kopf run -m kubetrain_operator.main` (as the chart starts it) exits before it connects."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "kopf", "run", "--standalone", "-m", "kubetrain_operator.main"],
+        env={
+            **os.environ,
+            "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "operator"),
+            "KUBECONFIG": str(tmp_path / "none"),
+            "KUBETRAIN_CACHE_ROOT": "/srv/cache",
+        },
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "KUBETRAIN_CACHE_ROOT='/srv/cache': a pod cannot reach a local path" in proc.stderr
