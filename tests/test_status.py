@@ -330,6 +330,40 @@ def test_happy_path_ends_succeeded_with_outputs_and_progress() -> None:
     assert not [a for a in world.step(dt=3600) if isinstance(a, EnsureObject)]
 
 
+def test_outputs_on_a_claim_are_reported_as_pvc_uris_a_chained_run_accepts() -> None:
+    """Stages report paths as the pod sees them (/mnt/pvc/CLAIM/…); status speaks the user's
+    URIs, and the chained run plans from them (an in-pod path is refused as a local path)."""
+    world = World(run_doc(output={"uri": "pvc://data/runs/sft", "merge": True}))
+    through_data(world)
+    world.finish(
+        "train",
+        message=result(
+            "train",
+            step=100,
+            totalSteps=100,
+            checkpoint={"step": 100, "uri": "/mnt/pvc/data/runs/sft/checkpoints/step-00000100"},
+            outputs={"final": "/mnt/pvc/data/runs/sft/final"},
+        ),
+    )
+    world.finish(
+        "merge", message=result("merge", outputs={"merged": "/mnt/pvc/data/runs/sft/merged"})
+    )
+    assert world.status["outputs"] == {
+        "adapter": "pvc://data/runs/sft/final",
+        "model": "pvc://data/runs/sft/merged",
+    }
+    assert world.status["checkpoint"]["uri"] == "pvc://data/runs/sft/checkpoints/step-00000100"
+    chained = World(dpo_doc(), upstream=world.run)
+    config = next(
+        a.body
+        for a in chained.step()
+        if isinstance(a, EnsureObject) and a.body["kind"] == "ConfigMap"
+    )
+    assert json.loads(config["data"]["train.json"])["model"]["uri"] == (
+        "/mnt/pvc/data/runs/sft/merged"
+    )
+
+
 # ------------------------------------------------------------------------- exit codes, retries
 @pytest.mark.parametrize(
     ("code", "retry", "reason"),

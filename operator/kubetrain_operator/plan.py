@@ -129,6 +129,19 @@ class Plan:
     def sanity_stages(self) -> tuple[Stage, ...]:
         return tuple(s for s in self.stages if s.rung is not None)
 
+    def public_uri(self, path: str) -> str:
+        """A location as the user wrote it: the in-pod mount of a claim back to pvc://CLAIM/….
+
+        Stage results name paths as the stage saw them; status and chained runs need URIs that
+        mean something outside the pod (and that `plan_run` accepts as `fromRun` models)."""
+        prefix = f"{PVC_MOUNT_ROOT}/"
+        if self.target != "cluster" or not path.startswith(prefix):
+            return path
+        claim, _, rest = path.removeprefix(prefix).partition("/")
+        if claim not in self.pvc_claims:
+            return path
+        return f"pvc://{claim}" + (f"/{rest}" if rest else "")
+
 
 def plan_run(
     run: TrainingRun,

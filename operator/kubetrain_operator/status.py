@@ -769,7 +769,7 @@ class _Lifecycle:
     def stage_succeeded(self, stage: Stage, child: ChildState) -> None:
         result = child.result or {}
         if stage.name == "preprocess":
-            self.status.fields["dataset"] = _dataset(result)
+            self.status.fields["dataset"] = _dataset(result, self.plan)
             hit = bool(result.get("cacheHit"))
             tokens = result.get("trainTokens")
             detail = f"{tokens} training tokens" if tokens is not None else "dataset ready"
@@ -797,7 +797,7 @@ class _Lifecycle:
             outputs = dict(self.status.fields.get("outputs") or {})
             merged = (result.get("outputs") or {}).get("merged")
             if merged:
-                outputs["model"] = merged
+                outputs["model"] = self.plan.public_uri(merged)
             for key in ("perplexity", "evalLoss"):
                 if result.get(key) is not None:
                     self.status.fields.setdefault("evaluation", {})[key] = result[key]
@@ -954,14 +954,19 @@ class _Lifecycle:
             result="Succeeded", finishTime=format_time(child.finished_at or self.status.now)
         )
         outputs = dict(self.status.fields.get("outputs") or {})
-        final = (result.get("outputs") or {}).get("final") or f"{self.plan.output_uri}/final"
+        final = self.plan.public_uri(
+            (result.get("outputs") or {}).get("final") or f"{self.plan.output_uri}/final"
+        )
         if self.spec.method.adapter.type != "none":
             outputs["adapter"] = final
         else:
             outputs["model"] = final
         self.status.fields["outputs"] = outputs
         if result.get("checkpoint"):
-            self.status.fields["checkpoint"] = dict(result["checkpoint"])
+            checkpoint = dict(result["checkpoint"])
+            if isinstance(checkpoint.get("uri"), str):
+                checkpoint["uri"] = self.plan.public_uri(checkpoint["uri"])
+            self.status.fields["checkpoint"] = checkpoint
         progress = dict(self.status.fields.get("progress") or {})
         for key, value in (("step", result.get("step")), ("totalSteps", result.get("totalSteps"))):
             if value is not None:
@@ -994,7 +999,7 @@ class _Lifecycle:
         self.status.fields["progress"] = progress
         if samples.get(M_CHECKPOINT):
             step = int(samples[M_CHECKPOINT])
-            uri = f"{self.plan.output_uri}/{CHECKPOINT_DIR.format(step=step)}"
+            uri = self.plan.public_uri(f"{self.plan.output_uri}/{CHECKPOINT_DIR.format(step=step)}")
             self.status.fields["checkpoint"] = {"step": step, "uri": uri}
 
     def heartbeat(self, child: ChildState) -> float | None:
@@ -1049,11 +1054,13 @@ def _gate_text(report: Mapping[str, Any]) -> str:
     return "passed"
 
 
-def _dataset(result: Mapping[str, Any]) -> dict[str, Any]:
+def _dataset(result: Mapping[str, Any], plan: Plan) -> dict[str, Any]:
     """status.dataset from the preprocess stage's result (its termination message)."""
     dataset: dict[str, Any] = {"cacheKey": result.get("key"), "cacheHit": result.get("cacheHit")}
     for key in ("uri", "trainTokens", "validationTokens", "rowsRead", "accepted", "blocks"):
         if result.get(key) is not None:
             dataset[key] = result[key]
+    if isinstance(dataset.get("uri"), str):
+        dataset["uri"] = plan.public_uri(dataset["uri"])
     dataset["rejectedRows"] = dict(result.get("rejected") or {})
     return {k: v for k, v in dataset.items() if v is not None}
