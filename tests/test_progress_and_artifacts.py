@@ -22,7 +22,7 @@ from kubetrain_trainer.callbacks import format_duration
 from kubetrain_trainer.metrics import PreprocessMetrics
 from kubetrain_trainer.stage import EXIT_UNHEALTHY
 from preprocess_support import config, docs, run_stage, write_jsonl
-from trainer_support import TINY, Assets, merge_config, train_config
+from trainer_support import TINY, Assets, merge_config, train_config, write_config
 
 
 @pytest.mark.parametrize(
@@ -108,17 +108,18 @@ def test_perplexity_above_max_perplexity_fails_the_merge_with_exit_3(
 ) -> None:
     out = tmp_path / "out"
     shutil.copytree(assets.base_model(), out / "final")
-    doc = json.loads(merge_config(assets.text(), "unused", out).model_dump_json(by_alias=True))
     # The base model was pretrained from an architecture: nothing to merge, only evaluated.
-    doc.update(
+    config = merge_config(
+        assets.text(),
+        "unused",
+        out,
         method="pretrain",
         model={"architecture": TINY},
         adapter={"type": "none"},
         merge=False,
         maxPerplexity=1.5,
     )
-    path = tmp_path / "merge.json"
-    path.write_text(json.dumps(doc))
+    path = write_config(tmp_path / "merge.json", config)
     code = main(["merge", "--config", str(path), "--workdir", str(tmp_path / "w")])
     assert code == EXIT_UNHEALTHY
     result = json.loads((tmp_path / "w" / "result-merge.json").read_text())
