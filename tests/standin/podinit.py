@@ -4,9 +4,10 @@ Run by the kubelet stand-in (pods.py) as `python podinit.py SPEC.json`, already 
 It unshares the mount namespace (root needed), makes every mount private, builds the pod's /dev
 (null, zero, full, random, urandom, tty, fd links, /dev/shm, and /dev/termination-log bound to a
 host file the kubelet reads after exit), bind-mounts each volume at its mountPath (read-only where
-asked), binds the pod's /etc/hosts, drops to runAsUser/runAsGroup with fsGroup as supplementary
-group, asks for SIGKILL when the kubelet goes, and execs the container's command. Standard
-library only: it runs before anything else in the pod.
+asked), keeps the image-less environment reachable under those volumes, binds the pod's
+/etc/hosts, drops to runAsUser/runAsGroup with fsGroup as supplementary group, asks for SIGKILL
+when the kubelet goes, and execs the container's command. Standard library only: it runs before
+anything else in the pod.
 """
 
 from __future__ import annotations
@@ -96,6 +97,19 @@ def expose(paths: list[str], uid: int | None, groups: list[int]) -> None:
             bind(pins[(ancestor, child)], os.path.join(ancestor, child))
 
 
+def keep_reachable(environment: dict[str, str], targets: list[str]) -> None:
+    """The image-less environment (interpreter, .venv, repository) stays where its paths say, even
+    when a volume is mounted over an ancestor (an emptyDir on /tmp, with the checkout in /tmp/…):
+    such a path is bound back from the descriptor pinned before the volumes were mounted."""
+    restored: list[str] = []
+    for path in sorted(environment, key=len):
+        if any(path.startswith(done + "/") for done in restored):
+            continue
+        if any(path.startswith(target.rstrip("/") + "/") for target in targets):
+            bind(environment[path], path)
+            restored.append(path)
+
+
 def build_dev(root: Path, termination: str) -> None:
     dev = root / "dev"
     dev.mkdir(parents=True, exist_ok=True)
@@ -123,12 +137,14 @@ def main() -> None:
     _check(libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
     mount("none", "/", None, MS_REC | MS_PRIVATE)
     sources = [pinned(item["source"]) for item in spec["mounts"]]
+    environment = {path: pinned(path) for path in spec.get("expose", [])}
     hosts = pinned(spec["hosts"])
     build_dev(Path(spec["root"]), spec["terminationLog"])
     groups = [g for g in spec.get("groups", []) if g is not None]
     expose(spec.get("expose", []), spec.get("uid"), groups)
     for item, source in zip(spec["mounts"], sources, strict=True):
         bind(source, item["target"], item.get("readOnly", False))
+    keep_reachable(environment, [item["target"] for item in spec["mounts"]])
     bind(hosts, "/etc/hosts", read_only=True)
     if spec.get("gid") is not None or groups:
         os.setgroups(groups)
