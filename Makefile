@@ -33,7 +33,8 @@ lint: setup
 test: setup lint
 	$(BIN)/pytest -q -m "not gpu and not e2e"
 
-demo: setup
+# The demo needs only the venv (Prometheus is for the alert and dashboard tests).
+demo: $(VENV)/.installed
 	$(BIN)/kubetrain validate $(filter-out examples/tinystories-cpu.yaml,$(wildcard examples/*.yaml))
 	$(BIN)/kubetrain validate --target local examples/tinystories-cpu.yaml
 	$(BIN)/kubetrain render examples/tinystories.yaml > /dev/null
