@@ -10,6 +10,9 @@ containerStatuses fields, Kubeflow's labels and env), checked from inside the po
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -453,3 +456,49 @@ def test_services_are_on_loopback_and_their_endpoints_are_published(
         30,
         "the endpoint to go with its pod",
     )
+
+
+def test_a_closed_checkout_is_reachable_for_the_pods_user(tmp_path: Path) -> None:
+    """A 0700 checkout (what `mktemp -d` makes) behind a 0700 ancestor: the pod's user (1000)
+    imports from it and lists it, as from an image; a sibling of the checkout stays hidden."""
+    closed = tmp_path / "outer" / "checkout"
+    (closed / "pkg").mkdir(parents=True)
+    (closed / "pkg" / "probe_module.py").write_text("ANSWER = 42\n")
+    (tmp_path / "outer" / "sibling").write_text("secret")
+    for directory in (tmp_path / "outer", closed):
+        directory.chmod(0o700)
+    pod = tmp_path / "pod"
+    pod.mkdir()
+    (pod / "termination-log").write_text("")
+    (pod / "hosts").write_text("127.0.0.1 localhost\n")
+    script = (
+        "import os, sys; sys.path.insert(0, sys.argv[1] + '/pkg'); import probe_module; "
+        "print(os.getuid(), probe_module.ANSWER, sorted(os.listdir(sys.argv[1])), "
+        "sorted(os.listdir(os.path.dirname(sys.argv[1]))))"
+    )
+    spec = {
+        "root": str(pod),
+        "terminationLog": str(pod / "termination-log"),
+        "hosts": str(pod / "hosts"),
+        "mounts": [],
+        "uid": 1000,
+        "gid": 1000,
+        "groups": [1000],
+        "cwd": None,
+        "env": {"PATH": "/usr/bin:/bin"},
+        "argv": [sys.executable, "-I", "-c", script, str(closed)],
+        "expose": [os.path.realpath(sys.executable), sys.base_prefix, str(closed)],
+    }
+    (pod / "podinit.json").write_text(json.dumps(spec))
+    podinit = Path(__file__).parent / "standin" / "podinit.py"
+    done = subprocess.run(
+        [sys.executable, "-I", "-S", str(podinit), str(pod / "podinit.json")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        start_new_session=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split(None, 2)[:2] == ["1000", "42"]
+    assert done.stdout.strip().endswith("['pkg'] ['checkout']")
+    assert oct(closed.stat().st_mode & 0o777) == "0o700"  # the host's checkout is untouched

@@ -70,10 +70,23 @@ def pinned(path: str) -> str:
     return f"/proc/self/fd/{os.open(path, os.O_PATH)}"
 
 
+def _allowed(path: str, uid: int, groups: list[int], bits: int) -> bool:
+    """Whether `uid` (with `groups`) has the permission `bits` (o-style: 1 traverse, 4 list) on
+    `path`, as the kernel picks owner, group or other."""
+    info = os.stat(path)
+    if info.st_uid == uid:
+        return info.st_mode >> 6 & bits == bits
+    if info.st_gid in groups:
+        return info.st_mode >> 3 & bits == bits
+    return info.st_mode & bits == bits
+
+
 def expose(paths: list[str], uid: int | None, groups: list[int]) -> None:
-    """Let the pod's user reach `paths` through ancestors it may not traverse (e.g. a 0700
-    /root holding the interpreter): such an ancestor gets an empty tmpfs in this namespace with
-    only the needed entries bound back in, so nothing else in it is visible."""
+    """Let the pod's user reach `paths` as an image would hold them, through ancestors it may not
+    traverse (e.g. a 0700 /root holding the interpreter): such an ancestor gets an empty tmpfs in
+    this namespace with only the needed entries bound back in, so nothing else in it is visible.
+    A directory of `paths` that is itself closed (a 0700 `mktemp -d` checkout) is opened the same
+    way, with all of its entries bound back."""
     if uid in (None, 0):
         return
     needed: dict[str, set[str]] = {}
@@ -81,14 +94,11 @@ def expose(paths: list[str], uid: int | None, groups: list[int]) -> None:
         parts = Path(path).resolve().parts
         for depth in range(1, len(parts) - 1):
             ancestor = os.path.join(*parts[: depth + 1])
-            info = os.stat(ancestor)
-            if (
-                info.st_uid == uid
-                or info.st_mode & 0o001
-                or (info.st_gid in groups and info.st_mode & 0o010)
-            ):
-                continue
-            needed.setdefault(ancestor, set()).add(parts[depth + 1])
+            if not _allowed(ancestor, uid, groups, 0o1):
+                needed.setdefault(ancestor, set()).add(parts[depth + 1])
+        whole = os.path.join(*parts)
+        if os.path.isdir(whole) and not _allowed(whole, uid, groups, 0o5):
+            needed.setdefault(whole, set()).update(os.listdir(whole))
     pins = {(a, c): pinned(os.path.join(a, c)) for a, cs in needed.items() for c in cs}
     for ancestor in sorted(needed, key=len):
         mount("tmpfs", ancestor, "tmpfs", 0)
@@ -137,11 +147,12 @@ def main() -> None:
     _check(libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
     mount("none", "/", None, MS_REC | MS_PRIVATE)
     sources = [pinned(item["source"]) for item in spec["mounts"]]
-    environment = {path: pinned(path) for path in spec.get("expose", [])}
     hosts = pinned(spec["hosts"])
     build_dev(Path(spec["root"]), spec["terminationLog"])
     groups = [g for g in spec.get("groups", []) if g is not None]
     expose(spec.get("expose", []), spec.get("uid"), groups)
+    # pinned once opened up, so what the volumes shadow comes back reachable
+    environment = {path: pinned(path) for path in spec.get("expose", [])}
     for item, source in zip(spec["mounts"], sources, strict=True):
         bind(source, item["target"], item.get("readOnly", False))
     keep_reachable(environment, [item["target"] for item in spec["mounts"]])
