@@ -26,11 +26,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import yaml
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 from kubetrain_operator.crd import build_crd
 from operator_support import NAMESPACE, job_status, pod_for
 from standin import StandIn, start_apiserver
+from standin.apiserver import Call
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,7 +111,8 @@ class PlayedKubelet:
 
 
 class ApiServer:
-    """The stand-in API server with the TrainingRun CRD and the test namespace."""
+    """The stand-in API server with the TrainingRun CRD and the test namespace, in a thread of
+    this process (tests read its store directly)."""
 
     def __init__(self, workdir: Path, crd: dict[str, Any] | None = None) -> None:
         self.workdir = workdir
@@ -120,13 +123,17 @@ class ApiServer:
     def __enter__(self) -> ApiServer:
         self.standin = self._context.__enter__()
         self.standin.server.kubelet = PlayedKubelet()
+        self.prepare()
+        return self
+
+    def prepare(self) -> None:
+        """Our CRD and the test namespace, over HTTP as `kubectl apply` would send them."""
         self.request("POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", self.crd)
         self.request(
             "POST",
             "/api/v1/namespaces",
             {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}},
         )
-        return self
 
     def __exit__(self, *exc: Any) -> None:
         self._context.__exit__(*exc)
@@ -161,6 +168,67 @@ class ApiServer:
                 return json.loads(resp.read() or b"{}")
         except urllib.error.HTTPError as error:
             raise ApiFailure(error.code, error.read().decode(errors="replace")) from None
+
+
+class ApiServerProcess(ApiServer):
+    """The same API server as a process of its own (`python -m tests.standin --no-pods`), as a
+    cluster's API server runs apart from its clients: for benchmarks, where sharing this
+    process's interpreter lock with the load generator would slow the server being measured.
+    Everything goes over HTTP; the call log comes from the stand-in's /standin/calls."""
+
+    def __init__(self, workdir: Path, crd: dict[str, Any] | None = None) -> None:
+        self.workdir = workdir / "apiserver"
+        self.crd = crd if crd is not None else build_crd()
+        self.proc: subprocess.Popen[str] | None = None
+        self._url = ""
+        self._calls: list[Any] = []
+
+    def __enter__(self) -> ApiServerProcess:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.standin", "--no-pods", "--workdir", str(self.workdir)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        kubeconfig = Path(self.proc.stdout.readline().strip())
+        config = yaml.safe_load(kubeconfig.read_text())
+        self._url = config["clusters"][0]["cluster"]["server"]
+        self.prepare()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(30)
+
+    @property
+    def url(self) -> str:
+        return self._url
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.workdir / "kubeconfig"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def live(self, plural: str, namespace: str | None = NAMESPACE) -> list[dict[str, Any]]:
+        group = GROUPS[plural]
+        version = "v1alpha1" if group == "kubetrain.dev" else "v1"
+        path = path_of(f"{group}/{version}" if group else version, plural, namespace or "")
+        if namespace is None:
+            path = path.replace("/namespaces//", "/")
+        return list(self.request("GET", path)["items"])
+
+    def calls(self) -> list[Any]:
+        """Every request so far; only the new ones cross the wire."""
+        fresh = self.request("GET", f"/standin/calls?from={len(self._calls)}")
+        self._calls += [Call(**c) for c in fresh]
+        return list(self._calls)
 
 
 def free_port() -> int:

@@ -470,6 +470,7 @@ def test_a_closed_checkout_is_reachable_for_the_pods_user(tmp_path: Path) -> Non
     pod = tmp_path / "pod"
     pod.mkdir()
     (pod / "termination-log").write_text("")
+    (pod / "termination-log").chmod(0o666)
     (pod / "hosts").write_text("127.0.0.1 localhost\n")
     script = (
         "import os, sys; sys.path.insert(0, sys.argv[1] + '/pkg'); import probe_module; "
@@ -486,7 +487,7 @@ def test_a_closed_checkout_is_reachable_for_the_pods_user(tmp_path: Path) -> Non
         "groups": [1000],
         "cwd": None,
         "env": {"PATH": "/usr/bin:/bin"},
-        "argv": [sys.executable, "-I", "-c", script, str(closed)],
+        "argv": [os.path.realpath(sys.executable), "-I", "-c", script, str(closed)],
         "expose": [os.path.realpath(sys.executable), sys.base_prefix, str(closed)],
     }
     (pod / "podinit.json").write_text(json.dumps(spec))

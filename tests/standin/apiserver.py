@@ -345,7 +345,7 @@ class StandInAPIServer(kmock.KubernetesEmulator):
         method = request.method.value if request.method else "GET"
         params = dict(request.params)
         if route is None:
-            return self._serve_meta(path, method)
+            return self._serve_meta(path, method, params)
         warnings: list[str] = []
         accept = request.headers.get("Accept", "")
         if method == "GET" and route.sub == "log":
@@ -403,7 +403,9 @@ class StandInAPIServer(kmock.KubernetesEmulator):
         except yaml.YAMLError as error:
             raise bad_request(f"the body of the request could not be decoded: {error}") from None
 
-    def _serve_meta(self, path: str, method: str) -> aiohttp.web.StreamResponse:
+    def _serve_meta(
+        self, path: str, method: str, params: dict[str, str]
+    ) -> aiohttp.web.StreamResponse:
         types = list(self._types.values())
         if method != "GET":
             raise ApiError(405, "MethodNotAllowed", f"{method} is not supported on {path}")
@@ -455,8 +457,8 @@ class StandInAPIServer(kmock.KubernetesEmulator):
             group, version = ("", rest[1]) if rest[0] == "api" else (rest[1], rest[2])
             known = version in discovery.group_versions(types).get(group, [])
             body = discovery.openapi_document(types, group, version) if known else None
-        elif path == "/standin/calls":
-            body = [c.__dict__ for c in self._calls]
+        elif path == "/standin/calls":  # the call log, for a client in another process
+            body = [c.__dict__ for c in self._calls[int(params.get("from", 0)) :]]
         else:
             body = None
         if body is None:

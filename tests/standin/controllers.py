@@ -15,8 +15,8 @@ Kubeflow's labels (`training.kubeflow.org/job-name`, `replica-type`, `replica-in
 `MASTER_PORT`, `PET_MASTER_*`, `WORLD_SIZE` = replicas × nprocPerNode, `RANK` = `PET_NODE_RANK`
 = the node's index, Master 0, `PET_NNODES`, `PET_NPROC_PER_NODE`, `PYTHONUNBUFFERED`).
 Conditions Created, Running, Succeeded, Failed, Suspended with Kubeflow's reasons; Succeeded
-when the Master succeeds, Failed when a replica fails and may not be restarted;
-`replicaStatuses` per type; `runPolicy.suspend` deletes the pods and resuming recreates them.
+when the Master succeeds (replicas still active then count as succeeded), Failed when a
+replica fails and may not be restarted; `replicaStatuses` per type; `runPolicy.suspend` deletes the pods and resuming recreates them.
 Not emulated: elastic policy, gang scheduling, `ExitCode` restart policy, `activeDeadlineSeconds`,
 `ttlSecondsAfterFinished`, Jobs with parallelism > 1 or indexed completions.
 """
@@ -294,6 +294,12 @@ class Controllers:
             )
         live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
         if finished:
+            if _true(conditions, "Succeeded"):
+                # as Kubeflow's ReconcileJobs does once a job has succeeded: replicas still
+                # active (a worker that outlived the master) count as succeeded
+                for counts in (status.get("replicaStatuses") or {}).values():
+                    if counts.get("active"):
+                        counts["succeeded"] = counts.get("succeeded", 0) + counts.pop("active")
             policy = (spec.get("runPolicy") or {}).get("cleanPodPolicy", "None")
             if policy in ("All", "Running"):
                 await self._delete_pods(
