@@ -62,10 +62,12 @@ def admit_custom(
         )
     if unknown and field_validation != "Ignore":
         warnings += [f'unknown field "{path}"' for path in unknown]
-    stored = crd_emulation.apply_defaults(pruned, schema)
+    stored = crd_emulation.apply_defaults(pruned, schema, in_place=True)  # prune copied
     name = stored.get("metadata", {}).get("name", "")
     causes = name_causes(name)
-    for error in crd_emulation.schema_errors(stored, unknown_fields=False, schema=schema):
+    for error in crd_emulation.schema_errors(
+        stored, unknown_fields=False, schema=schema, defaulted=True
+    ):
         causes += _schema_causes(error)
     if not causes:
         evaluation = crd_emulation.evaluate_rules(stored, old, schema=schema)

@@ -37,7 +37,6 @@ import asyncio
 import base64
 import bisect
 import contextlib
-import copy
 import datetime
 import json
 import logging
@@ -68,12 +67,13 @@ from .errors import (
     unsupported_media,
 )
 from .patching import PatchError, json_patch, merge_patch, strategic_merge_patch
-from .resources import BUILTINS, ResourceType, from_crd
+from .resources import BUILTINS, ResourceType, clone, from_crd
 from .selection import field_selector, label_selector
 
 BODY_TYPES = ("application/json", "application/yaml", "application/vnd.kubernetes.protobuf")
 STRATEGIC = "application/strategic-merge-patch+json"
 LOG_LIMIT = 20000  # watch events kept for resourceVersion replays
+GC_RESYNC_SECONDS = 2.0  # the garbage collector's pass when no deletion woke it
 Obj = dict[str, Any]
 Mutator = Callable[[Obj, Obj | None], None]
 
@@ -163,14 +163,12 @@ class StandInAPIServer(kmock.KubernetesEmulator):
         """Current objects of a resource (copies), for assertions and the controller stand-ins."""
         found = self._store.get((group, plural), {})
         return [
-            copy.deepcopy(o)
-            for (ns, _), o in sorted(found.items())
-            if namespace is None or ns == namespace
+            clone(o) for (ns, _), o in sorted(found.items()) if namespace is None or ns == namespace
         ]
 
     def get(self, group: str, plural: str, namespace: str | None, name: str) -> Obj | None:
         found = self._store.get((group, plural), {}).get((namespace or "", name))
-        return copy.deepcopy(found) if found is not None else None
+        return clone(found) if found is not None else None
 
     def resource_type(self, group: str, plural: str) -> ResourceType:
         for rt in self._types.values():
@@ -193,9 +191,9 @@ class StandInAPIServer(kmock.KubernetesEmulator):
         route = Route(rt, namespace if rt.namespaced else None, name, sub)
         warnings: list[str] = []
         if verb == "create":
-            return await self._create(route, copy.deepcopy(body or {}), {}, warnings)
+            return await self._create(route, clone(body or {}), {}, warnings)
         if verb == "update":
-            return await self._update(route, copy.deepcopy(body or {}), {}, warnings)
+            return await self._update(route, clone(body or {}), {}, warnings)
         if verb == "merge":
             return await self._patch(route, "application/merge-patch+json", body, {}, warnings)
         if verb == "delete":
@@ -484,12 +482,12 @@ class StandInAPIServer(kmock.KubernetesEmulator):
         return self._out(route.rt, obj)
 
     def _out(self, rt: ResourceType, obj: Obj) -> Obj:
-        found = copy.deepcopy(obj)
+        found = clone(obj)
         found["apiVersion"] = rt.api_version
         return found
 
     def _emit(self, rt: ResourceType, kind: str, obj: Obj, old: Obj | None) -> None:
-        self._log.append(Event(self._rv, rt.key, kind, copy.deepcopy(obj), old))
+        self._log.append(Event(self._rv, rt.key, kind, clone(obj), old))
         self._log_rvs.append(self._rv)
         if len(self._log) > LOG_LIMIT:
             del self._log[: LOG_LIMIT // 4]
@@ -673,16 +671,16 @@ class StandInAPIServer(kmock.KubernetesEmulator):
     ) -> Obj:
         rt = route.rt
         if route.sub == "status":
-            merged = copy.deepcopy(old)
+            merged = clone(old)
             if "status" in new:
                 merged["status"] = new["status"]
             else:
                 merged.pop("status", None)
         else:
-            merged = copy.deepcopy(new)
+            merged = clone(new)
             if rt.has_status:
                 if "status" in old:
-                    merged["status"] = copy.deepcopy(old["status"])
+                    merged["status"] = clone(old["status"])
                 else:
                     merged.pop("status", None)
         meta = merged.setdefault("metadata", {}) or {}
@@ -717,7 +715,7 @@ class StandInAPIServer(kmock.KubernetesEmulator):
                         )
                     ],
                 )
-        merged = self._admit(rt, merged, copy.deepcopy(old), params, warnings)
+        merged = self._admit(rt, merged, clone(old), params, warnings)
         if _desired(merged) != _desired(old):
             meta["generation"] = int(old["metadata"].get("generation", 1)) + 1
         if merged == old:
@@ -779,7 +777,7 @@ class StandInAPIServer(kmock.KubernetesEmulator):
         if policy == "Orphan":
             self._orphan(obj["metadata"]["uid"])
         grace = options.get("gracePeriodSeconds", params.get("gracePeriodSeconds"))
-        updated = copy.deepcopy(obj)
+        updated = clone(obj)
         meta = updated["metadata"]
         finalizers = list(meta.get("finalizers") or [])
         if (
@@ -819,6 +817,7 @@ class StandInAPIServer(kmock.KubernetesEmulator):
                 self._bucket(rt)[key] = updated
                 self._emit(rt, "MODIFIED", updated, obj)
                 self._after_write(rt, updated, obj)
+                self._gc_wake.set()  # foreground deletion or a terminating namespace
             return self._out(rt, self._bucket(rt)[key])
         self._remove(rt, key, updated)
         return self._out(rt, updated)
@@ -834,7 +833,7 @@ class StandInAPIServer(kmock.KubernetesEmulator):
 
     def _remove(self, rt: ResourceType, key: tuple[str, str], obj: Obj) -> None:
         old = self._bucket(rt).pop(key, None)
-        gone = copy.deepcopy(obj)
+        gone = clone(obj)
         gone["metadata"]["resourceVersion"] = self._next_rv()
         self._emit(rt, "DELETED", gone, old)
         self._gc_wake.set()
@@ -849,7 +848,7 @@ class StandInAPIServer(kmock.KubernetesEmulator):
             for key, obj in list(bucket.items()):
                 refs = obj["metadata"].get("ownerReferences") or []
                 if any(r.get("uid") == uid for r in refs):
-                    updated = copy.deepcopy(obj)
+                    updated = clone(obj)
                     updated["metadata"]["ownerReferences"] = [
                         r for r in refs if r.get("uid") != uid
                     ]
@@ -888,7 +887,7 @@ class StandInAPIServer(kmock.KubernetesEmulator):
                     meta.get("finalizers") or []
                 ):
                     if not self._dependents(meta["uid"]):
-                        updated = copy.deepcopy(obj)
+                        updated = clone(obj)
                         updated["metadata"]["finalizers"].remove("foregroundDeletion")
                         self._commit(Route(rt, ns or None, name, None), obj, updated, {}, [])
                     else:
@@ -914,18 +913,24 @@ class StandInAPIServer(kmock.KubernetesEmulator):
                 if not self._bucket(rt)[(ons, oname)]["metadata"].get("deletionTimestamp"):
                     await self._delete(Route(rt, ons, oname, None), {}, {})
             if not contents:
-                updated = copy.deepcopy(ns)
+                updated = clone(ns)
                 updated["spec"]["finalizers"] = []
                 updated["status"]["phase"] = "Terminating"
                 self._remove(namespaces, ("", name), updated)
 
     async def run_garbage_collector(self) -> None:
+        """A pass at once after a deletion (what gives the collector work), else every
+        GC_RESYNC_SECONDS (a dangling owner reference written by a client): a pass walks every
+        object, so passes on a timer alone cost a busy server its throughput."""
         while True:
-            await asyncio.sleep(0.2)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._gc_wake.wait(), GC_RESYNC_SECONDS)
+            self._gc_wake.clear()
             try:
                 await self.collect_garbage()
             except Exception:
                 logging.getLogger(__name__).exception("garbage collection failed")
+            await asyncio.sleep(0.2)  # deletions in a burst share one pass
 
     # -------------------------------------------------------------------------- list, watch
 
@@ -1103,7 +1108,7 @@ class StandInAPIServer(kmock.KubernetesEmulator):
     def register_crd_sync(self, crd: Obj) -> None:
         """Install a CRD at start-up (before the server listens), as a cluster comes with it."""
         rt = self._type("apiextensions.k8s.io", "v1", "customresourcedefinitions")
-        body = copy.deepcopy(crd)
+        body = clone(crd)
         body.setdefault("metadata", {})
         for k in ("creationTimestamp",):
             body["metadata"].pop(k, None)

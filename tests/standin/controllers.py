@@ -16,7 +16,8 @@ Kubeflow's labels (`training.kubeflow.org/job-name`, `replica-type`, `replica-in
 = the node's index, Master 0, `PET_NNODES`, `PET_NPROC_PER_NODE`, `PYTHONUNBUFFERED`).
 Conditions Created, Running, Succeeded, Failed, Suspended with Kubeflow's reasons; Succeeded
 when the Master succeeds (replicas still active then count as succeeded), Failed when a
-replica fails and may not be restarted; `replicaStatuses` per type; `runPolicy.suspend` deletes the pods and resuming recreates them.
+replica fails and may not be restarted; `replicaStatuses` per type; `runPolicy.suspend` deletes
+the pods and resuming recreates them.
 Not emulated: elastic policy, gang scheduling, `ExitCode` restart policy, `activeDeadlineSeconds`,
 `ttlSecondsAfterFinished`, Jobs with parallelism > 1 or indexed completions.
 """

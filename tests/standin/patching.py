@@ -11,10 +11,11 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import jsonpatch
+
+from .resources import clone
 
 # field name -> patch merge key (k8s.io/api `patchMergeKey` tags of the fields we use)
 MERGE_KEYS: dict[str, str] = {
@@ -59,8 +60,8 @@ def json_patch(obj: dict[str, Any], ops: Any) -> dict[str, Any]:
 
 def merge_patch(target: Any, patch: Any) -> Any:
     if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
-    result = copy.deepcopy(target) if isinstance(target, dict) else {}
+        return clone(patch)
+    result = clone(target) if isinstance(target, dict) else {}
     for key, value in patch.items():
         if value is None:
             result.pop(key, None)
@@ -72,10 +73,10 @@ def merge_patch(target: Any, patch: Any) -> Any:
 def strategic_merge_patch(target: Any, patch: Any, field: str = "") -> Any:
     if isinstance(patch, dict):
         if patch.get("$patch") == "replace":
-            return {k: copy.deepcopy(v) for k, v in patch.items() if k != "$patch"}
+            return {k: clone(v) for k, v in patch.items() if k != "$patch"}
         if patch.get("$patch") == "delete":
             return None
-        result = copy.deepcopy(target) if isinstance(target, dict) else {}
+        result = clone(target) if isinstance(target, dict) else {}
         retain = patch.get("$retainKeys")
         for key, value in patch.items():
             if key.startswith("$setElementOrder/") or key in ("$retainKeys", "$patch"):
@@ -102,11 +103,11 @@ def strategic_merge_patch(target: Any, patch: Any, field: str = "") -> Any:
         if key is None or not isinstance(target, list):
             return [item for item in (strip_directives(i) for i in patch) if item is not None]
         return _merge_keyed(target, patch, key)
-    return copy.deepcopy(patch)
+    return clone(patch)
 
 
 def _merge_keyed(target: list[Any], patch: list[Any], key: str) -> list[Any]:
-    result = copy.deepcopy(target)
+    result = clone(target)
     for item in patch:
         if not isinstance(item, dict):
             continue

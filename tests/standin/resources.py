@@ -8,10 +8,18 @@ their CRD, the way apiextensions-apiserver derives them (`names`, `scope`, serve
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass, field
 from typing import Any
 
 VERBS = ("create", "delete", "deletecollection", "get", "list", "patch", "update", "watch")
+
+
+def clone(obj: Any) -> Any:
+    """A deep copy of a JSON-like object (what the store holds), about 4x faster than
+    copy.deepcopy: the server copies every object several times per write, and under a burst of
+    writes (bench/operator.py) those copies were a quarter of its time."""
+    return pickle.loads(pickle.dumps(obj, pickle.HIGHEST_PROTOCOL))
 
 
 @dataclass(frozen=True)
