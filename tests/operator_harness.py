@@ -185,7 +185,10 @@ class ApiServerProcess(ApiServer):
 
     def __enter__(self) -> ApiServerProcess:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.standin", "--no-pods", "--workdir", str(self.workdir)],
+            [
+                *(sys.executable, "-m", "tests.standin", "--no-pods", "--quiet"),
+                *("--workdir", str(self.workdir)),
+            ],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,

@@ -88,14 +88,20 @@ async def run_changed(
 @kopf.on.event("kubeflow.org", "v1", "pytorchjobs", labels=CHILD_FILTER)
 @kopf.on.event("", "v1", "pods", labels=CHILD_FILTER)
 async def child_changed(
-    namespace: str | None, labels: kopf.Labels, memo: kopf.Memo, **kwargs: Any
+    namespace: str | None,
+    labels: kopf.Labels,
+    body: kopf.Body,
+    meta: kopf.Meta,
+    memo: kopf.Memo,
+    **kwargs: Any,
 ) -> None:
     key = run_key(labels, namespace or "")
     if key is not None:
-        _reconciler(memo, kwargs).poke(key, scrape=True)
+        child = (f"{body.get('kind')}/{meta.get('name')}", str(meta.get("resourceVersion")))
+        _reconciler(memo, kwargs).poke(key, scrape=True, child=child)
 
 
 @kopf.timer(*RUN, interval=SETTINGS.resync_seconds, initial_delay=SETTINGS.resync_seconds)
 async def resync(namespace: str | None, name: str, memo: kopf.Memo, **kwargs: Any) -> None:
     """Repairs a missed event and polls progress; the scrape itself is rate-limited."""
-    _reconciler(memo, kwargs).poke((namespace or "", name))
+    _reconciler(memo, kwargs).resync((namespace or "", name))

@@ -47,7 +47,7 @@ CALLS: frozenset[tuple[str, str, str]] = frozenset(
 
 REQUEST_TIMEOUT = 30.0
 #: Connections to the API server (and threads that make the synchronous calls).
-POOL_SIZE = 32
+POOL_SIZE = 8
 
 
 class ApiError(Exception):
@@ -109,17 +109,17 @@ class Cluster:
         data = response[0].data if isinstance(response, tuple) else response.data
         return json.loads(data) if data else {}
 
-    async def create(self, body: Mapping[str, Any]) -> bool:
-        """True when created, False when an object of that name already exists."""
+    async def create(self, body: Mapping[str, Any]) -> str | None:
+        """The new object's resourceVersion, or None when one of that name already exists."""
         meta = body["metadata"]
         path = _path(body["apiVersion"], PLURALS[body["kind"]], meta["namespace"])
         try:
-            await asyncio.to_thread(self._call, "POST", path, dict(body))
+            created = await asyncio.to_thread(self._call, "POST", path, dict(body))
         except ApiError as error:
             if error.status == 409:
-                return False
+                return None
             raise
-        return True
+        return str((created.get("metadata") or {}).get("resourceVersion") or "")
 
     async def update_data(self, body: Mapping[str, Any]) -> None:
         """Bring an existing ConfigMap's data up to date (merge patch)."""
@@ -155,7 +155,8 @@ class Cluster:
     async def patch_status(
         self, namespace: str, name: str, status: Mapping[str, Any], removed: list[str]
     ) -> dict[str, Any]:
-        """Merge-patch the run's status subresource; `removed` top-level keys are nulled."""
+        """Merge-patch the run's status subresource with the top-level fields that changed;
+        `removed` top-level keys are nulled. The answer is the whole run as stored."""
         path = _path("kubetrain.dev/v1alpha1", "trainingruns", namespace, name) + "/status"
         patch = {"status": {**dict(status), **dict.fromkeys(removed)}}
         return await asyncio.to_thread(

@@ -71,6 +71,10 @@ class _Entry:
     uid: str | None = None
     expected: dict[str, tuple[float, str]] = field(default_factory=dict)
     """name → (when, digest of what was ensured): creates this process need not repeat."""
+    reconciled_at: float = 0.0
+    created: dict[str, str] = field(default_factory=dict)
+    """"Kind/name" → resourceVersion of a child as this process created it: the watch's echo of
+    the create needs no pass (derive_status already reported a just-created child as starting)."""
 
 
 def metrics_service(run_name: str) -> str:
@@ -98,12 +102,21 @@ class Reconciler:
 
     # ----------------------------------------------------------------------------- triggering
     def poke(
-        self, key: Key, *, scrape: bool = False, delay: float = 0.0, version: str | None = None
+        self,
+        key: Key,
+        *,
+        scrape: bool = False,
+        delay: float = 0.0,
+        version: str | None = None,
+        child: tuple[str, str] | None = None,
     ) -> None:
         """Reconcile `key` now (or after `delay` seconds); repeated pokes coalesce. `version`: the
-        run's resourceVersion when its own event pokes — the echo of our status write is skipped."""
+        run's resourceVersion when its own event pokes — the echo of our status write is skipped;
+        `child`: ("Kind/name", resourceVersion) of a child's event — the echo of our create too."""
         entry = self._entries.setdefault(key, _Entry())
         if version is not None and version == entry.written_version:
+            return
+        if child is not None and entry.created.get(child[0]) == child[1]:
             return
         loop = asyncio.get_running_loop()
         if delay > 0:
@@ -119,6 +132,15 @@ class Reconciler:
         entry.scrape = entry.scrape or scrape
         if entry.task is None or entry.task.done():
             entry.task = asyncio.create_task(self._drain(key), name=f"reconcile {key[0]}/{key[1]}")
+
+    def resync(self, key: Key) -> None:
+        """The timer's poke: a run that no event reconciled for half the resync interval. Runs
+        applied together have timers in step (500 reconciles in one second); those that events
+        keep current are spared."""
+        entry = self._entries.get(key)
+        quiet = self.settings.resync_seconds / 2
+        if entry is None or time.monotonic() - entry.reconciled_at >= quiet:
+            self.poke(key)
 
     def _wake(self, key: Key) -> None:
         entry = self._entries.get(key)
@@ -144,6 +166,7 @@ class Reconciler:
         entry = self._entries[key]
         while entry.dirty:
             entry.dirty = False
+            entry.reconciled_at = time.monotonic()
             scrape_now, entry.scrape = entry.scrape, False
             try:
                 await self.reconcile(key, scrape_now)
@@ -188,7 +211,7 @@ class Reconciler:
         uid = meta.get("uid")
         entry = self._entries.setdefault(key, _Entry())
         if entry.uid != uid:  # a new run of the same name: nothing is known about it
-            entry.uid, entry.expected = uid, {}
+            entry.uid, entry.expected, entry.created = uid, {}, {}
         children = [
             c
             for c in _items(self.indexes.jobs, key) + _items(self.indexes.pytorchjobs, key)
@@ -217,7 +240,8 @@ class Reconciler:
         old = run.get("status") or {}
         if status != old:
             removed = [k for k in old if k not in status]
-            updated = await self.cluster.patch_status(key[0], key[1], status, removed)
+            changed = {k: v for k, v in status.items() if old.get(k) != v}
+            updated = await self.cluster.patch_status(key[0], key[1], changed, removed)
             written = updated.get("status")
             entry.written = (str(uid), written if isinstance(written, dict) else status)
             entry.written_version = (updated.get("metadata") or {}).get("resourceVersion")
@@ -237,10 +261,11 @@ class Reconciler:
             if action.owned:
                 k8s.adopt(body, run)
             created = await self.cluster.create(body)
-            if not created and action.update:
+            if created is None and action.update:
                 await self.cluster.update_data(body)
             entry.expected[name] = (time.monotonic(), digest)
-            if created:
+            if created is not None:
+                entry.created[name] = created
                 log.info("%s/%s: created %s %s", *key, body["kind"], body["metadata"]["name"])
                 if action.attempt_reason is not None:
                     self.metrics.attempts.labels(action.attempt_reason).inc()

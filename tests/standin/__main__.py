@@ -37,8 +37,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-pods", action="store_true", help="the API server only: no kubelet or controllers"
     )
+    parser.add_argument(
+        "--quiet", action="store_true", help="warnings only: no line per request (benchmarks)"
+    )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s %(name)s %(message)s",
+    )
 
     async def run() -> None:
         workdir = args.workdir.resolve()
