@@ -14,7 +14,10 @@ production timings: resync and progress polling every 30 s), then:
    delivers it (a burst);
 4. plays the training operator: marks each run's train-1 PyTorchJob Running, paced (--rate per
    second), and times the same way until the run's Ready reason is Training;
-5. reads the operator's peak RSS (VmHWM).
+5. applies a second wave of N runs while playing the Job controller in a closed loop: each
+   preprocess Job is marked Complete as soon as a watch shows it, so status changes arrive while
+   the operator is still creating the other runs' children; times as in 3;
+6. reads the operator's peak RSS (VmHWM).
 
 Prints one table with the targets next to the figures. Requests are those with the operator's
 user agents (Kopf's and the kubernetes client's), watches included. The stand-in gets our CRD
