@@ -10,6 +10,7 @@ that has not caught up with it yet.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import time
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 
 Key = tuple[str, str]
 ERROR_BACKOFF_MAX = 30.0
+#: Longest an event waits for a moment between reconciles before it is posted anyway.
+EVENT_DELAY_MAX = 5.0
 #: How long an object this process created (or found existing) is trusted to exist without
 #: asking again: covers the watch lag until the indexes show it; after that, level-based again.
 EXPECTATION_SECONDS = 60.0
@@ -99,6 +102,12 @@ class Reconciler:
     session: aiohttp.ClientSession | None = None
     _entries: dict[Key, _Entry] = field(default_factory=dict)
     _dependents: dict[Key, set[Key]] = field(default_factory=dict)
+    _active: int = 0
+    """Reconciles running now."""
+    _events: collections.deque[tuple[float, dict[str, Any], RecordEvent]] = field(
+        default_factory=collections.deque
+    )
+    _event_task: asyncio.Task[None] | None = None
 
     # ----------------------------------------------------------------------------- triggering
     def poke(
@@ -164,6 +173,13 @@ class Reconciler:
 
     async def _drain(self, key: Key) -> None:
         entry = self._entries[key]
+        self._active += 1
+        try:
+            await self._passes(key, entry)
+        finally:
+            self._active -= 1
+
+    async def _passes(self, key: Key, entry: _Entry) -> None:
         while entry.dirty:
             entry.dirty = False
             entry.reconciled_at = time.monotonic()
@@ -282,9 +298,23 @@ class Reconciler:
                 action.api_version, action.kind, key[0], action.name, action.suspend
             )
         elif isinstance(action, RecordEvent):
-            k8s.post_event(run, action.type, action.reason, action.message)
+            self._events.append((time.monotonic(), run, action))
+            if self._event_task is None or self._event_task.done():
+                self._event_task = asyncio.create_task(self._post_events(), name="events")
         elif isinstance(action, RequeueAfter):
             self.poke(key, delay=action.seconds)
+
+    async def _post_events(self) -> None:
+        """Events go to Kopf's poster between reconciles, or once EVENT_DELAY_MAX has passed:
+        under a burst the status patches (what `kubectl get`/`wait` show) go first, and the events
+        (best-effort in Kubernetes; two of a run change's four requests) follow. In order."""
+        while self._events:
+            queued_at, run, event = self._events[0]
+            if self._active and time.monotonic() - queued_at < EVENT_DELAY_MAX:
+                await asyncio.sleep(0.05)
+                continue
+            self._events.popleft()
+            k8s.post_event(run, event.type, event.reason, event.message)
 
     async def _progress(
         self, key: Key, pods: list[dict[str, Any]], scrape_now: bool
@@ -320,6 +350,9 @@ class Reconciler:
             dependents.discard(key)
 
     async def close(self) -> None:
+        while self._events:
+            _, run, event = self._events.popleft()
+            k8s.post_event(run, event.type, event.reason, event.message)
         if self.session is not None:
             await self.session.close()
         self.cluster.close()
