@@ -350,9 +350,12 @@ class Reconciler:
             dependents.discard(key)
 
     async def close(self) -> None:
-        while self._events:
-            _, run, event = self._events.popleft()
-            k8s.post_event(run, event.type, event.reason, event.message)
+        """At shutdown. Events still waiting are dropped, as Kopf's own queue drops its own (its
+        poster has stopped by now; events are best-effort in Kubernetes)."""
+        if self._event_task is not None:
+            self._event_task.cancel()
+        if self._events:
+            log.info("stopping: %d events not posted", len(self._events))
         if self.session is not None:
             await self.session.close()
         self.cluster.close()
