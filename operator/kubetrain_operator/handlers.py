@@ -104,4 +104,4 @@ async def child_changed(
 @kopf.timer(*RUN, interval=SETTINGS.resync_seconds, initial_delay=SETTINGS.resync_seconds)
 async def resync(namespace: str | None, name: str, memo: kopf.Memo, **kwargs: Any) -> None:
     """Repairs a missed event and polls progress; the scrape itself is rate-limited."""
-    _reconciler(memo, kwargs).resync((namespace or "", name))
+    _reconciler(memo, kwargs).poke((namespace or "", name))

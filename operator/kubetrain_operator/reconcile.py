@@ -74,7 +74,6 @@ class _Entry:
     uid: str | None = None
     expected: dict[str, tuple[float, str]] = field(default_factory=dict)
     """name → (when, digest of what was ensured): creates this process need not repeat."""
-    reconciled_at: float = 0.0
     created: dict[str, str] = field(default_factory=dict)
     """"Kind/name" → resourceVersion of a child as this process created it: the watch's echo of
     the create needs no pass (derive_status already reported a just-created child as starting)."""
@@ -142,15 +141,6 @@ class Reconciler:
         if entry.task is None or entry.task.done():
             entry.task = asyncio.create_task(self._drain(key), name=f"reconcile {key[0]}/{key[1]}")
 
-    def resync(self, key: Key) -> None:
-        """The timer's poke: a run that no event reconciled for half the resync interval. Runs
-        applied together have timers in step (500 reconciles in one second); those that events
-        keep current are spared."""
-        entry = self._entries.get(key)
-        quiet = self.settings.resync_seconds / 2
-        if entry is None or time.monotonic() - entry.reconciled_at >= quiet:
-            self.poke(key)
-
     def _wake(self, key: Key) -> None:
         entry = self._entries.get(key)
         if entry is not None:
@@ -182,7 +172,6 @@ class Reconciler:
     async def _passes(self, key: Key, entry: _Entry) -> None:
         while entry.dirty:
             entry.dirty = False
-            entry.reconciled_at = time.monotonic()
             scrape_now, entry.scrape = entry.scrape, False
             try:
                 await self.reconcile(key, scrape_now)
