@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import os
 import random
+import shutil
 import signal
 import subprocess
 import threading
@@ -125,19 +126,20 @@ def test_sigkill_at_random_points_then_rerun_gives_the_same_bytes(tmp_path: Path
     poller.start()
     argv, env = cli(cfg, tmp_path)
     rng = random.Random(20261122)
-    building = 0
+    building = attempt = 0
+    pace = 1.0  # halved whenever a run finished before its kill (the machine got faster)
     try:
-        for attempt in range(5):
+        while attempt < 5:
             process = subprocess.Popen(
                 argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
             )
             if attempt >= 3:  # anywhere up to the publication, start-up included
-                time.sleep(rng.uniform(0.1, 1.0) * until_published)
+                time.sleep(rng.uniform(0.1, 1.0) * until_published * pace)
             else:  # while the dataset is being built: training, encoding, writing, publishing
                 while process.poll() is None and not _building(watched):
                     time.sleep(0.005)
-                time.sleep(rng.uniform(0.05, 0.8) * build)
-            building += _building(watched)
+                time.sleep(rng.uniform(0.05, 0.8) * build * pace)
+            landed = _building(watched)
             children = _children(process.pid)
             process.send_signal(signal.SIGKILL)
             process.wait(timeout=30)
@@ -145,6 +147,15 @@ def test_sigkill_at_random_points_then_rerun_gives_the_same_bytes(tmp_path: Path
             while any(map(_alive, children)) and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert not any(map(_alive, children)), "workers exit when the stage is killed"
+            if process.returncode == 0:  # too late: take the dataset away (atomically) and retry
+                assert pace > 1 / 64, "every kill came after the run had finished"
+                gone = watched / f".gone-{attempt}"
+                os.rename(watched / expected.name, gone)
+                shutil.rmtree(gone)
+                pace /= 2
+                continue
+            building += landed
+            attempt += 1
         done = run_cli(cfg, tmp_path)
     finally:
         stop.set()
