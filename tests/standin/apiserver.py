@@ -670,8 +670,8 @@ class StandInAPIServer(kmock.KubernetesEmulator):
         self, route: Route, old: Obj, new: Obj, params: dict[str, str], warnings: list[str]
     ) -> Obj:
         rt = route.rt
-        if route.sub == "status":
-            merged = clone(old)
+        if route.sub == "status":  # the old object but its status: that is the new one's
+            merged = clone({k: v for k, v in old.items() if k != "status"})
             if "status" in new:
                 merged["status"] = new["status"]
             else:
@@ -715,7 +715,7 @@ class StandInAPIServer(kmock.KubernetesEmulator):
                         )
                     ],
                 )
-        merged = self._admit(rt, merged, clone(old), params, warnings)
+        merged = self._admit(rt, merged, old, params, warnings)  # admission only reads old
         if _desired(merged) != _desired(old):
             meta["generation"] = int(old["metadata"].get("generation", 1)) + 1
         if merged == old:

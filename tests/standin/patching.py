@@ -51,7 +51,7 @@ def json_patch(obj: dict[str, Any], ops: Any) -> dict[str, Any]:
     if not isinstance(ops, list):
         raise PatchError(400, "json patch must be a list of operations")
     try:
-        return jsonpatch.apply_patch(obj, ops)
+        return jsonpatch.apply_patch(obj, ops, in_place=True)  # obj: the caller's copy
     except jsonpatch.JsonPatchTestFailed as error:
         raise PatchError(422, f"the server rejected our request due to an error: {error}") from None
     except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as error:
@@ -59,9 +59,11 @@ def json_patch(obj: dict[str, Any], ops: Any) -> dict[str, Any]:
 
 
 def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386, into `target` itself (a copy the caller owns: one copy per write, not one per
+    level of the patch)."""
     if not isinstance(patch, dict):
         return clone(patch)
-    result = clone(target) if isinstance(target, dict) else {}
+    result = target if isinstance(target, dict) else {}
     for key, value in patch.items():
         if value is None:
             result.pop(key, None)
