@@ -56,8 +56,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.persistence.diffbase_storage = NoDiffBase()
     # Only warnings and errors of Kopf's own log become events; ours are posted explicitly.
     settings.posting.level = logging.WARNING
-    # Kopf logs a success line per handler per watch event (four handlers see every child
-    # event): that would be most of the log. Failures are still logged; `--verbose` shows all.
+    # Kopf logs a success line per handler per watch event (the index and timer handlers see
+    # every run): that would be most of the log. Failures are still logged; `--verbose` shows all.
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     # Watches: the server ends a watch after this long; the client gives up a little later.

@@ -71,7 +71,7 @@ NAMESPACED_RULES: tuple[Rule, ...] = (
         ("jobs",),
         ("list", "watch"),
         "application",
-        "handlers.run_jobs index and child_changed: the preprocess and merge Jobs' status",
+        "handlers.run_jobs index (which pokes the run): the preprocess and merge Jobs' status",
     ),
     Rule(
         "batch",
@@ -85,7 +85,7 @@ NAMESPACED_RULES: tuple[Rule, ...] = (
         ("pytorchjobs",),
         ("list", "watch"),
         "application",
-        "handlers.run_pytorchjobs index and child_changed: sanity and training jobs' status",
+        "handlers.run_pytorchjobs index (which pokes the run): sanity and training jobs' status",
     ),
     Rule(
         "kubeflow.org",

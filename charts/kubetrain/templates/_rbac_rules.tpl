@@ -22,7 +22,7 @@
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
-# application: handlers.run_jobs index and child_changed: the preprocess and merge Jobs' status
+# application: handlers.run_jobs index (which pokes the run): the preprocess and merge Jobs' status
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["list", "watch"]
@@ -30,7 +30,7 @@
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["create", "patch"]
-# application: handlers.run_pytorchjobs index and child_changed: sanity and training jobs' status
+# application: handlers.run_pytorchjobs index (which pokes the run): sanity and training jobs' status
 - apiGroups: ["kubeflow.org"]
   resources: ["pytorchjobs"]
   verbs: ["list", "watch"]
