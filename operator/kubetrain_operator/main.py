@@ -11,11 +11,9 @@ startup handler; the operator's own settings come from the environment (settings
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import logging
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import kopf
@@ -34,6 +32,7 @@ FINALIZER = f"{API_GROUP}/finalizer"
 #: burst. Reference counting frees the JSON bodies anyway; only cycles wait for a pass. What is
 #: loaded at start-up (modules, classes: most of the heap then) is frozen out of every pass.
 GC_THRESHOLDS = (50_000, 20, 10)
+WORKER_IDLE_SECONDS = 300.0
 
 
 class NoDiffBase(kopf.DiffBaseStorage):
@@ -69,16 +68,16 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     # every run): that would be most of the log. Failures are still logged; `--verbose` shows all.
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    # Kopf's per-object worker outlives a quiet object for this long (default 5 s): a run's
+    # children change again within minutes, and starting a worker anew costs more than its
+    # event (bench/operator.py). One idle task per object meanwhile.
+    settings.queueing.idle_timeout = WORKER_IDLE_SECONDS
     # Watches: the server ends a watch after this long; the client gives up a little later.
     settings.watching.server_timeout = ours.watch_server_timeout
     settings.watching.client_timeout = ours.watch_server_timeout + 30
     settings.watching.connect_timeout = 30
     # Peering: none (see the module docstring); `--standalone` says the same on the command line.
     settings.peering.standalone = True
-    # The kubernetes client is synchronous: its calls run in threads, as many as its pool allows.
-    asyncio.get_running_loop().set_default_executor(
-        ThreadPoolExecutor(max_workers=k8s.POOL_SIZE, thread_name_prefix="k8s")
-    )
     metrics = OperatorMetrics()
     if ours.metrics_port:
         metrics.serve(ours.metrics_port)
