@@ -25,8 +25,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 lint: setup
-	$(BIN)/ruff check operator trainer tests bench examples observability
-	$(BIN)/ruff format --check operator trainer tests bench examples observability
+	$(BIN)/ruff check operator trainer standin tests bench examples observability
+	$(BIN)/ruff format --check operator trainer standin tests bench examples observability
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
@@ -46,7 +46,7 @@ crd: setup
 	$(MAKE) chart
 
 # The chart's generated files (CRD template, RBAC rules, dashboard JSON, health checks) from their
-# sources; tests/test_chart.py fails when one is stale.
+# sources; tests/chart/test_chart.py fails when one is stale.
 chart: $(VENV)/.installed
 	$(BIN)/python observability/generate.py
 

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/operator.py --runs 500
 
-Starts tests/standin's API server (a process of its own, as a cluster's API server is) and the
+Starts standin's API server (a process of its own, as a cluster's API server is) and the
 real operator (`python -m kopf run --standalone -m kubetrain_operator.main --namespace ml`,
 production timings: resync and progress polling every 30 s), then:
 
@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "support")]  # the stand-in, test helpers
 
 from kubetrain_operator.render import LABEL_RUN, LABEL_STAGE  # noqa: E402
 from operator_harness import (  # noqa: E402

@@ -2,14 +2,14 @@
 
     .venv/bin/python bench/preprocess.py --mb 56
 
-Builds a corpus of real text nobody here wrote (Python's standard library via tests/corpus.py, then
-Debian's /usr/share/doc, decompressed) as blank-line-separated paragraphs, trains a byte-level BPE
-tokenizer on it with kubetrain's streaming trainer, then runs every method in its own process on
-the same documents and prints one table: tokens/s (document tokens ÷ the method's own wall time,
-imports excluded; the fastest of --repeat interleaved rounds), peak RSS of the whole process tree
-(sampled every 20 ms from /proc; the highest of the rounds), tokens lost, and the ratios, all
-from this run. kubetrain also runs on a quarter of the corpus to show
-how its memory grows with the input.
+Builds a corpus of real text nobody here wrote (Python's standard library via
+tests/support/corpus.py, then Debian's /usr/share/doc, decompressed) as blank-line-separated
+paragraphs, trains a byte-level BPE tokenizer on it with kubetrain's streaming trainer, then runs
+every method in its own process on the same documents and prints one table: tokens/s (document
+tokens ÷ the method's own wall time, imports excluded; the fastest of --repeat interleaved rounds),
+peak RSS of the whole process tree (sampled every 20 ms from /proc; the highest of the rounds),
+tokens lost, and the ratios, all from this run. kubetrain also runs on a quarter of the corpus to
+show how its memory grows with the input.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "support")]  # the stand-in, test helpers
 EOS = "<|endoftext|>"
 BATCH = 1000
 MAX_DOCUMENT = 64 << 10

@@ -3,14 +3,14 @@ dataset against what training eats, checkpoint writes and the stall of backgroun
 
     DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 .venv/bin/python bench/train.py
 
-The dataset is built by the real preprocess stage from Python's standard library (tests/corpus.py);
-the model is a tiny Llama built from a config. Both trainers run in this process, alternately
-(`--rounds` times each, swapping which goes first) on the same model, data, batch, optimizer and
-schedule; a step's time is the interval between consecutive `on_step_end`s (wall clock, and the
-training thread's CPU time, which other tenants of a shared host disturb less), with intervals
-that contain a checkpoint or an evaluation left out. kubetrain's side includes everything it
-adds to a step: its sampler and accounting collator, logging every step to the health checks, the
-metrics registry, the sample ledger, the checkpoint hooks. The S3 part starts a local
+The dataset is built by the real preprocess stage from Python's standard library
+(tests/support/corpus.py); the model is a tiny Llama built from a config. Both trainers run in this
+process, alternately (`--rounds` times each, swapping which goes first) on the same model, data,
+batch, optimizer and schedule; a step's time is the interval between consecutive `on_step_end`s
+(wall clock, and the training thread's CPU time, which other tenants of a shared host disturb less),
+with intervals that contain a checkpoint or an evaluation left out. kubetrain's side includes
+everything it adds to a step: its sampler and accounting collator, logging every step to the health
+checks, the metrics registry, the sample ledger, the checkpoint hooks. The S3 part starts a local
 `moto_server` and uploads the checkpoints to it in the background. Last, `make demo`'s run:
 `kubetrain run examples/tinystories-cpu.yaml` from a cold cache (BPE training, preprocessing,
 sanity gate, training, evaluation) with its output redirected into the scratch directory — its
@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "support")]  # the stand-in, test helpers
 MODEL = {
     "hiddenSize": 128,
     "layers": 2,

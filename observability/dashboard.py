@@ -1,9 +1,9 @@
 """The kubetrain Grafana dashboard as code (grafana-foundation-sdk, schemaVersion 41).
 
 Series names are the contract of docs/metrics.md. `python observability/generate.py` writes the
-JSON into the chart (charts/kubetrain/files/dashboard.json); tests/test_dashboard.py fails when the
-committed JSON is stale, and tests/test_observability_live.py runs every query below against a real
-Prometheus that scraped a real `kubetrain run`.
+JSON into the chart (charts/kubetrain/files/dashboard.json); tests/chart/test_dashboard.py fails
+when the committed JSON is stale, and tests/test_observability_live.py runs every query below
+against a real Prometheus that scraped a real `kubetrain run`.
 """
 
 from __future__ import annotations

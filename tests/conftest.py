@@ -1,14 +1,14 @@
 """Shared fixtures. Real servers only: S3 is a real `moto_server` over HTTP on 127.0.0.1.
 
 The trainer tests share one set of assets (datasets, the tiny base model) and one warm launcher for
-the whole session; both come from tests/trainer_support.py, imported only when a test asks for them.
+the whole session; both come from tests/support/trainer_support.py, imported only when a test asks
+for them.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -19,17 +19,12 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from ports import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).parent))  # tests/corpus.py and friends
 
 if TYPE_CHECKING:
     from trainer_support import Assets, Launcher
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="session")

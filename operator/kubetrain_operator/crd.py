@@ -24,7 +24,7 @@ re-validates everything. Rules rely on the API server's defaulting, which always
 validation: a field with a default is never absent when a rule reads it. The API server compiles
 every rule when the CRD is created and exposes to CEL only typed schema nodes (apiserver
 `pkg/cel/common/schemas.go`, `SchemaDeclType`), so no rule reads an untyped node and every string
-and list a rule touches is bounded (tests/test_crd.py checks both).
+and list a rule touches is bounded (tests/operator/test_crd.py checks both).
 """
 
 from __future__ import annotations
@@ -63,7 +63,8 @@ CRD_NAME = f"{PLURAL}.{API_GROUP}"
 
 HEADER = (
     "# Generated from operator/kubetrain_operator/api.py by `kubetrain crd`: do not edit.\n"
-    "# Change the model (or crd.py) and run `make crd`; tests/test_crd.py fails when stale.\n"
+    "# Change the model (or crd.py) and run `make crd`; tests/operator/test_crd.py fails when "
+    "stale.\n"
 )
 
 

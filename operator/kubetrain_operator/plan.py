@@ -8,7 +8,7 @@ stage, nor rebuilds a config. Every default comes from the API model or, for wha
 decides (trainer image and ServiceAccount, pull secrets, dataset cache, S3 endpoint and Secret,
 metrics port), from `ClusterDefaults` — applied here and nowhere else, the spec's value first. The
 configs spell out each value, so the trainer never falls back on a default of its own
-(tests/test_contract.py).
+(tests/operator/test_contract.py).
 
 Stages, in order: `preprocess`; `sanity-1` … `sanity-N`, one per rung of the sanity ladder (none
 without `spec.sanity`); `train`; `merge` (merge and evaluation).

@@ -11,7 +11,7 @@ Both enforcement points are generated from this table, so they cannot drift apar
 (pydantic objects, snake_case), `cel` reads the stored object there (camelCase, after the API
 server's defaulting). A rule only runs where its node exists, as the API server does. Each CEL
 expression reads only fields the API server exposes to CEL (typed schema nodes) and guards every
-field that can be absent with `has()`; tests/test_crd.py checks both on the generated CRD.
+field that can be absent with `has()`; tests/operator/test_crd.py checks both on the generated CRD.
 
 What only the trainer can see (the launcher's world size, CUDA, the checkpoint it resumes) it
 re-checks at start-up; `trainer` names that check where there is one. docs/api.md lists the table.

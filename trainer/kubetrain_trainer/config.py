@@ -6,7 +6,8 @@ loudly at start-up (exit 2) instead of silently ignoring a setting. Field names 
 the wire, like the CRD.
 
 No field has a default: the plan writes every field (null where a setting is unset), so the API's
-defaults are the only defaults and a config that leaves one out is refused (tests/test_contract.py).
+defaults are the only defaults and a config that leaves one out is refused
+(tests/operator/test_contract.py).
 
     python -m kubetrain_trainer preprocess --config preprocess.json
     torchrun ... -m kubetrain_trainer train --config train.json
