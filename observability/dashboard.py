@@ -2,7 +2,7 @@
 
 Series names are the contract of docs/metrics.md. `python observability/generate.py` writes the
 JSON into the chart (charts/kubetrain/files/dashboard.json); tests/chart/test_dashboard.py fails
-when the committed JSON is stale, and tests/test_observability_live.py runs every query below
+when the committed JSON is stale, and the same module runs every query below
 against a real Prometheus that scraped a real `kubetrain run`.
 """
 

@@ -4,7 +4,7 @@ Real: the OpenAPI validation is `openapi_schema_validator.OAS30Validator` on the
 `openAPIV3Schema`; the CEL rules are parsed and evaluated by `cel-python` (celpy), a separate
 implementation of the CEL spec, so a rule that does not say what we think fails here.
 
-Emulated (no kube-apiserver can run on these machines, see testing.md), each a small port of the
+Emulated (no kube-apiserver can run here, see docs/testing.md), each a small port of the
 apiextensions-apiserver behaviour it names:
 - structural defaulting (`structuraldefaulting.Default`): a missing field with a `default` gets
   it, then nested defaults apply inside it; a `null` in a non-nullable field is pruned/defaulted;

@@ -1,6 +1,6 @@
 """Exit codes of the `kubetrain` CLI (docs/cli.md), apart from argparse's 2 for usage errors.
 
-The stages' own codes (architecture.md: 0, 2 invalid input, 3 unhealthy, 143 terminated, other:
+The stages' own codes (docs/architecture.md: 0, 2 invalid input, 3 unhealthy, 143 terminated, other:
 retry) are mapped onto these by `kubetrain run`, so a script can tell the cases apart.
 """
 

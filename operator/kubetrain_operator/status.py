@@ -79,7 +79,7 @@ R_STARTING = "Starting"
 P_PENDING, P_PREPROCESSING, P_SANITY, P_TRAINING = "Pending", "Preprocessing", "Sanity", "Training"
 P_MERGING, P_SUCCEEDED, P_FAILED, P_SUSPENDED = "Merging", "Succeeded", "Failed", "Suspended"
 
-# Stage contract exit codes (architecture.md).
+# Stage contract exit codes (docs/architecture.md).
 EXIT_INVALID, EXIT_UNHEALTHY, EXIT_TERMINATED = 2, 3, 143
 NON_RETRYABLE = (EXIT_INVALID, EXIT_UNHEALTHY)
 

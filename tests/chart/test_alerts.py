@@ -3,7 +3,7 @@
 Real: Helm renders the PrometheusRule (chart_support); its spec is a Prometheus rule file, which
 `promtool check rules` validates and `promtool test rules` runs against the synthetic series of
 observability/alerts-test.yaml (a firing and a quiet case per alert). Nothing is emulated; the
-series are synthetic by design (promtool's input_series). tests/test_observability_live.py runs
+series are synthetic by design (promtool's input_series). tests/chart/test_dashboard.py runs
 the same expressions against a Prometheus that scraped a real run.
 """
 

@@ -184,7 +184,7 @@ def test_trainer_rejects_configs_it_does_not_understand(case: str) -> None:
 
 @pytest.mark.parametrize("case", ["unknown top-level field", "wrong apiVersion"])
 def test_trainer_exits_2_on_a_bad_config(case: str, tmp_path: Path) -> None:
-    """Exit code 2 = invalid config, do not retry (architecture.md)."""
+    """Exit code 2 = invalid config, do not retry (docs/architecture.md)."""
     (change,), _ = BROKEN[case][0].items(), BROKEN[case][1]
     config = tmp_path / "train.json"
     config.write_text(json.dumps(with_change(valid_train_config(), *change)), encoding="utf-8")

@@ -7,8 +7,8 @@ parser (`deepspeed.runtime.config.DeepSpeedConfig`, which checks the batch-size 
 rejects unknown ZeRO keys). Emulated: the torch.distributed process group DeepSpeed asks for its
 world size (a stub that answers with the world size the plan intends), and the training arguments
 and model the integration reads (plain objects with the stage config's values and a hidden size)
-— no processes are started. Expected values come from the documents and api.md /
-architecture.md, never from plan's output.
+— no processes are started. Expected values come from the documents and docs/api.md,
+docs/architecture.md, never from plan's output.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from runspecs import (
 
 DOCUMENTS = all_documents()
 EXAMPLE_NAMES = [n for n in sorted(DOCUMENTS) if n not in VARIANTS]
-STAGE_API_VERSION = "kubetrain.dev/stage-v1"  # architecture.md, "Stage contract"
+STAGE_API_VERSION = "kubetrain.dev/stage-v1"  # docs/architecture.md, "The stage contract"
 
 
 def spec_get(doc: dict[str, Any], dotted: str, default: Any = None) -> Any:
@@ -453,7 +453,7 @@ def test_deepspeed_config_per_zero_stage(zero: int, offload: str, precision: str
         zero_cfg = ds["zero_optimization"]
         assert zero_cfg["stage"] == zero
         assert zero_cfg["reduce_bucket_size"] == "auto"
-        if zero == 3:  # testing.md: without it ZeRO-3 saves no weights
+        if zero == 3:  # docs/testing.md: without it ZeRO-3 saves no weights
             assert zero_cfg["stage3_gather_16bit_weights_on_model_save"] is True
         optimizer_device = zero_cfg.get("offload_optimizer", {}).get("device", "none")
         param_device = zero_cfg.get("offload_param", {}).get("device", "none")
@@ -669,7 +669,7 @@ def upstream(adapter: str, merge: bool, output: str = "s3://llm-runs/up/") -> di
     [("lora", True, "merged"), ("qlora", True, "merged"), ("none", False, "final")],
 )
 def test_upstream_model_is_the_full_model(adapter: str, merge: bool, folder: str) -> None:
-    # architecture.md: final/ holds the model (or only an adapter), merged/ the merged model.
+    # docs/architecture.md: final/ holds the model (or only an adapter), merged/ the merged model.
     up = upstream(adapter, merge)
     assert upstream_model_uri(parse_run(up)) == f"s3://llm-runs/up/{folder}"
 

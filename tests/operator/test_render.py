@@ -385,7 +385,7 @@ def test_metrics_service_selects_rank_zero_only(doc_id: str) -> None:
     (service,) = by_kind(doc_id, "Service")
     selector = service["spec"]["selector"]
     (port,) = service["spec"]["ports"]
-    assert port["port"] == 9400  # metrics.md / architecture.md
+    assert port["port"] == 9400  # docs/metrics.md, docs/architecture.md
     for obj in objects_of(doc_id):
         for role, template in pod_templates(obj):
             selected = selector.items() <= template["metadata"]["labels"].items()

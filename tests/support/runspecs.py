@@ -2,7 +2,7 @@
 
 Everything here is input or plumbing, never an expected value: the examples are read from
 `examples/` as plain YAML, variants are those documents with a few fields changed, and the tests
-derive what they expect from the documents (and api.md / architecture.md), not from `plan`.
+derive what they expect from the documents (and docs/api.md, docs/architecture.md), not from `plan`.
 """
 
 from __future__ import annotations
