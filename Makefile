@@ -25,8 +25,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 lint: setup
-	$(BIN)/ruff check operator trainer standin tests bench examples observability
-	$(BIN)/ruff format --check operator trainer standin tests bench examples observability
+	$(BIN)/ruff check operator trainer contract standin tests bench examples observability
+	$(BIN)/ruff format --check operator trainer contract standin tests bench examples observability
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 

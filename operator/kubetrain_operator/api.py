@@ -30,6 +30,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from kubetrain_contract.methods import DataFormat, Method
 from kubetrain_operator import rules
 from kubetrain_operator.rules import DNS1035, DNS1123_SUBDOMAIN, MAX_NAME_LENGTH
 
@@ -282,7 +283,7 @@ class Packing(_Model):
 class DataSpec(_Model):
     """Training data: files, their format and how they are packed into blocks."""
 
-    format: Literal["text", "chat", "preference"]
+    format: DataFormat
     """text: documents; chat: conversations (messages with roles); preference: prompt/chosen/rejected."""
     train: DataUris
     """A list of files, prefixes (s3://bucket/dir/) or globs (s3://bucket/dir/*.jsonl): .jsonl,
@@ -357,7 +358,7 @@ class DPOSettings(_Model):
 class MethodSpec(_Model):
     """What kind of training: the objective and the adapter."""
 
-    stage: Literal["pretrain", "sft", "dpo"]
+    stage: Method
     """pretrain (next-token on text), sft (supervised: text or chat), dpo (preference data)."""
     adapter: Adapter = Field(default_factory=Adapter)
     """Adapter settings; type none trains every weight."""

@@ -1,8 +1,10 @@
 """Exit codes of the `kubetrain` CLI (docs/cli.md), apart from argparse's 2 for usage errors.
 
-The stages' own codes (docs/architecture.md: 0, 2 invalid input, 3 unhealthy, 143 terminated, other:
-retry) are mapped onto these by `kubetrain run`, so a script can tell the cases apart.
+The stages' own codes (kubetrain_contract.exit_codes; docs/architecture.md) are mapped onto these
+by `kubetrain run`, so a script can tell the cases apart.
 """
+
+from kubetrain_contract import exit_codes as stage
 
 OK = 0
 INVALID = 1
@@ -17,8 +19,14 @@ TERMINATED = 143
 """Stopped (Ctrl-C) after a checkpoint; running the same command again resumes."""
 
 #: A stage's exit code (the stage contract) → the CLI's.
-FROM_STAGE = {0: OK, 2: INVALID, 3: UNHEALTHY, 143: TERMINATED}
+FROM_STAGE = {
+    stage.EXIT_OK: OK,
+    stage.EXIT_INVALID: INVALID,
+    stage.EXIT_UNHEALTHY: UNHEALTHY,
+    stage.EXIT_TERMINATED: TERMINATED,
+}
 
 
 def from_stage(code: int) -> int:
+    """Any other stage code (a retryable one included) is FAILED: running again resumes."""
     return FROM_STAGE.get(code, FAILED)

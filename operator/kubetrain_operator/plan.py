@@ -21,8 +21,9 @@ import json
 import math
 import posixpath
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
+from kubetrain_contract import layout
 from kubetrain_operator.api import (
     RUNG_DEFAULTS,
     Architecture,
@@ -37,14 +38,16 @@ from kubetrain_operator.cluster_defaults import DEFAULT_METRICS_PORT, NO_DEFAULT
 
 STAGE_API_VERSION = "kubetrain.dev/stage-v1"
 METRICS_PORT = DEFAULT_METRICS_PORT
-#: Where pvc://CLAIM/path URIs are mounted in pods (render adds the volumes).
-PVC_MOUNT_ROOT = "/mnt/pvc"
 CONFIG_DIR = "/etc/kubetrain"
 #: The pods' writable working directory (an emptyDir: the root filesystem is read-only).
 WORKDIR = "/workspace"
 
 Target = Literal["cluster", "local"]
 Kind = Literal["Job", "PyTorchJob"]
+StageRole = Literal["preprocess", "sanity", "train", "merge"]
+"""What a stage is for: the lifecycle, render and the local executor dispatch on it, never on
+the stage's name (sanity rungs are `sanity-<i>`, and names may change; roles do not)."""
+STAGE_ROLES: tuple[StageRole, ...] = get_args(StageRole)
 Env = dict[str, Any]
 
 
@@ -54,6 +57,7 @@ class Stage:
 
     name: str
     """preprocess, sanity-<i> (1-based), train or merge."""
+    role: StageRole
     kind: Kind
     """Job (one process) or PyTorchJob (torchrun on every node)."""
     config: dict[str, Any]
@@ -79,7 +83,7 @@ class Stage:
     @property
     def module_stage(self) -> str:
         """The `python -m kubetrain_trainer <stage>` verb (a sanity rung is a short train)."""
-        return "train" if self.rung is not None else self.name
+        return "train" if self.role == "sanity" else self.role
 
     @property
     def config_file(self) -> str:
@@ -127,14 +131,14 @@ class Plan:
 
     @property
     def sanity_stages(self) -> tuple[Stage, ...]:
-        return tuple(s for s in self.stages if s.rung is not None)
+        return tuple(s for s in self.stages if s.role == "sanity")
 
     def public_uri(self, path: str) -> str:
         """A location as the user wrote it: the in-pod mount of a claim back to pvc://CLAIM/….
 
         Stage results name paths as the stage saw them; status and chained runs need URIs that
         mean something outside the pod (and that `plan_run` accepts as `fromRun` models)."""
-        prefix = f"{PVC_MOUNT_ROOT}/"
+        prefix = f"{layout.PVC_MOUNT_ROOT}/"
         if self.target != "cluster" or not path.startswith(prefix):
             return path
         claim, _, rest = path.removeprefix(prefix).partition("/")
@@ -216,6 +220,7 @@ def plan_run(
     stages = [
         Stage(
             "preprocess",
+            "preprocess",
             "Job",
             preprocess,
             *shape.single(0),
@@ -231,6 +236,7 @@ def plan_run(
         stages.append(
             Stage(
                 f"sanity-{index}",
+                "sanity",
                 "PyTorchJob",
                 _train_config(spec, model, pointer, output, common, world, rung=(index, rung)),
                 nodes,
@@ -247,6 +253,7 @@ def plan_run(
     nodes, procs, gpn, world = shape.train()
     stages.append(
         Stage(
+            "train",
             "train",
             "PyTorchJob",
             _train_config(spec, model, pointer, output, common, world),
@@ -269,6 +276,7 @@ def plan_run(
     merge_gpus = res.merge_gpus
     stages.append(
         Stage(
+            "merge",
             "merge",
             "Job",
             _merge_config(spec, model, pointer, output, common),
@@ -435,7 +443,7 @@ class _UriMapper:
                 )
             claim, _, rest = uri.removeprefix("pvc://").partition("/")
             self.claims.add(claim)
-            return f"{PVC_MOUNT_ROOT}/{claim}" + (f"/{rest}" if rest else "")
+            return f"{layout.PVC_MOUNT_ROOT}/{claim}" + (f"/{rest}" if rest else "")
         local = uri.removeprefix("file://")
         if self.target == "cluster":
             raise SpecError(

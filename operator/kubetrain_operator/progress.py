@@ -18,7 +18,8 @@ from pathlib import Path
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from kubetrain_operator.status import PROGRESS_METRICS, Progress
+from kubetrain_contract import metrics
+from kubetrain_operator.status import Progress
 
 DEFAULT_URL = "http://{service}.{namespace}.svc:{port}/metrics"
 URL_ENV = "KUBETRAIN_METRICS_URL"
@@ -58,7 +59,7 @@ def parse_samples(text: str) -> dict[str, float]:
     samples: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name in PROGRESS_METRICS and sample.name not in samples:
+            if sample.name in metrics.PROGRESS and sample.name not in samples:
                 samples[sample.name] = float(sample.value)
     return samples
 

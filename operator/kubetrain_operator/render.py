@@ -17,11 +17,11 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+from kubetrain_contract import layout
 from kubetrain_operator import __version__
 from kubetrain_operator.api import API_GROUP, TrainingRun
 from kubetrain_operator.plan import (
     CONFIG_DIR,
-    PVC_MOUNT_ROOT,
     WORKDIR,
     Plan,
     Stage,
@@ -33,8 +33,6 @@ LABEL_STAGE = f"{API_GROUP}/stage"
 LABEL_METRICS = f"{API_GROUP}/metrics"
 ANNOTATION_SUMMARY = f"{API_GROUP}/summary"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
-#: The env var that tells a training pod which attempt it belongs to (multi-node checkpoint marks).
-ATTEMPT_ENV = "KUBETRAIN_ATTEMPT"
 #: Kubernetes label values and pod hostnames stop at 63 characters.
 MAX_CHILD_NAME = 63
 #: Room for the training operator's `-worker-N` pod suffix on PyTorchJob names: nodes ≤ 1024,
@@ -55,9 +53,9 @@ def child_name(run: str, suffix: str, limit: int = MAX_CHILD_NAME) -> str:
 
 def stage_object_name(plan: Plan, stage: Stage, attempt: int = 1) -> str:
     """The child's name: preprocess carries its key, training its attempt, a rung its index."""
-    if stage.name == "preprocess":
+    if stage.role == "preprocess":
         return child_name(plan.run, f"preprocess-{plan.preprocess_key[:8]}")
-    if stage.name == "train":
+    if stage.role == "train":
         return child_name(plan.run, f"train-{attempt}", MAX_CHILD_NAME - PYTORCHJOB_SUFFIX_ROOM)
     if stage.distributed:
         return child_name(plan.run, stage.name, MAX_CHILD_NAME - PYTORCHJOB_SUFFIX_ROOM)
@@ -122,10 +120,6 @@ def _labels(plan: Plan, component: str, stage: str | None = None) -> dict[str, s
     if stage is not None:
         labels[LABEL_STAGE] = stage
     return labels
-
-
-def _component(stage: Stage) -> str:
-    return "sanity" if stage.rung is not None else stage.name
 
 
 def _metadata(
@@ -198,7 +192,7 @@ def render_metrics_service(plan: Plan, namespace: str | None = None) -> dict[str
 def render_job(plan: Plan, stage: Stage, namespace: str | None = None) -> dict[str, Any]:
     """A batch/v1 Job for preprocess and merge: one pod, no retries (the operator decides)."""
     command = ["python", *stage.trainer_args(f"{CONFIG_DIR}/{stage.config_file}", WORKDIR)]
-    labels = _labels(plan, _component(stage), stage.name)
+    labels = _labels(plan, stage.role, stage.name)
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -246,8 +240,8 @@ def render_pytorchjob(
         f"--nproc-per-node={stage.procs_per_node}",
         *stage.trainer_args(f"{CONFIG_DIR}/{stage.config_file}", WORKDIR),
     ]
-    labels = _labels(plan, _component(stage), stage.name)
-    extra_env = [{"name": ATTEMPT_ENV, "value": str(attempt)}]
+    labels = _labels(plan, stage.role, stage.name)
+    extra_env = [{"name": layout.ATTEMPT_ENV, "value": str(attempt)}]
     replicas: dict[str, Any] = {
         "Master": {
             "replicas": 1,
@@ -312,7 +306,7 @@ def _pod_template(
         )
     for index, claim in enumerate(plan.pvc_claims):
         volumes.append({"name": f"pvc-{index}", "persistentVolumeClaim": {"claimName": claim}})
-        mounts.append({"name": f"pvc-{index}", "mountPath": f"{PVC_MOUNT_ROOT}/{claim}"})
+        mounts.append({"name": f"pvc-{index}", "mountPath": f"{layout.PVC_MOUNT_ROOT}/{claim}"})
     container: dict[str, Any] = {
         "name": container_name,
         "image": plan.image,

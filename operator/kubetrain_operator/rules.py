@@ -25,6 +25,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from kubetrain_contract.credentials import SECRET_QUERY_WORDS
+from kubetrain_contract.methods import METHOD_FORMATS
+
 #: Child names append suffixes such as `-preprocess-1a2b3c4d`; 50 leaves room under 63.
 MAX_NAME_LENGTH = 50
 DNS1035 = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
@@ -107,8 +110,7 @@ def _uri_rules(schemes: tuple[str, ...]) -> tuple[FieldRule, ...]:
         ),
         FieldRule(
             "uri-signed-query",
-            r"(?i)[?&][a-z0-9_.-]*(signature|credential|token|secret|password|sig|key)"
-            r"[a-z0-9_.-]*=",
+            rf"(?i)[?&][a-z0-9_.-]*({'|'.join(SECRET_QUERY_WORDS)})[a-z0-9_.-]*=",
             None,
             "carries a credential in its query string (a presigned URL or a token)",
             f"use the plain s3://BUCKET/KEY with {S3_SECRET_FIELD} (a Secret) for credentials",
@@ -234,12 +236,30 @@ class RungRule:
         ]
 
 
+def _method_formats_cel() -> str:
+    """kubetrain_contract.methods as a CEL conditional (the last method is the else branch)."""
+
+    def fits(formats: tuple[str, ...]) -> str:
+        if len(formats) == 1:
+            return f"self.data.format == '{formats[0]}'"
+        return f"self.data.format in [{', '.join(repr(f) for f in formats)}]"
+
+    *first, (_, last) = METHOD_FORMATS.items()
+    branches = "".join(f"self.method.stage == '{m}' ? {fits(f)} : " for m, f in first)
+    return branches + fits(last)
+
+
+def _method_formats_text() -> str:
+    """`pretrain takes text, sft text or chat, dpo preference`: the fix of stage-fits-format."""
+    parts = [f"{method} {' or '.join(formats)}" for method, formats in METHOD_FORMATS.items()]
+    return parts[0].replace(" ", " takes ", 1) + "".join(f", {p}" for p in parts[1:])
+
+
 def _eight_bit(optimizer: str) -> bool:
     return optimizer.endswith(EIGHT_BIT[0]) or optimizer.startswith(EIGHT_BIT[1])
 
 
 _EIGHT_BIT_CEL = "(OPT.endsWith('_8bit') || OPT.startsWith('paged_'))"
-_STAGE_FORMATS = {"pretrain": ("text",), "sft": ("text", "chat"), "dpo": ("preference",)}
 IMMUTABLE_SECTIONS = ("model", "tokenizer", "data", "method", "training", "distributed")
 _SANITY_GATE_FIELDS = (
     "gpus",
@@ -417,12 +437,10 @@ RULES: tuple[Rule, ...] = (
         "stage-fits-format",
         "spec",
         "data.format",
-        lambda s: s.data.format in _STAGE_FORMATS[s.method.stage],
-        "self.method.stage == 'pretrain' ? self.data.format == 'text' : "
-        "self.method.stage == 'sft' ? self.data.format in ['text', 'chat'] : "
-        "self.data.format == 'preference'",
+        lambda s: s.data.format in METHOD_FORMATS[s.method.stage],
+        _method_formats_cel(),
         "does not fit method.stage",
-        "pretrain takes text, sft text or chat, dpo preference",
+        _method_formats_text(),
     ),
     # --------------------------------------------------------------------------- method
     Rule(

@@ -81,7 +81,7 @@ def test_every_copied_file_exists_and_is_in_the_build_context(image: str) -> Non
         if any(w.startswith("--from=") for w in words):
             continue
         sources += [w for w in words[:-1] if not w.startswith("--")]
-    assert {"pyproject.toml", "operator", "trainer"} <= set(sources)
+    assert {"pyproject.toml", "operator", "trainer", "contract"} <= set(sources)
     for source in sources:
         assert (ROOT / source).exists(), f"{image}: COPY {source}: no such file in the repository"
         assert not ignored(source), f"{image}: COPY {source}: .dockerignore leaves it out"

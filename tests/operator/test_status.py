@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from kubetrain_contract import metrics
 from kubetrain_operator import status as st
 from kubetrain_operator.api import SanitySpec
 from kubetrain_operator.status import (
@@ -386,12 +387,12 @@ def test_restarts_exhausted_stalls_with_the_trainers_message() -> None:
 def progress(last_step: float, step: int = 10, at: float | None = None) -> Progress:
     return Progress(
         {
-            st.M_STEP: step,
-            st.M_TOTAL: 100,
-            st.M_LOSS: 2.5,
-            st.M_LAST_STEP: last_step,
-            st.M_ETA: 3725.0,
-            st.M_TOKENS_PER_SECOND: 2140.0,
+            metrics.TRAIN_STEP: step,
+            metrics.TRAIN_TOTAL_STEPS: 100,
+            metrics.TRAIN_LOSS: 2.5,
+            metrics.TRAIN_LAST_STEP_TIMESTAMP: last_step,
+            metrics.TRAIN_ETA: 3725.0,
+            metrics.TRAIN_TOKENS_PER_SECOND: 2140.0,
         },
         at if at is not None else last_step,
     )
@@ -408,7 +409,9 @@ def test_progress_fills_status_and_the_ready_message() -> None:
     assert shown["eta"] == "1h02m" and shown["tokensPerSecond"] == 2140.0
     assert "lastStepTime" in shown
     assert world.condition(st.READY)["message"].startswith("step 10/100")
-    world.step(Progress({**progress(world.now).samples, st.M_CHECKPOINT: 500.0}, world.now))
+    world.step(
+        Progress({**progress(world.now).samples, metrics.CHECKPOINT_LAST_STEP: 500.0}, world.now)
+    )
     assert world.status["checkpoint"] == {
         "step": 500,
         "uri": "s3://out/sft/checkpoints/step-00000500",
@@ -642,10 +645,8 @@ def test_credentials_in_a_termination_message_never_reach_status_or_events() -> 
     assert "[REDACTED]" in text
 
 
-def test_format_helpers() -> None:
+def test_time_helpers() -> None:
     assert st.duration_seconds("1h30m") == 5400 and st.duration_seconds("90s") == 90
-    assert st.format_eta(50520) == "14h02m" and st.format_eta(307) == "5m07s"
-    assert st.format_eta(42) == "42s"
     assert TIMING.backoff(1) == 10 and TIMING.backoff(3) == 40 and TIMING.backoff(9) == 40
 
 

@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
+from kubetrain_contract.exit_codes import EXIT_INVALID
 from kubetrain_trainer import checkpoint, storage
 from kubetrain_trainer.config import S3Settings
-from kubetrain_trainer.stage import EXIT_INVALID
 from trainer_support import (
     Assets,
     Launcher,

@@ -22,9 +22,9 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 
+from kubetrain_contract.exit_codes import EXIT_INVALID
 from kubetrain_trainer import train
 from kubetrain_trainer.__main__ import main
-from kubetrain_trainer.stage import EXIT_INVALID
 from preprocess_support import config, docs, run_stage, write_jsonl
 from trainer_support import Assets, train_config
 

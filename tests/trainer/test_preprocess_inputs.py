@@ -30,10 +30,10 @@ import pytest
 import torch
 import zstandard
 
+from kubetrain_contract.exit_codes import EXIT_INVALID, EXIT_RETRY
 from kubetrain_trainer import data
 from kubetrain_trainer.__main__ import main
 from kubetrain_trainer.config import AWS_S3
-from kubetrain_trainer.stage import EXIT_INVALID, EXIT_RETRY
 from preprocess_support import ROOT, config, docs, load, run_stage, tokenizer_dir, write_jsonl
 from trainer_support import Assets
 

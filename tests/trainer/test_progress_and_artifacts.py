@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from kubetrain_contract.exit_codes import EXIT_UNHEALTHY
 from kubetrain_trainer import card, train
 from kubetrain_trainer.__main__ import main
 from kubetrain_trainer.callbacks import format_duration
 from kubetrain_trainer.metrics import PreprocessMetrics
-from kubetrain_trainer.stage import EXIT_UNHEALTHY
 from preprocess_support import config, docs, run_stage, write_jsonl
 from trainer_support import TINY, Assets, merge_config, train_config, write_config
 

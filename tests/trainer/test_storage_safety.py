@@ -20,10 +20,10 @@ from typing import Any
 
 import pytest
 
+from kubetrain_contract.exit_codes import EXIT_INVALID, EXIT_RETRY
 from kubetrain_trainer import storage
 from kubetrain_trainer.__main__ import main
 from kubetrain_trainer.config import AWS_S3, S3Settings
-from kubetrain_trainer.stage import EXIT_INVALID, EXIT_RETRY
 from preprocess_support import config, docs, write_jsonl
 
 SECRET = "wJalrXUtnFEMIK7MDENGbPxRfiCYzEXAMPLEKEY"

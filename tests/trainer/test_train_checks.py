@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from kubetrain_contract.exit_codes import EXIT_INVALID
 from kubetrain_trainer import data, model, train
 from kubetrain_trainer.__main__ import main
 from kubetrain_trainer.config import AWS_S3, Architecture
-from kubetrain_trainer.stage import EXIT_INVALID, InvalidInput, StageFailure
+from kubetrain_trainer.stage import InvalidInput, StageFailure
 from stage_base import train_block
 from trainer_support import Assets, train_config, write_config
 

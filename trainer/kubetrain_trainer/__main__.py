@@ -13,10 +13,10 @@ import logging
 import sys
 from pathlib import Path
 
+from kubetrain_contract.exit_codes import EXIT_INVALID
 from kubetrain_trainer import lifetime
 from kubetrain_trainer.config import ConfigError, load_stage_config
 from kubetrain_trainer.stage import (
-    EXIT_INVALID,
     StageFailure,
     setup_logging,
     write_result,

@@ -23,6 +23,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
+from kubetrain_contract.methods import DataFormat, Method
+
 STAGE_API_VERSION = "kubetrain.dev/stage-v1"
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -134,7 +136,7 @@ class PreprocessConfig(_Config):
     """Which stage this config is for."""
     run: str
     """The TrainingRun's name (logs, metrics labels)."""
-    format: Literal["text", "chat", "preference"]
+    format: DataFormat
     """text, chat or preference rows."""
     train: list[Uri] = Field(min_length=1)
     """Training files, prefixes or globs (local paths or s3://)."""
@@ -298,7 +300,7 @@ class TrainConfig(_Config):
     """train, or sanity (one rung of the sanity ladder)."""
     run: str
     """The TrainingRun's name."""
-    method: Literal["pretrain", "sft", "dpo"]
+    method: Method
     """pretrain, sft or dpo."""
     model: ModelSource
     """The starting weights."""
@@ -347,7 +349,7 @@ class MergeConfig(_Config):
     """Which stage this config is for."""
     run: str
     """The TrainingRun's name."""
-    method: Literal["pretrain", "sft", "dpo"]
+    method: Method
     """pretrain, sft or dpo (for the model card)."""
     model: ModelSource
     """The base model the adapter was trained on."""

@@ -1,8 +1,5 @@
-"""What every stage shares: exit codes, the result summary, logging set-up.
-
-Exit codes (the stage contract): 0 done · 2 invalid config or input (do not retry) · 3 unhealthy
-training (NaN/Inf loss, sanity failed; do not retry) · 143 terminated, checkpoint saved (retry) ·
-anything else unexpected (retry with backoff).
+"""What every stage shares: the failures that end it with an exit code, the result summary,
+logging set-up. The exit codes themselves are the stage contract (kubetrain_contract.exit_codes).
 """
 
 from __future__ import annotations
@@ -13,12 +10,22 @@ import os
 from pathlib import Path
 from typing import Any
 
-EXIT_OK = 0
-EXIT_INVALID = 2
-EXIT_UNHEALTHY = 3
-EXIT_TERMINATED = 143
-#: Transient trouble (S3 throttling, a reset connection, a full disk): the operator retries.
-EXIT_RETRY = 1
+# The `as` forms keep these importable from here for storage.py and train.py, which are being
+# restructured on another branch (issue 15); they import kubetrain_contract.exit_codes after the
+# merge, and these three become plain imports.
+from kubetrain_contract.exit_codes import (
+    EXIT_INVALID as EXIT_INVALID,
+)
+from kubetrain_contract.exit_codes import (
+    EXIT_RETRY as EXIT_RETRY,
+)
+from kubetrain_contract.exit_codes import (
+    EXIT_TERMINATED as EXIT_TERMINATED,
+)
+from kubetrain_contract.exit_codes import (
+    EXIT_UNHEALTHY,
+)
+
 TERMINATION_LOG = Path("/dev/termination-log")
 RESULT_LIMIT = 4096  # bytes the kubelet keeps of a termination message
 

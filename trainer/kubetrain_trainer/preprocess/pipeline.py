@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kubetrain_contract.exit_codes import EXIT_TERMINATED
 from kubetrain_trainer import lifetime, storage
 from kubetrain_trainer.config import PreprocessConfig
 from kubetrain_trainer.metrics import PreprocessMetrics, serve
@@ -27,7 +28,7 @@ from kubetrain_trainer.preprocess.encode import (
     EncodeSettings,
 )
 from kubetrain_trainer.preprocess.rows import Tally
-from kubetrain_trainer.stage import EXIT_TERMINATED, InvalidInput, Retryable, failure
+from kubetrain_trainer.stage import InvalidInput, Retryable, failure
 
 log = logging.getLogger("kubetrain_trainer.preprocess")
 

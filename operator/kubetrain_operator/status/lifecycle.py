@@ -1,0 +1,574 @@
+"""The walk over a run's planned stages: which child to create, wait for, judge or retry.
+
+Every stage is handled by its role (`plan.StageRole`) through one table, `ROLES`: the phase and
+reason it shows, the condition it drives, how it is walked (run once, or attempts with restarts)
+and what its success and failure write into the status. Nothing here dispatches on a stage's name.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from kubetrain_contract import layout, metrics
+from kubetrain_contract.durations import format_duration
+from kubetrain_contract.exit_codes import EXIT_INVALID, EXIT_UNHEALTHY, NON_RETRYABLE
+from kubetrain_operator.api import TrainingRun
+from kubetrain_operator.plan import Plan, Stage, StageRole
+from kubetrain_operator.render import render_shared, render_stage, stage_object_name
+from kubetrain_operator.status.actions import (
+    DeleteObject,
+    EnsureObject,
+    RecordEvent,
+    RequeueAfter,
+    SetSuspend,
+)
+from kubetrain_operator.status.builder import StatusBuilder
+from kubetrain_operator.status.observation import (
+    ChildState,
+    Progress,
+    failure_message,
+    observe_child,
+)
+from kubetrain_operator.status.redaction import bounded
+from kubetrain_operator.status.timing import Timing, duration_seconds, format_time, parse_time
+from kubetrain_operator.status.vocabulary import (
+    DATA_READY,
+    P_FAILED,
+    P_MERGING,
+    P_PREPROCESSING,
+    P_SANITY,
+    P_SUCCEEDED,
+    P_SUSPENDED,
+    P_TRAINING,
+    R_BACKING_OFF,
+    R_CACHE_HIT,
+    R_CACHE_MISS,
+    R_INVALID_INPUT,
+    R_LOSS_DROPPED,
+    R_MERGING,
+    R_NO_SANITY_GATE,
+    R_PREPROCESSING,
+    R_QUEUED,
+    R_RESTARTING,
+    R_RESTARTS_EXHAUSTED,
+    R_SANITY_FAILED,
+    R_SANITY_RUNNING,
+    R_STAGE_FAILED,
+    R_STARTING,
+    R_SUCCEEDED,
+    R_SUSPENDED,
+    R_TRAINING,
+    R_UNHEALTHY,
+    SANITY_PASSED,
+    AttemptReason,
+)
+
+
+class Lifecycle:
+    """Walks the plan's stages in order; stops at the first one that is not done."""
+
+    def __init__(
+        self,
+        run: TrainingRun,
+        plan: Plan,
+        namespace: str,
+        status: StatusBuilder,
+        children: Mapping[Any, Mapping[str, Any]],
+        pods: Sequence[Mapping[str, Any]],
+        progress: Progress | None,
+        timing: Timing,
+    ) -> None:
+        self.run_, self.plan, self.namespace, self.status = run, plan, namespace, status
+        self.children, self.pods, self.progress, self.timing = children, pods, progress, timing
+        self.spec = run.spec
+        old = status.old
+        self.completed: list[str] = list(old.get("completedStages") or [])
+        self.history: list[dict[str, Any]] = [dict(a) for a in old.get("attemptHistory") or []]
+        self.rungs = plan.sanity_stages
+
+    # ------------------------------------------------------------------------------- walking
+    def run(self) -> None:
+        if not self.rungs:
+            self.status.condition(SANITY_PASSED, "True", R_NO_SANITY_GATE, "no sanity gate")
+        for stage in self.plan.stages:
+            if stage.name in self.completed:
+                continue
+            done = ROLES[stage.role].walk(self, stage)
+            if not done:
+                self.finish_fields()
+                return
+            self.completed.append(stage.name)
+        self.finish_fields()
+        self.status.summary(P_SUCCEEDED, ("True", R_SUCCEEDED, "every stage finished"), "done")
+
+    def finish_fields(self) -> None:
+        self.status.fields["completedStages"] = self.completed
+        self.status.fields["attemptHistory"] = self.history
+        self.status.fields["attempts"] = len(self.history)
+
+    def objects_for(self, stage: Stage, attempt: int = 1) -> list[dict[str, Any]]:
+        rendered: Any = render_stage(
+            self.run_, self.plan, stage, attempt=attempt, namespace=self.namespace
+        )
+        return list(rendered) if isinstance(rendered, list) else [rendered]
+
+    def ensure_child(
+        self, stage: Stage, attempt: int = 1, reason: AttemptReason | None = None
+    ) -> None:
+        """The shared objects (the trainer ServiceAccount; ConfigMap: kept current, e.g.
+        resources; metrics Service), then the stage's own object."""
+        for obj in render_shared(self.plan, namespace=self.namespace):
+            kind = obj["kind"]
+            self.status.actions.append(
+                EnsureObject(obj, update=kind == "ConfigMap", owned=kind != "ServiceAccount")
+            )
+        for body in self.objects_for(stage, attempt):
+            self.status.actions.append(EnsureObject(body, attempt_reason=reason))
+
+    def suspend_sync(self, child: ChildState) -> None:
+        """spec.suspend → the child's suspend; with a Kueue queue, Kueue owns it."""
+        if self.spec.queue_name:
+            return
+        if child.phase in ("succeeded", "failed", "absent"):
+            return
+        if child.suspended != self.spec.suspend:
+            self.status.actions.append(
+                SetSuspend(child.api_version, child.kind, child.name, self.spec.suspend)
+            )
+
+    def waiting(self, stage: Stage, child: ChildState) -> None:
+        """Summary for a stage whose child exists and has not finished."""
+        role = ROLES[stage.role]
+        phase, reason = role.phase, role.reason
+        message = f"{child.name}: " + ("starting" if child.phase == "pending" else child.phase)
+        if role.reports_progress and child.phase == "pending":
+            reason = R_STARTING
+        if self.spec.suspend and not self.spec.queue_name:
+            self.status.summary(P_SUSPENDED, ("False", R_SUSPENDED, message), "paused")
+            return
+        if child.phase == "suspended" and self.spec.queue_name:
+            message = f"{child.name}: waiting for admission by Kueue queue {self.spec.queue_name}"
+            self.status.summary(phase, ("False", R_QUEUED, message), "progressing")
+            return
+        if role.reports_progress:
+            message = self.progress_message() or message
+        self.status.summary(phase, ("False", reason, message), "progressing")
+
+    def not_started(self, stage: Stage) -> bool:
+        """True when the stage may not start now (suspended run)."""
+        if self.spec.suspend:
+            message = f"suspended before {stage.name}"
+            self.status.summary(P_SUSPENDED, ("False", R_SUSPENDED, message), "paused")
+            return True
+        return False
+
+    def failed(self, reason: str, message: str) -> None:
+        self.status.summary(P_FAILED, ("False", reason, message), "failed")
+
+    # ------------------------------------------------------------------------ Job-like stages
+    def job_stage(self, stage: Stage) -> bool:
+        """preprocess, sanity rungs and merge: run once; any failure ends the run."""
+        name = stage_object_name(self.plan, stage)
+        child = observe_child(name, self.children.get(name), self.pods)
+        if child.unsettled(self.status.now):
+            self.stage_pending(stage)
+            self.waiting(stage, child)
+            return False
+        if child.phase == "absent":
+            if child.active_pods:  # a deleted child's pods are still stopping
+                self.waiting(stage, child)
+                return False
+            if self.not_started(stage):
+                return False
+            self.ensure_child(stage)
+            self.stage_pending(stage)
+            role = ROLES[stage.role]
+            self.status.summary(
+                role.phase, ("False", role.reason, f"{name}: starting"), "progressing"
+            )
+            return False
+        if child.phase == "succeeded":
+            self.stage_succeeded(stage, child)
+            return True
+        if child.phase == "failed":
+            self.stage_failed(stage, child)
+            return False
+        self.suspend_sync(child)
+        self.stage_pending(stage)
+        self.waiting(stage, child)
+        return False
+
+    def stage_pending(self, stage: Stage) -> None:
+        pending = ROLES[stage.role].pending
+        if pending is not None:
+            pending(self, stage)
+
+    def stage_succeeded(self, stage: Stage, child: ChildState) -> None:
+        succeeded = ROLES[stage.role].succeeded
+        if succeeded is not None:
+            succeeded(self, stage, child.result or {})
+
+    def stage_failed(self, stage: Stage, child: ChildState) -> None:
+        judge = ROLES[stage.role].failed or Lifecycle.exit_failure
+        self.failed(*judge(self, stage, child, failure_message(child)))
+
+    def exit_failure(self, stage: Stage, child: ChildState, message: str) -> tuple[str, str]:
+        """A stage's failure by its exit code (the stage contract): the reason and message."""
+        del stage  # judged by the code alone
+        if child.exit_code == EXIT_INVALID:
+            return R_INVALID_INPUT, message
+        if child.exit_code == EXIT_UNHEALTHY:
+            return R_UNHEALTHY, message
+        return R_STAGE_FAILED, message + f" — delete Job {child.name} to run the stage again"
+
+    # ---------------------------------------------------------------------------- preprocess
+    def preprocess_pending(self, stage: Stage) -> None:
+        del stage
+        self.status.condition(DATA_READY, "False", R_PREPROCESSING, "tokenizing")
+
+    def preprocess_succeeded(self, stage: Stage, result: Mapping[str, Any]) -> None:
+        del stage
+        self.status.fields["dataset"] = _dataset(result, self.plan)
+        hit = bool(result.get("cacheHit"))
+        tokens = result.get("trainTokens")
+        detail = f"{tokens} training tokens" if tokens is not None else "dataset ready"
+        self.status.condition(
+            DATA_READY,
+            "True",
+            R_CACHE_HIT if hit else R_CACHE_MISS,
+            ("cache hit: " if hit else "built: ") + detail,
+        )
+
+    def preprocess_failed(self, stage: Stage, child: ChildState, message: str) -> tuple[str, str]:
+        reason, message = self.exit_failure(stage, child, message)
+        self.status.condition(DATA_READY, "False", reason, message)
+        return reason, message
+
+    # -------------------------------------------------------------------------------- sanity
+    def sanity_pending(self, stage: Stage) -> None:
+        index = self.rungs.index(stage) + 1
+        self.status.condition(
+            SANITY_PASSED, "False", R_SANITY_RUNNING, f"rung {index}/{len(self.rungs)} running"
+        )
+
+    def sanity_succeeded(self, stage: Stage, result: Mapping[str, Any]) -> None:
+        index = self.record_rung(stage, result, passed=True)
+        message = f"rung {index}/{len(self.rungs)}: " + _gate_text(result.get("sanity") or {})
+        last = index == len(self.rungs)
+        self.status.condition(
+            SANITY_PASSED,
+            "True" if last else "False",
+            R_LOSS_DROPPED if last else R_SANITY_RUNNING,
+            message,
+        )
+
+    def sanity_failed(self, stage: Stage, child: ChildState, message: str) -> tuple[str, str]:
+        index = self.record_rung(stage, child.result or {}, passed=False)
+        self.status.condition(
+            SANITY_PASSED, "False", R_SANITY_FAILED, f"rung {index}/{len(self.rungs)}: {message}"
+        )
+        return R_SANITY_FAILED, message
+
+    def record_rung(self, stage: Stage, result: Mapping[str, Any], passed: bool) -> int:
+        """status.sanity: the rung's gate numbers, one entry per rung; returns its index."""
+        index = self.rungs.index(stage) + 1
+        report = dict(result.get("sanity") or {})
+        rungs = [r for r in self.status.fields.get("sanity") or [] if r.get("rung") != index]
+        rungs.append({"rung": index, "passed": passed, **_numbers(report)})
+        self.status.fields["sanity"] = sorted(rungs, key=lambda r: r["rung"])
+        return index
+
+    # --------------------------------------------------------------------------------- merge
+    def merge_succeeded(self, stage: Stage, result: Mapping[str, Any]) -> None:
+        del stage
+        outputs = dict(self.status.fields.get("outputs") or {})
+        merged = (result.get("outputs") or {}).get("merged")
+        if merged:
+            outputs["model"] = self.plan.public_uri(merged)
+        for key in ("perplexity", "evalLoss"):
+            if result.get(key) is not None:
+                self.status.fields.setdefault("evaluation", {})[key] = result[key]
+        self.status.fields["outputs"] = outputs
+
+    # --------------------------------------------------------------------------------- train
+    def train(self, stage: Stage) -> bool:
+        """Attempts of the training PyTorchJob: restarts, backoff, stalls, never two at once."""
+        if not self.history:
+            if self.not_started(stage):
+                return False
+            self.start_attempt(stage, "initial", "initial attempt")
+            return False
+        current = self.history[-1]
+        attempt = int(current["attempt"])
+        name = stage_object_name(self.plan, stage, attempt)
+        child = observe_child(name, self.children.get(name), self.pods)
+        if "result" not in current:
+            if child.unsettled(self.status.now):
+                self.waiting(stage, child)
+                return False
+            if child.phase == "absent":
+                if child.active_pods:
+                    self.waiting(stage, child)
+                    return False
+                # Just created (not yet seen) or lost in a crash: create-if-absent again.
+                self.ensure_child(stage, attempt)
+                self.status.summary(
+                    P_TRAINING, ("False", R_STARTING, f"{name}: starting"), "progressing"
+                )
+                return False
+            if child.phase == "succeeded":
+                self.train_succeeded(current, child)
+                return True
+            if child.phase == "failed":
+                current.update(
+                    result="Failed",
+                    exitCode=child.exit_code,
+                    message=failure_message(child),
+                    finishTime=format_time(child.finished_at or self.status.now),
+                )
+            elif self.stalled(child):
+                current.update(
+                    result="Stalled",
+                    message=self.stall_message(child),
+                    finishTime=format_time(self.status.now),
+                )
+            else:
+                self.suspend_sync(child)
+                self.update_progress()
+                self.waiting(stage, child)
+                return False
+        return self.after_attempt(stage, current, child)
+
+    def after_attempt(self, stage: Stage, current: dict[str, Any], child: ChildState) -> bool:
+        """The latest attempt ended without success: stop it fully, then retry or give up."""
+        result, code = current.get("result"), current.get("exitCode")
+        if result == "Succeeded":
+            return True
+        message = str(current.get("message") or "")
+        restarts = len(self.history) - 1
+        if result == "Failed" and code in NON_RETRYABLE:
+            reason = R_INVALID_INPUT if code == EXIT_INVALID else R_UNHEALTHY
+            self.failed(reason, message)
+            return False
+        if restarts >= self.spec.max_restarts:
+            self.failed(
+                R_RESTARTS_EXHAUSTED,
+                f"{restarts} restart(s) of {self.spec.max_restarts} used; last: {message}",
+            )
+            return False
+        # Never two trainers: the old attempt's pods must all have terminated first.
+        if child.phase != "absent" and (child.active_pods or result == "Stalled"):
+            self.status.actions.append(
+                DeleteObject(child.api_version, child.kind, child.name, str(result).lower())
+            )
+        if child.active_pods:
+            self.status.summary(
+                P_TRAINING,
+                (
+                    "False",
+                    R_RESTARTING,
+                    f"{message}; waiting for {child.active_pods} pod(s) of {child.name} to stop",
+                ),
+                "progressing",
+            )
+            return False
+        if result == "Failed":
+            finished = parse_time(current.get("finishTime")) or self.status.now
+            failures = sum(1 for a in self.history if a.get("result") == "Failed")
+            wake = finished + self.timing.backoff(failures)
+            if wake > self.status.now:
+                self.status.actions.append(RequeueAfter(wake - self.status.now))
+                self.status.summary(
+                    P_TRAINING,
+                    (
+                        "False",
+                        R_BACKING_OFF,
+                        f"{message}; attempt {len(self.history) + 1} in "
+                        f"{format_duration(wake - self.status.now)}",
+                    ),
+                    "progressing",
+                )
+                return False
+        if self.not_started(stage):
+            return False
+        why: AttemptReason = "stall" if result == "Stalled" else "failure"
+        self.start_attempt(stage, why, message)
+        return False
+
+    def start_attempt(self, stage: Stage, why: AttemptReason, message: str) -> None:
+        attempt = len(self.history) + 1
+        self.history.append(
+            {"attempt": attempt, "reason": why, "startTime": format_time(self.status.now)}
+        )
+        self.ensure_child(stage, attempt, reason=why)
+        name = stage_object_name(self.plan, stage, attempt)
+        text = f"attempt {attempt} ({why}): {name}" + (
+            f" after: {message}" if why != "initial" else ""
+        )
+        self.status.actions.append(RecordEvent("Normal", "AttemptStarted", bounded(text)))
+        self.status.summary(P_TRAINING, ("False", R_STARTING, f"{name}: starting"), "progressing")
+
+    def train_succeeded(self, current: dict[str, Any], child: ChildState) -> None:
+        result = child.result or {}
+        current.update(
+            result="Succeeded", finishTime=format_time(child.finished_at or self.status.now)
+        )
+        outputs = dict(self.status.fields.get("outputs") or {})
+        final = self.plan.public_uri(
+            (result.get("outputs") or {}).get("final") or f"{self.plan.output_uri}/final"
+        )
+        if self.spec.method.adapter.type != "none":
+            outputs["adapter"] = final
+        else:
+            outputs["model"] = final
+        self.status.fields["outputs"] = outputs
+        if result.get("checkpoint"):
+            checkpoint = dict(result["checkpoint"])
+            if isinstance(checkpoint.get("uri"), str):
+                checkpoint["uri"] = self.plan.public_uri(checkpoint["uri"])
+            self.status.fields["checkpoint"] = checkpoint
+        progress = dict(self.status.fields.get("progress") or {})
+        for key, value in (("step", result.get("step")), ("totalSteps", result.get("totalSteps"))):
+            if value is not None:
+                progress[key] = value
+        if result.get("loss") is not None:
+            progress["loss"] = result["loss"]
+        progress["eta"] = "0s"
+        self.status.fields["progress"] = progress
+
+    # ------------------------------------------------------------------------------ progress
+    def update_progress(self) -> None:
+        """status.progress from the latest scrape; unchanged when there is none."""
+        if self.progress is None:
+            return
+        samples = self.progress.samples
+        progress = dict(self.status.fields.get("progress") or {})
+        if metrics.TRAIN_STEP in samples:
+            progress["step"] = int(samples[metrics.TRAIN_STEP])
+        if metrics.TRAIN_TOTAL_STEPS in samples:
+            progress["totalSteps"] = int(samples[metrics.TRAIN_TOTAL_STEPS])
+        if metrics.TRAIN_LOSS in samples and math.isfinite(samples[metrics.TRAIN_LOSS]):
+            progress["loss"] = round(samples[metrics.TRAIN_LOSS], 4)
+        if metrics.TRAIN_TOKENS_PER_SECOND in samples:
+            progress["tokensPerSecond"] = round(samples[metrics.TRAIN_TOKENS_PER_SECOND], 1)
+        if metrics.TRAIN_ETA in samples and math.isfinite(samples[metrics.TRAIN_ETA]):
+            progress["eta"] = format_duration(samples[metrics.TRAIN_ETA])
+        if samples.get(metrics.TRAIN_LAST_STEP_TIMESTAMP):
+            progress["lastStepTime"] = format_time(samples[metrics.TRAIN_LAST_STEP_TIMESTAMP])
+        progress["scrapeTime"] = format_time(self.progress.scraped_at)
+        self.status.fields["progress"] = progress
+        if samples.get(metrics.CHECKPOINT_LAST_STEP):
+            step = int(samples[metrics.CHECKPOINT_LAST_STEP])
+            uri = self.plan.public_uri(f"{self.plan.output_uri}/{layout.checkpoint_path(step)}")
+            self.status.fields["checkpoint"] = {"step": step, "uri": uri}
+
+    def heartbeat(self, child: ChildState) -> float | None:
+        """Last sign of step progress: the trainer's last-step time (fresh or remembered), else
+        when the attempt started running."""
+        beats = [child.running_since]
+        if self.progress is not None and self.progress.samples.get(
+            metrics.TRAIN_LAST_STEP_TIMESTAMP
+        ):
+            beats.append(self.progress.samples[metrics.TRAIN_LAST_STEP_TIMESTAMP])
+        remembered = parse_time((self.status.fields.get("progress") or {}).get("lastStepTime"))
+        started = parse_time(self.history[-1].get("startTime"))
+        if remembered is not None and (started is None or remembered >= started):
+            beats.append(remembered)
+        known = [b for b in beats if b is not None]
+        return max(known) if known else None
+
+    def stalled(self, child: ChildState) -> bool:
+        if child.phase != "running" or self.spec.suspend:
+            return False
+        beat = self.heartbeat(child)
+        timeout = duration_seconds(self.spec.stall_timeout)
+        return beat is not None and self.status.now - beat > timeout
+
+    def stall_message(self, child: ChildState) -> str:
+        beat = self.heartbeat(child) or self.status.now
+        return (
+            f"{child.name}: no training step for {format_duration(self.status.now - beat)} "
+            f"(stallTimeout {self.spec.stall_timeout})"
+        )
+
+    def progress_message(self) -> str:
+        progress = self.status.fields.get("progress") or {}
+        if progress.get("step") is None:
+            return ""
+        total = progress.get("totalSteps")
+        text = f"step {progress['step']}" + (f"/{total}" if total else "")
+        return text + (f", loss {progress['loss']}" if progress.get("loss") is not None else "")
+
+
+def _numbers(report: Mapping[str, Any]) -> dict[str, Any]:
+    keys = ("firstLoss", "lastLoss", "lossDrop", "maxGradNorm", "steps")
+    return {
+        k: report[k]
+        for k in keys
+        if isinstance(report.get(k), int | float) and math.isfinite(report[k])
+    }
+
+
+def _gate_text(report: Mapping[str, Any]) -> str:
+    first, last, steps = report.get("firstLoss"), report.get("lastLoss"), report.get("steps")
+    if isinstance(first, int | float) and isinstance(last, int | float):
+        return f"loss {first:.2f} → {last:.2f} in {steps} steps"
+    return "passed"
+
+
+def _dataset(result: Mapping[str, Any], plan: Plan) -> dict[str, Any]:
+    """status.dataset from the preprocess stage's result (its termination message)."""
+    dataset: dict[str, Any] = {"cacheKey": result.get("key"), "cacheHit": result.get("cacheHit")}
+    for key in ("uri", "trainTokens", "validationTokens", "rowsRead", "accepted", "blocks"):
+        if result.get(key) is not None:
+            dataset[key] = result[key]
+    if isinstance(dataset.get("uri"), str):
+        dataset["uri"] = plan.public_uri(dataset["uri"])
+    dataset["rejectedRows"] = dict(result.get("rejected") or {})
+    return {k: v for k, v in dataset.items() if v is not None}
+
+
+@dataclass(frozen=True)
+class Role:
+    """How the lifecycle handles the stages of one role: the one place a role's behaviour is
+    looked up, so a new role is a new row, not a new branch in every method."""
+
+    phase: str
+    """status.phase while a stage of this role runs."""
+    reason: str
+    """Ready's reason while its child starts and runs."""
+    walk: Callable[[Lifecycle, Stage], bool]
+    """One step of the stage; True when it is done (job stages run once, train has attempts)."""
+    pending: Callable[[Lifecycle, Stage], None] | None = None
+    """The stage condition it drives while its child starts or runs."""
+    succeeded: Callable[[Lifecycle, Stage, Mapping[str, Any]], None] | None = None
+    """What its result (the termination message) writes into status."""
+    failed: Callable[[Lifecycle, Stage, ChildState, str], tuple[str, str]] | None = None
+    """Its failure's reason and message (None: by exit code, Lifecycle.exit_failure)."""
+    reports_progress: bool = False
+    """Its waiting summary shows the training step, and a pending child reads Starting."""
+
+
+ROLES: Mapping[StageRole, Role] = {
+    "preprocess": Role(
+        P_PREPROCESSING,
+        R_PREPROCESSING,
+        Lifecycle.job_stage,
+        pending=Lifecycle.preprocess_pending,
+        succeeded=Lifecycle.preprocess_succeeded,
+        failed=Lifecycle.preprocess_failed,
+    ),
+    "sanity": Role(
+        P_SANITY,
+        R_SANITY_RUNNING,
+        Lifecycle.job_stage,
+        pending=Lifecycle.sanity_pending,
+        succeeded=Lifecycle.sanity_succeeded,
+        failed=Lifecycle.sanity_failed,
+    ),
+    "train": Role(P_TRAINING, R_TRAINING, Lifecycle.train, reports_progress=True),
+    "merge": Role(P_MERGING, R_MERGING, Lifecycle.job_stage, succeeded=Lifecycle.merge_succeeded),
+}
