@@ -2,7 +2,8 @@
 
 `crds/trainingruns.kubetrain.dev.yaml` (and the chart's copy) is the output of :func:`crd_yaml`;
 a test fails when the committed file is stale (`make crd` rewrites it). The spec schema is
-`TrainingRunSpec.model_json_schema(by_alias=True)` turned into a Kubernetes *structural* schema:
+`TrainingRunSpec.model_json_schema(by_alias=True)` turned into a Kubernetes *structural* schema, and
+so is the status schema, from `run_status.TrainingRunStatus`:
 
 - every `$ref` inlined; `Optional[X]` becomes plain `X` (the API server prunes `null` from fields
   that are not `nullable`, so the model's `None` and an absent field mean the same); `const`
@@ -31,12 +32,10 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
-from pydantic.alias_generators import to_camel
+from pydantic import BaseModel
 from pydantic.json_schema import GenerateJsonSchema, NoDefault
 from pydantic_core import core_schema
 
@@ -51,6 +50,7 @@ from kubetrain_operator.api import (
     TrainingRunSpec,
 )
 from kubetrain_operator.rules import IMMUTABLE_SECTIONS
+from kubetrain_operator.run_status import TrainingRunStatus
 
 Schema = dict[str, Any]
 
@@ -62,7 +62,8 @@ CATEGORIES = ["kubetrain"]
 CRD_NAME = f"{PLURAL}.{API_GROUP}"
 
 HEADER = (
-    "# Generated from operator/kubetrain_operator/api.py by `kubetrain crd`: do not edit.\n"
+    "# Generated from operator/kubetrain_operator/api.py (spec) and run_status.py (status) by "
+    "`kubetrain crd`: do not edit.\n"
     "# Change the model (or crd.py) and run `make crd`; tests/operator/test_crd.py fails when "
     "stale.\n"
 )
@@ -70,126 +71,6 @@ HEADER = (
 
 class CRDGenerationError(RuntimeError):
     """The model cannot be expressed as a structural schema (or lacks a description)."""
-
-
-# ------------------------------------------------------------------------------------------- status
-
-
-class _Status(BaseModel):
-    """camelCase like the spec; descriptions from docstrings, as in api.py."""
-
-    model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, use_attribute_docstrings=True
-    )
-
-
-class Condition(_Status):
-    """A kstatus condition, shaped like metav1.Condition (all but observedGeneration required)."""
-
-    type: str = Field(
-        max_length=316, pattern=r"^([a-z0-9.\-]+/)?[A-Za-z]([A-Za-z0-9_.\-]*[A-Za-z0-9])?$"
-    )
-    """Ready, Reconciling, Stalled, DataReady, SanityPassed, Succeeded, Failed, Suspended."""
-    status: Literal["True", "False", "Unknown"]
-    """True, False or Unknown (Unknown on the operator's first visit)."""
-    reason: str = Field(
-        min_length=1, max_length=1024, pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
-    )
-    """CamelCase reason, e.g. Training, CacheHit, InvalidSpec."""
-    message: str = Field(max_length=32768)
-    """Human-readable details (may be empty)."""
-    last_transition_time: datetime
-    """When status last changed (not when the condition was last written)."""
-    observed_generation: int | None = Field(default=None, ge=0)
-    """The metadata.generation this condition was computed from."""
-
-
-class Progress(_Status):
-    """Training progress, read from the trainer's metrics endpoint."""
-
-    model_config = ConfigDict(json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
-
-    step: int | None = Field(default=None, ge=0)
-    """Last completed optimizer step."""
-    total_steps: int | None = Field(default=None, ge=0)
-    """Optimizer steps of the whole run."""
-    loss: float | None = None
-    """Latest training loss."""
-    tokens_per_second: float | None = Field(default=None, ge=0)
-    """Training throughput over all processes."""
-    eta: str | None = None
-    """Estimated time to the end of training, e.g. 14h02m."""
-    last_step_time: datetime | None = None
-    """When the last step completed; no change for spec.stallTimeout restarts the attempt."""
-
-
-class DatasetStatus(_Status):
-    """The tokenized dataset the run trains on."""
-
-    model_config = ConfigDict(json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
-
-    cache_key: str | None = None
-    """Content key of the cached dataset (sha256 over inputs, tokenizer and packing settings)."""
-    train_tokens: int | None = Field(default=None, ge=0)
-    """Tokens in the training split."""
-    validation_tokens: int | None = Field(default=None, ge=0)
-    """Tokens in the validation split."""
-    rejected_rows: dict[str, int] = Field(default_factory=dict)
-    """Rows rejected by preprocessing, by reason."""
-
-
-class CheckpointStatus(_Status):
-    """The newest complete checkpoint."""
-
-    model_config = ConfigDict(json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
-
-    step: int | None = Field(default=None, ge=0)
-    """Optimizer step of the checkpoint."""
-    uri: str | None = None
-    """Where it is stored."""
-
-
-class Outputs(_Status):
-    """What the run produced."""
-
-    model_config = ConfigDict(json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
-
-    model: str | None = None
-    """The final (or merged) model."""
-    adapter: str | None = None
-    """The trained adapter (adapter runs)."""
-
-
-class TrainingRunStatus(_Status):
-    """Observed state, written by the operator (conditions are the truth, phase is for humans)."""
-
-    # Typed where printer columns and kstatus read it; unknown fields are preserved so that a status
-    # field the operator adds later is kept rather than silently pruned by the API server.
-    model_config = ConfigDict(json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
-
-    observed_generation: int | None = Field(default=None, ge=0)
-    """The metadata.generation the status describes (kstatus)."""
-    conditions: list[Condition] = Field(
-        default_factory=list,
-        max_length=32,
-        json_schema_extra={
-            "x-kubernetes-list-type": "map",
-            "x-kubernetes-list-map-keys": ["type"],
-        },
-    )
-    """Ready, Reconciling, Stalled (kstatus) and the stage conditions; one entry per type."""
-    phase: str | None = None
-    """Pending, Preprocessing, Sanity, Training, Merging, Succeeded, Failed or Suspended."""
-    progress: Progress | None = None
-    """Step, loss, throughput and ETA of the current attempt."""
-    dataset: DatasetStatus | None = None
-    """The tokenized dataset."""
-    checkpoint: CheckpointStatus | None = None
-    """The newest complete checkpoint."""
-    outputs: Outputs | None = None
-    """Final artifacts."""
-    attempts: int | None = Field(default=None, ge=0)
-    """Training attempts started so far (restarts + 1)."""
 
 
 # ------------------------------------------------------------------------------------- CEL rules
@@ -445,7 +326,7 @@ def spec_schema() -> Schema:
 
 
 def status_schema() -> Schema:
-    """`status`: typed where printer columns and kstatus read it, open for fields added later."""
+    """`status`: every field the operator writes, typed (run_status.py); nothing else is kept."""
     return _model_schema(TrainingRunStatus, "status")
 
 

@@ -199,11 +199,10 @@ class Rule:
             return frozenset(self.reads)
         if len(parts) >= 2:
             return frozenset({parts[1]})
-        prefix = r"self\.spec\." if self.at == "" else r"self\."
-        found = set(re.findall(prefix + r"(\w+)", self.cel or ""))
+        found = _sections_read(self.cel or "", r"self\.spec\." if self.at == "" else r"self\.")
         if self.at == "" and "self.metadata" in (self.cel or ""):
-            found.add("metadata")
-        return frozenset(found)
+            found |= {"metadata"}
+        return found
 
 
 @dataclass(frozen=True)
@@ -222,6 +221,11 @@ class RungRule:
     message: str
     fix: str
     trainer: str | None = None
+
+    def sections(self) -> frozenset[str]:
+        """The spec sections this rule reads: `sanity` (the rung) and those its CEL names on `self`
+        (the spec), which `check` reads too (tests/operator/test_api.py holds it to that)."""
+        return frozenset({"sanity"}) | _sections_read(self.cel, r"self\.")
 
     def cel_rules(self) -> list[tuple[str, str]]:
         """(CEL on spec, fieldPath) for the single-gate form and for the list of rungs."""
@@ -253,6 +257,11 @@ def _method_formats_text() -> str:
     """`pretrain takes text, sft text or chat, dpo preference`: the fix of stage-fits-format."""
     parts = [f"{method} {' or '.join(formats)}" for method, formats in METHOD_FORMATS.items()]
     return parts[0].replace(" ", " takes ", 1) + "".join(f", {p}" for p in parts[1:])
+
+
+def _sections_read(cel: str, prefix: str) -> frozenset[str]:
+    """The spec sections a CEL expression reads: the names right after `prefix` (a regex)."""
+    return frozenset(re.findall(prefix + r"(\w+)", cel))
 
 
 def _eight_bit(optimizer: str) -> bool:
@@ -698,8 +707,9 @@ def node_at(root: Any, dotted: str) -> Any:
 def problems(root: Any, valid: frozenset[str] | None = None) -> list[tuple[str, str]]:
     """(path, `problem — fix`) for every rule the parsed run breaks.
 
-    `valid` is the set of spec sections (and `metadata`) that parsed; rules reading any other are
-    skipped, so a field error and a cross-field error elsewhere are reported in the same pass.
+    `valid` is the set of spec sections (and `metadata`) that parsed; a rule (or rung rule) that
+    reads any other is skipped, the others run, so a field error and a cross-field error that does
+    not read its section are reported in the same pass.
     """
     found: list[tuple[str, str]] = []
     for rule in RULES:
@@ -709,10 +719,10 @@ def problems(root: Any, valid: frozenset[str] | None = None) -> list[tuple[str, 
         if node is not None and not rule.check(node):
             found.append((rule.path, f"{rule.message} — {rule.fix}"))
     spec = root.spec
-    readable = valid is None or {"sanity", "resources", "training", "distributed"} <= valid
-    if readable:
+    rung_rules = [r for r in RUNG_RULES if valid is None or r.sections() <= valid]
+    if rung_rules:
         for path, rung in rung_items(spec):
-            for rung_rule in RUNG_RULES:
+            for rung_rule in rung_rules:
                 if not rung_rule.check(spec, rung):
                     where = f"{path}.{rung_rule.field}"
                     found.append((where, f"{rung_rule.message} — {rung_rule.fix}"))

@@ -20,8 +20,10 @@ included) is shown to refuse at least one case.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Literal
 
 import pytest
@@ -462,6 +464,90 @@ def test_field_and_rule_errors_are_reported_in_one_pass() -> None:
     # a rule that reads the broken section is skipped, not reported on guessed values
     doc = merge(BASE, spec(training={"precision": "fp128"}, resources={"gpusPerNode": 0}))
     assert [p.path for p in problems_of(doc)] == ["spec.training.precision"]
+
+
+def test_a_rule_that_does_not_read_the_broken_section_still_runs() -> None:
+    """Tried as a new user would: an unknown field in training, and a sanity rung wider than the
+    run — rung-gpus-within-run reads only sanity and resources, so it is reported too."""
+    doc = merge(
+        BASE,
+        spec(
+            training={"learningRat": 1e-4},
+            resources={"nodes": 1, "gpusPerNode": 2},
+            sanity={"rungs": [{"gpus": 4, "steps": 10}]},
+        ),
+    )
+    assert [(p.path, p.message) for p in problems_of(doc)] == [
+        (
+            "spec.training.learningRat",
+            "unknown field — remove it or check its spelling against `kubectl explain "
+            "trainingrun.spec`",
+        ),
+        (
+            "spec.sanity.rungs[0].gpus",
+            "a sanity rung asks for more GPUs than the run has (nodes × gpusPerNode) — use at "
+            "most that many",
+        ),
+    ]
+    # a rung rule that reads the broken section is skipped (fp16 on a CPU rung reads training)
+    doc = merge(
+        BASE,
+        spec(training={"precision": "fp16", "learningRat": 1e-4}, sanity={"gpus": 0}),
+    )
+    assert [p.path for p in problems_of(doc)] == ["spec.training.learningRat"]
+
+
+class _Sections:
+    """A parsed spec (or the root's metadata) whose sections outside `declared` cannot be read."""
+
+    def __init__(self, parsed: Any, declared: frozenset[str], names: dict[str, str]) -> None:
+        self._parsed, self._declared, self._names = parsed, declared, names
+
+    def __getattr__(self, name: str) -> Any:
+        wire = self._names.get(name)
+        if wire is not None and wire not in self._declared:
+            raise AssertionError(f"reads spec.{wire}, which it does not declare")
+        return getattr(self._parsed, name)
+
+
+def _undeclared_reads(run: api.TrainingRun) -> Iterator[str]:
+    """Rules whose check reads a spec section (or metadata) outside `sections()`."""
+    names = {name: info.alias or name for name, info in api.TrainingRunSpec.model_fields.items()}
+
+    def guarded(declared: frozenset[str]) -> Any:
+        meta = run.metadata if "metadata" in declared else None
+        return SimpleNamespace(metadata=meta, spec=_Sections(run.spec, declared, names))
+
+    for rule in rules.RULES:
+        node = rules.node_at(guarded(rule.sections()), rule.at)
+        try:
+            if node is not None:
+                rule.check(node)
+        except (AssertionError, AttributeError) as error:
+            yield f"{rule.name}: {error}"
+    for rung_rule in rules.RUNG_RULES:
+        spec_ = guarded(rung_rule.sections()).spec
+        for _, rung in rules.rung_items(run.spec):
+            try:
+                rung_rule.check(spec_, rung)
+            except AssertionError as error:
+                yield f"{rung_rule.name}: {error}"
+
+
+def test_every_rule_reads_only_the_sections_it_declares() -> None:
+    """One pass runs a rule when the sections it declares parsed; a rule that read another one
+    would run on a guess. Every rule's check is run with the other sections unreadable."""
+    docs = [BASE, SCRATCH, *(yaml.safe_load(p.read_text()) for p in EXAMPLES)]
+    ladder = spec(resources={"gpusPerNode": 2}, sanity={"rungs": [{"gpus": 1}, {"gpus": 2}]})
+    docs.append(merge(BASE, ladder))
+    runs = [api.parse_run(d) for d in docs]
+    assert any(run.spec.sanity is not None and run.spec.sanity.rungs for run in runs)
+    assert [problem for run in runs for problem in _undeclared_reads(run)] == []
+    # the guard bites: a rung rule that declared only `sanity` would be caught reading resources
+    narrow = rules.RUNG_RULES[0]
+    guard = _Sections(runs[-1].spec, frozenset({"sanity"}), {"resources": "resources"})
+    with pytest.raises(AssertionError, match=r"spec\.resources"):
+        narrow.check(guard, runs[-1].spec.sanity.rungs[0])
 
 
 def test_credentials_in_uris_are_refused_without_echoing_them() -> None:

@@ -166,6 +166,21 @@ def test_validate_reports_field_and_cross_field_problems_in_one_run(tmp_path: Pa
     ]
 
 
+def test_validate_runs_the_rules_that_do_not_read_the_broken_section(tmp_path: Path) -> None:
+    # an unknown field in training, and a rung wider than the run: rung-gpus-within-run reads
+    # only sanity and resources, so both lines come out
+    doc = changed(
+        example("tulu-sft"),
+        {"spec.training.learningRat": 1e-4, "spec.resources.gpusPerNode": 2},
+    )
+    doc["spec"]["sanity"] = {"rungs": [{"gpus": 4, "steps": 10}]}
+    bad = write(tmp_path / "rung.yaml", doc)
+    proc = kubetrain("validate", bad)
+    assert proc.returncode == INVALID
+    paths = [m["path"] for m in problem_lines(proc.stderr, bad)]
+    assert paths == ["spec.training.learningRat", "spec.sanity.rungs[0].gpus"]
+
+
 def test_validate_checks_every_file_and_names_the_bad_one(tmp_path: Path) -> None:
     good = CLUSTER_EXAMPLES[0]
     bad = write(tmp_path / "bad.yaml", changed(example("tulu-sft"), {"spec.maxRestarts": -1}))

@@ -5,7 +5,8 @@ files are compared byte for byte; the CRD manifest is validated as an apiextensi
 by `kubernetes-validate` (bundled Kubernetes 1.29 and 1.37 schemas, strict); custom resources are
 validated against its `openAPIV3Schema` by `openapi_schema_validator.OAS30Validator`; every CEL rule
 is parsed and evaluated by `cel-python`, on the examples, on violating objects
-(tests/operator/test_api.py) and on updates (transition rules with `oldSelf`).
+(tests/operator/test_api.py) and on updates (transition rules with `oldSelf`). Statuses are
+real too: `status.derive_status`'s, through tests/support/status_world.py.
 
 Emulated, because no API server can run here (standin/crd_emulation.py says how): defaulting
 before validation, strict field validation, list-type `set`, which fields CEL can see, when
@@ -48,7 +49,9 @@ from openapi_schema_validator import OAS30Validator
 from pydantic import BaseModel
 
 from kubetrain_operator import api, crd, rules
+from operator_support import run_doc
 from standin import crd_emulation as kube
+from status_world import World, status_schema_errors, through_data
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_FILES = [
@@ -701,18 +704,70 @@ def _status() -> dict[str, Any]:
     return status
 
 
-def test_status_from_api_md_validates_and_bad_status_does_not() -> None:
+def test_a_status_validates_and_undeclared_or_mistyped_fields_do_not() -> None:
     doc = load(ROOT / "examples" / "mistral-qlora.yaml") | {"status": _status()}
     assert kube.schema_errors(doc) == []
-    doc["status"]["futureField"] = {"kept": True}  # preserved, not pruned
+    doc["status"]["futureField"] = {"kept": True}
     doc["status"]["progress"]["gradNorm"] = 0.5
-    assert kube.schema_errors(doc) == []
+    # strict field validation refuses them; otherwise the API server prunes them
+    assert {(e.path, e.message) for e in kube.schema_errors(doc)} == {
+        ("status", "Additional properties are not allowed ('futureField' was unexpected)"),
+        ("status.progress", "Additional properties are not allowed ('gradNorm' was unexpected)"),
+    }
+    assert sorted(kube.prune(doc)[1]) == ["status.futureField", "status.progress.gradNorm"]
+    del doc["status"]["futureField"], doc["status"]["progress"]["gradNorm"]
     doc["status"]["conditions"][0]["status"] = "Maybe"
     doc["status"]["progress"]["step"] = "twelve"
     assert {e.path for e in kube.schema_errors(doc)} == {
         "status.conditions[0].status",
         "status.progress.step",
     }
+
+
+T0_TEXT = "2026-11-22T00:00:00Z"
+
+
+def test_the_status_check_of_the_status_tests_can_fail() -> None:
+    """status_world validates every status the status tests derive (World.step); the same check
+    refuses a field the CRD does not declare and a field of the wrong type."""
+    world = World(run_doc())
+    through_data(world)
+    status = world.status
+    assert status_schema_errors(status) == []
+    assert status_schema_errors(status | {"completedStage": ["preprocess"]}) == [
+        "Additional properties are not allowed ('completedStage' was unexpected)"
+    ]
+    mistyped = copy.deepcopy(status)
+    mistyped["dataset"]["trainTokens"] = "21M"
+    mistyped["attemptHistory"] = [{"attempt": 1, "reason": "retry", "startTime": T0_TEXT}]
+    assert status_schema_errors(mistyped) == [
+        "status.dataset.trainTokens: '21M' is not of type 'integer'",
+        "status.attemptHistory[0].reason: 'retry' is not one of ['initial', 'failure', 'stall']",
+    ]
+
+
+def _status_nodes(node: dict[str, Any], where: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    yield where, node
+    for name, prop in node.get("properties", {}).items():
+        yield from _status_nodes(prop, f"{where}.{name}")
+    for key in ("items", "additionalProperties"):
+        if isinstance(node.get(key), dict):
+            yield from _status_nodes(node[key], f"{where}[]" if key == "items" else f"{where}{{}}")
+
+
+@pytest.mark.parametrize("path", CRD_FILES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_status_field_is_declared_and_documented(path: Path) -> None:
+    """`kubectl explain trainingrun.status.<field>` prints each property's description, and the
+    API server keeps no status field the CRD does not declare (nothing in it is free-form)."""
+    schema = load(path)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    status = schema["properties"]["status"]
+    nodes = dict(_status_nodes(status, "status"))
+    properties = [w for w in nodes if not w.endswith(("[]", "{}"))]
+    assert [w for w in properties if not nodes[w].get("description")] == []
+    assert [w for w, n in nodes.items() if n.get("x-kubernetes-preserve-unknown-fields")] == []
+    assert [w for w, n in nodes.items() if "type" not in n] == []
+    issue_fields = {"completedStages", "attemptHistory", "sanity", "upstream", "evaluation"}
+    assert issue_fields <= set(status["properties"])
 
 
 def test_conditions_are_a_list_map_by_type_shaped_like_metav1_condition() -> None:

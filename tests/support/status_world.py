@@ -1,6 +1,11 @@
 """A run's world for the pure status tests: its children and pods in a dictionary, changed as the
 controllers would change them, with `derive_status`'s actions applied as the API server would
 (create-if-absent, delete). Shared by tests/operator/test_status.py and the GitOps health checks.
+
+Every derived status is validated against the generated CRD's status schema, as the API server
+validates a status patch (standin.crd_emulation: OAS 3.0 with openapi-schema-validator, defaulting
+first, strict field validation): a field the operator writes that the CRD does not declare, or
+declares with another type, fails every status test that reaches it.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ import json
 from typing import Any
 
 from kubetrain_operator.api import SanitySpec
+from kubetrain_operator.crd import status_schema
 from kubetrain_operator.status import (
     DeleteObject,
     EnsureObject,
@@ -20,9 +26,19 @@ from kubetrain_operator.status import (
     derive_status,
 )
 from operator_support import PREPROCESS_RESULT, job_status, pod_for, result, stored
+from standin import crd_emulation
 
 T0 = 1_800_000_000.0
 TIMING = Timing(backoff_base=10.0, backoff_max=40.0)
+#: The CRD's status schema, built once: the emulation caches its validator per schema object.
+STATUS_SCHEMA = status_schema()
+
+
+def status_schema_errors(status: dict[str, Any]) -> list[str]:
+    """`path: problem` for each thing the API server would refuse in this status (unknown fields
+    included: strict field validation)."""
+    errors = crd_emulation.schema_errors(status, schema=STATUS_SCHEMA)
+    return [f"status.{e.path}: {e.message}" if e.path else e.message for e in errors]
 
 
 def sanity_spec(rungs: int) -> dict[str, Any]:
@@ -58,6 +74,7 @@ class World:
             timing=TIMING,
         )
         json.dumps(status)  # a status is plain JSON
+        assert status_schema_errors(status) == [], status
         self.run["status"] = status
         for action in actions:
             if isinstance(action, EnsureObject):
