@@ -59,7 +59,8 @@ from operator_harness import (  # noqa: E402
     path_of,
     wait_for,
 )
-from operator_support import NAMESPACE, job_status, run_doc  # noqa: E402
+from operator_support import NAMESPACE, run_doc  # noqa: E402
+from standin.controllers import job_status  # noqa: E402
 
 
 def operator_calls(api: ApiServerProcess) -> int:

@@ -25,6 +25,12 @@ serves the Kubernetes semantics itself:
   removes the resource and its objects; custom resources are admitted against the schema
   (admission.py: pruning, defaulting, OpenAPI validation, CEL incl. transition rules).
 
+Built on kmock's public names only (`kmock.KubernetesEmulator`, `RawHandler`, `Request`,
+`Server`), but it reaches two of their private methods: `Request._parse` (kmock's request parser,
+reused so kmock's recording and DSL see the same requests) and `RawHandler._handle` (kmock's
+reactions, tried first). Those are not API, so pyproject pins kmock exactly (`kmock==0.8`);
+a new kmock needs this module's serving path re-read before the pin moves.
+
 Not emulated: authentication and RBAC (every request is allowed; `calls()` records what was asked
 so tests can compare it with an RBAC list), server-side apply, conversion webhooks and multiple
 stored versions, admission webhooks other than the defaulters registered by controller stand-ins,
@@ -50,7 +56,6 @@ import aiohttp.web
 import attrs
 import kmock
 import yaml
-from kmock._internal import apps, rendering
 
 from . import discovery, protobuf, tables
 from .admission import admit_custom, name_causes
@@ -219,9 +224,9 @@ class StandInAPIServer(kmock.KubernetesEmulator):
         # every path itself. A bug in the stand-in is a 500 Status and a logged traceback.
         body = await raw_request.read()
         try:
-            request = await rendering.Request._parse(raw_request, id=len(self._requests))
+            request = await kmock.Request._parse(raw_request, id=len(self._requests))
         except ValueError:
-            request = rendering.Request(
+            request = kmock.Request(
                 id=len(self._requests),
                 raw_request=raw_request,
                 url=raw_request.url,
@@ -243,10 +248,10 @@ class StandInAPIServer(kmock.KubernetesEmulator):
                 ApiError(500, "InternalError", f"stand-in bug: {error!r}").status(), status=500
             )
 
-    async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
+    async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
         if self._payloads:
             try:
-                return await apps.RawHandler._handle(self, request)
+                return await kmock.RawHandler._handle(self, request)
             except NotImplementedError:
                 pass
         code = 200
@@ -274,7 +279,7 @@ class StandInAPIServer(kmock.KubernetesEmulator):
             self._record(request, route, code)
         return response
 
-    def _record(self, request: rendering.Request, route: Route, code: int) -> None:
+    def _record(self, request: kmock.Request, route: Route, code: int) -> None:
         method = request.method.value if request.method else ""
         params = request.params
         if method == "GET":
@@ -306,7 +311,7 @@ class StandInAPIServer(kmock.KubernetesEmulator):
             )
         )
 
-    def _route(self, request: rendering.Request) -> Route | None:
+    def _route(self, request: kmock.Request) -> Route | None:
         parts = request.url.path.strip("/").split("/")
         if parts[0] == "api":
             group, rest = "", parts[1:]
@@ -337,7 +342,7 @@ class StandInAPIServer(kmock.KubernetesEmulator):
         return Route(rt, namespace, name, sub)
 
     async def _serve(
-        self, request: rendering.Request, route: Route | None
+        self, request: kmock.Request, route: Route | None
     ) -> aiohttp.web.StreamResponse:
         path = request.url.path.rstrip("/") or "/"
         method = request.method.value if request.method else "GET"
@@ -392,7 +397,7 @@ class StandInAPIServer(kmock.KubernetesEmulator):
             response.headers.add("Warning", f'299 - "{text}"'.replace('""', '"'))
         return response
 
-    def _decode(self, request: rendering.Request) -> Any:
+    def _decode(self, request: kmock.Request) -> Any:
         """JSON (as kmock parsed it) or YAML; both are what the API server accepts."""
         if isinstance(request.data, (dict, list)):
             return request.data
@@ -959,7 +964,7 @@ class StandInAPIServer(kmock.KubernetesEmulator):
         }
 
     async def _watch(
-        self, request: rendering.Request, route: Route, params: dict[str, str], accept: str
+        self, request: kmock.Request, route: Route, params: dict[str, str], accept: str
     ) -> aiohttp.web.StreamResponse:
         assert request._raw_request is not None
         loop = asyncio.get_running_loop()

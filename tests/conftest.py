@@ -1,8 +1,14 @@
-"""Shared fixtures. Real servers only: S3 is a real `moto_server` over HTTP on 127.0.0.1.
+"""Shared fixtures, and what makes a test slow. Real servers only: S3 is a real `moto_server`
+over HTTP on 127.0.0.1.
 
 The trainer tests share one set of assets (datasets, the tiny base model) and one warm launcher for
 the whole session; both come from tests/support/trainer_support.py, imported only when a test asks
 for them.
+
+`make check` runs what is not slow. A test is slow, without anyone remembering a marker, when it
+lives in a folder that runs the stand-in or whole pipelines, or uses a fixture that trains or
+starts a process or server (`SLOW_FOLDERS`, `SLOW_FIXTURES`); other modules that start
+processes say so with `pytestmark = pytest.mark.slow`.
 """
 
 from __future__ import annotations
@@ -22,6 +28,11 @@ import pytest
 from ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
+#: Folders whose every test runs the stand-in or a whole pipeline of processes.
+SLOW_FOLDERS = (ROOT / "tests" / "end_to_end", ROOT / "tests" / "standin")
+#: Fixtures that train or start a process or server: a test that uses one (directly or through
+#: another fixture) is slow.
+SLOW_FIXTURES = frozenset({"assets", "launcher", "moto_endpoint"})
 
 if TYPE_CHECKING:
     from trainer_support import Assets, Launcher
@@ -95,7 +106,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects: the marks added here count
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        in_folder = any(item.path.is_relative_to(folder) for folder in SLOW_FOLDERS)
+        if in_folder or SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
     if config.getoption("--kube-context"):
         return
     skip = pytest.mark.skip(

@@ -2,7 +2,7 @@
 
 Real: the TrainingRun model, plan and render (the objects the operator would create). The world
 around it is a dictionary of children and pods that the tests change the way the Job controller
-and the Kubeflow training operator would (tests/support/operator_support.py); the actions
+and the Kubeflow training operator would (standin/controllers.py); the actions
 derive_status returns are applied to that dictionary as the API server would (create-if-absent,
 delete).
 """
@@ -26,14 +26,8 @@ from kubetrain_operator.status import (
     RequeueAfter,
     SetSuspend,
 )
-from operator_support import (
-    PREPROCESS_RESULT,
-    job_status,
-    pod_for,
-    result,
-    run_doc,
-    stored,
-)
+from operator_support import PREPROCESS_RESULT, result, run_doc, stored
+from standin.controllers import condition, job_status, pod_for
 from status_world import T0, TIMING, World, sanity_spec, through_data, train_result
 
 
@@ -695,14 +689,12 @@ def test_a_finished_child_waits_briefly_for_its_pods_exit_codes() -> None:
 def test_every_job_and_pytorchjob_condition(
     kind: str, conditions: list[str], active: int, phase: str
 ) -> None:
-    from operator_support import condition
-
     body = {
         "apiVersion": "batch/v1" if kind == "Job" else "kubeflow.org/v1",
         "kind": kind,
         "metadata": {"name": "x"},
         "spec": {},
-        "status": {"conditions": [condition(c, T0) for c in conditions]},
+        "status": {"conditions": [condition(c, T0, kind=kind) for c in conditions]},
     }
     if active:
         body["status"]["active"] = active

@@ -4,9 +4,10 @@
 resourceVersion, generation, 409/422, status subresource, watches, finalizers, ownerReference GC,
 CRD admission) with our CRD applied and the test namespace created, over real HTTP.
 `OperatorProcess` is `python -m kopf run --standalone -m kubetrain_operator.main --namespace NS`
-with its kubeconfig and test-sized timings. `Controllers` does over
-HTTP what the Job controller and the Kubeflow training operator do: create the child's pods (with
-their labels and an ownerReference), patch pod and child status. `TrainerMetrics` serves the
+with its kubeconfig and test-sized timings. `Controllers` is the test's hand on the Job controller,
+the Kubeflow training operator and the kubelet: the test says when a child's pods start, finish or
+stop, and it writes over HTTP what standin/controllers.py says those controllers write (pods with
+their labels and owner, pod and child status). `TrainerMetrics` serves the
 trainer's progress series with prometheus-client on a real port, mapped to the run's metrics
 Service through the operator's KUBETRAIN_METRICS_ENDPOINTS file.
 """
@@ -30,9 +31,10 @@ import yaml
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 from kubetrain_operator.crd import build_crd
-from operator_support import NAMESPACE, job_status, pod_for
+from operator_support import NAMESPACE
 from standin import StandIn, start_apiserver
 from standin.apiserver import Call
+from standin.controllers import job_status, pod_for, pod_status
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -358,7 +360,8 @@ class TrainerMetrics:
 
 
 class Controllers:
-    """The Job controller and the Kubeflow training operator, as far as the operator sees them."""
+    """The Job controller, the Kubeflow training operator and the kubelet, moved by the test:
+    their writes are standin.controllers', their timing is the test's."""
 
     def __init__(self, api: ApiServer) -> None:
         self.emu = api
@@ -446,7 +449,7 @@ class Controllers:
         self.emu.request(
             "PATCH",
             path_of(child["apiVersion"], plural, NAMESPACE, child["metadata"]["name"]) + "/status",
-            {"status": job_status(child["kind"], state, time.time())},
+            {"status": job_status(child["kind"], state, time.time(), **_named(child))},
             "application/merge-patch+json",
         )
 
@@ -466,16 +469,6 @@ class Controllers:
             replicas += [("worker", i) for i in range(workers)]
         for replica, index in replicas:
             pod = pod_for(child, replica=replica, index=index, at=time.time())
-            pod["metadata"]["ownerReferences"] = [
-                {
-                    "apiVersion": child["apiVersion"],
-                    "kind": child["kind"],
-                    "name": child["metadata"]["name"],
-                    "uid": child["metadata"]["uid"],
-                    "controller": True,
-                    "blockOwnerDeletion": True,
-                }
-            ]
             body = {k: v for k, v in pod.items() if k != "status"}
             self.emu.request("POST", path_of("v1", "pods", NAMESPACE), body)
             self._pod_status(pod)
@@ -506,16 +499,8 @@ class Controllers:
         """The kubelet's part: SIGTERM → the trainer checkpoints and exits 143; the pod goes."""
         name = pod["metadata"]["name"]
         if (pod.get("status") or {}).get("phase") not in ("Succeeded", "Failed"):
-            statuses = pod["status"]["containerStatuses"]
-            for status in statuses:
-                status["state"] = {
-                    "terminated": {
-                        "exitCode": 143,
-                        "reason": "Error",
-                        "finishedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    }
-                }
-            pod["status"]["phase"] = "Failed"
+            container = pod["spec"]["containers"][0]["name"]
+            pod["status"] = pod_status(container, "Failed", 143, None, time.time())
             with contextlib.suppress(ApiFailure):
                 self._pod_status(pod)
         with contextlib.suppress(ApiFailure):
@@ -537,3 +522,8 @@ class Controllers:
         for pod in stopping:
             self._stop_pod(pod)
         return len(stopping)
+
+
+def _named(child: dict[str, Any]) -> dict[str, str]:
+    """The name and namespace a controller's condition messages quote."""
+    return {"name": child["metadata"]["name"], "namespace": child["metadata"]["namespace"]}

@@ -25,8 +25,9 @@ from kubetrain_operator.status import (
     Timing,
     derive_status,
 )
-from operator_support import PREPROCESS_RESULT, job_status, pod_for, result, stored
+from operator_support import PREPROCESS_RESULT, result, stored
 from standin import crd_emulation
+from standin.controllers import job_status, pod_for
 
 T0 = 1_800_000_000.0
 TIMING = Timing(backoff_base=10.0, backoff_max=40.0)
