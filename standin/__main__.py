@@ -1,9 +1,10 @@
 """`python -m standin --port PORT --workdir DIR`: a local cluster stand-in, until Ctrl-C.
 
-Writes DIR/kubeconfig and prints its path when ready. Then, for example:
-    KUBECONFIG=DIR/kubeconfig kubectl apply -f crds/
-    KUBECONFIG=DIR/kubeconfig KUBETRAIN_METRICS_ENDPOINTS=DIR/service-endpoints.json \
-        kubetrain operator
+Writes DIR/kubeconfig and, when ready, prints its path, then the `export` line that points
+kubectl and `kubetrain operator` at it in another shell (the README's tour shows the same line):
+    export KUBECONFIG=DIR/kubeconfig KUBETRAIN_METRICS_ENDPOINTS=DIR/service-endpoints.json
+The second variable is where the operator finds the trainers' metrics Services: the host cannot
+resolve cluster DNS names, so the stand-in keeps that file of `namespace/service` → URL.
 Pods run as local processes with the project's .venv (needs root: mount namespaces);
 PVC NAME is the directory DIR/pvcs/NAME. What is emulated and what not: docs/standin.md.
 """
@@ -20,6 +21,12 @@ import sys
 from pathlib import Path
 
 from .cluster import serve, write_kubeconfig
+
+
+def export_line(kubeconfig: Path, endpoints: Path | None) -> str:
+    """The shell line that points kubectl and the operator at this stand-in (docs/standin.md)."""
+    line = f"export KUBECONFIG={kubeconfig}"
+    return line + (f" KUBETRAIN_METRICS_ENDPOINTS={endpoints}" if endpoints else "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,9 +59,10 @@ def main(argv: list[str] | None = None) -> int:
 
     async def run() -> None:
         workdir = args.workdir.resolve()
-        async with serve(workdir, args.port, pods=not args.no_pods) as (_, url, _runner):
+        async with serve(workdir, args.port, pods=not args.no_pods) as (_, url, runner):
             path = write_kubeconfig(workdir, url)
             print(path, flush=True)
+            print(export_line(path, runner.endpoints_file if runner else None), flush=True)
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):

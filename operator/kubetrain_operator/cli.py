@@ -303,6 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="serve each stage's Prometheus metrics here (default: a free port)",
     )
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="show every stage log line in a terminal too (they are always in the stage's log)",
+    )
     p.set_defaults(func=cmd_run, parser=p)
     p = sub.add_parser(
         "operator", help="run the operator (Kopf) against the kubeconfig or in-cluster config"

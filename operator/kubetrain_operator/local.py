@@ -7,6 +7,11 @@ dashboard shows in a cluster. Ctrl-C sends SIGTERM: the trainer checkpoints and 
 the same command again resumes. The executor only consumes the plan (`plan_run(target="local")`):
 stage shape, environment and configs are the plan's. The sanity ladder runs rung by rung, each
 rung's result kept as `result-sanity-<i>.json`; a failing rung stops the run before the next.
+
+In a terminal the bars already show step, loss and ETA, so the stages' INFO lines (a step line
+per logging interval) go only to each stage's log file; warnings, errors and anything else still
+show. `--verbose`, or output that is not a terminal, shows every line as before. The run ends
+with the figures a user looks for first, read from the stage results.
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -36,6 +43,10 @@ from kubetrain_operator.documents import load_runs, resolve_upstream
 from kubetrain_operator.plan import Plan, Stage, plan_run, stage_config_json
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+#: A stage's INFO or DEBUG record in the trainer's text log format (kubetrain_trainer.stage:
+#: "%(asctime)s %(levelname)s %(name)s: %(message)s"): kept out of a terminal unless --verbose.
+ROUTINE_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (?:DEBUG|INFO) ")
 
 
 @dataclass(frozen=True)
@@ -105,18 +116,24 @@ def run_locally(args: argparse.Namespace) -> int:
             console.print(f"--stage {args.stage}: not a stage of this run — use one of {names}")
             return codes.USAGE
     console.print(f"[bold]{run.name}[/]: {' → '.join(s.name for s in stages)} in {workdir}")
+    echo_all = args.verbose or not console.is_terminal
+    walls: dict[str, float | None] = {}
     for local in stages:
         console.print(f"{local.name}: {local.stage.summary}", markup=False)
         if local.stage.rung is not None and _already_passed(local, workdir):
             console.print(f"{local.name}: passed before with the same config — skipped")
+            walls[local.name] = None
             continue
-        code = run_stage(local, workdir)
+        started = time.monotonic()
+        code = run_stage(local, workdir, echo_all=echo_all)
+        walls[local.name] = time.monotonic() - started
         if code != 0:
             _explain_failure(local, code, workdir)
             return codes.from_stage(code)
+        _say_if_complete(local, workdir)
         if local.stage.rung is not None:
             _passed_marker(workdir, local).write_text(_sha256(local.config_file), encoding="utf-8")
-    _print_outputs(plan, workdir)
+    _print_summary(plan, workdir, walls)
     return codes.OK
 
 
@@ -147,8 +164,9 @@ def _stage_env(stage: Stage) -> dict[str, str]:
     return env
 
 
-def run_stage(local: LocalStage, workdir: Path) -> int:
-    """Run one stage to completion: stream its log, show progress, forward Ctrl-C as SIGTERM."""
+def run_stage(local: LocalStage, workdir: Path, *, echo_all: bool = True) -> int:
+    """Run one stage to completion: stream its log, show progress, forward Ctrl-C as SIGTERM.
+    Every line goes to the stage's log file; `echo_all` False keeps routine ones off the screen."""
     env = _stage_env(local.stage)
     name, result = local.name, local.trainer_result
     (workdir / f"result-{result}.json").unlink(missing_ok=True)  # never read a previous run's
@@ -163,7 +181,9 @@ def run_stage(local: LocalStage, workdir: Path) -> int:
             env=env,
             start_new_session=True,
         )
-        reader = threading.Thread(target=_pump, args=(proc.stdout, log, progress), daemon=True)
+        reader = threading.Thread(
+            target=_pump, args=(proc.stdout, log, progress, echo_all), daemon=True
+        )
         reader.start()
         progress.console.print(f"{name}: metrics at http://127.0.0.1:{local.metrics_port}/metrics")
         interrupted = False
@@ -213,12 +233,14 @@ def _progress(name: str) -> Progress:
     )
 
 
-def _pump(stream: IO[str], log: IO[str], progress: Progress) -> None:
-    """Copy the child's output to its log file and to the console, above the progress bar."""
+def _pump(stream: IO[str], log: IO[str], progress: Progress, echo_all: bool) -> None:
+    """Copy the child's output to its log file and to the console, above the progress bar
+    (routine lines only when `echo_all`)."""
     for line in stream:
         log.write(line)
         log.flush()
-        progress.console.print(line.rstrip("\n"), markup=False, highlight=False)
+        if echo_all or not ROUTINE_LINE.match(line):
+            progress.console.print(line.rstrip("\n"), markup=False, highlight=False)
 
 
 def _update(
@@ -343,8 +365,23 @@ def _explain_failure(local: LocalStage, code: int, workdir: Path) -> None:
     console.print(f"log: {local.log_file}")
 
 
-def _print_outputs(plan: Plan, workdir: Path) -> None:
-    console.print("[bold green]done[/]")
+def _say_if_complete(local: LocalStage, workdir: Path) -> None:
+    """A re-run that resumed at the last step trained nothing: say so plainly."""
+    result = _result(workdir, local.name)
+    step = result.get("step")
+    if step is not None and result.get("resumedFrom") == step:
+        console.print(f"{local.name}: complete at step {step} — nothing left to train")
+
+
+def _print_summary(plan: Plan, workdir: Path, walls: dict[str, float | None]) -> None:
+    """The headline figures from the stage results, wall time per stage, then where things are."""
+    figures = headline({name: _result(workdir, name) for name in walls})
+    console.print("[bold green]done[/]" + (f": {figures}" if figures else ""))
+    width = max(len(name) for name in walls)
+    for name, wall in walls.items():
+        took = "skipped" if wall is None else duration(wall)
+        cached = " (cache hit)" if _result(workdir, name).get("cacheHit") else ""
+        console.print(f"  {name:<{width}}  {took:>7}{cached}", markup=False)
     console.print(f"  output:  {plan.output_uri}")
     for name in ("final", "merged"):
         path = Path(plan.output_uri) / name
@@ -355,6 +392,25 @@ def _print_outputs(plan: Plan, workdir: Path) -> None:
     console.print(f"  results: {workdir}/result-*.json, logs: {workdir}/logs/")
     if rungs:
         console.print(f"  sanity:  {rungs}")
+
+
+def headline(results: dict[str, dict[str, Any]]) -> str:
+    """`loss 6.1034 → 0.7012, validation perplexity 2.013, 5,432 tokens/s`: what this run's
+    stage results hold (training's losses and speed, the merge stage's perplexity)."""
+    parts = []
+    train, merge = results.get("train", {}), results.get("merge", {})
+    first, last = train.get("firstLoss"), train.get("loss")
+    if isinstance(first, float) and isinstance(last, float):
+        parts.append(f"loss {first:.4f} → {last:.4f}")
+    perplexity = merge.get("perplexity")
+    if perplexity is None and isinstance(train.get("evalLoss"), float):
+        perplexity = math.exp(train["evalLoss"])
+    if isinstance(perplexity, float):
+        parts.append(f"validation perplexity {perplexity:.3f}")
+    speed = train.get("tokensPerSecond")
+    if isinstance(speed, float):
+        parts.append(f"{speed:,.0f} tokens/s")
+    return ", ".join(parts)
 
 
 def _free_port() -> int:

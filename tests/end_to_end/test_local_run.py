@@ -2,19 +2,25 @@
 
 Real: the `kubetrain` CLI as a subprocess, which runs the real preprocess stage (BPE training,
 packing), a two-rung sanity ladder and training under torchrun (gloo, CPU) and the merge/eval
-stage, on the corpus the project ships. Nothing is emulated; the run is the demo's, shortened
-(fewer steps). Exit codes are the CLI's (docs/cli.md: 1 invalid input, 3 unhealthy training).
+stage, on the corpus the project ships; its output read through a pipe, or through a real
+pseudo-terminal (`pty`) where a user's terminal would be. Nothing is emulated; the run is the
+demo's, shortened (fewer steps). Exit codes are the CLI's (docs/cli.md: 1 invalid input,
+3 unhealthy training).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pty
+import re
+import select
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -54,14 +60,50 @@ def kubetrain(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def result(workdir: Path, stage: str) -> dict[str, object]:
+def in_terminal(*args: str, cwd: Path) -> tuple[int, str]:
+    """`kubetrain ARGS` with a pseudo-terminal as stdin, stdout and stderr, as in a shell: its
+    exit code and what the terminal showed (escape sequences removed)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "TTY_COMPATIBLE")}
+    main, sub = pty.openpty()
+    proc = subprocess.Popen(
+        [*KUBETRAIN, *args],
+        cwd=cwd,
+        env={**env, "OMP_NUM_THREADS": "1", "TERM": "xterm"},
+        stdin=sub,
+        stdout=sub,
+        stderr=sub,
+    )
+    os.close(sub)
+    shown, deadline = bytearray(), time.monotonic() + 900
+    while time.monotonic() < deadline:
+        if not select.select([main], [], [], 5)[0]:
+            continue
+        try:
+            chunk = os.read(main, 65536)
+        except OSError:  # EIO: the last writer closed the terminal
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(main)
+    code = proc.wait(timeout=60)
+    return code, ESCAPES.sub("", shown.decode(errors="replace")).replace("\r", "\n")
+
+
+ESCAPES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
+#: The trainer's INFO line per logging interval (kubetrain_trainer.callbacks.TrainLogCallback).
+STEP_LINE = re.compile(r"INFO kubetrain_trainer\.callbacks: step \d+/\d+ loss ")
+EMPTY_EPOCH = "There seems not to be a single sample in your epoch_iterator"
+
+
+def result(workdir: Path, stage: str) -> dict[str, Any]:
     return json.loads((workdir / f"result-{stage}.json").read_text())
 
 
 def test_whole_plan_runs_then_reuses_its_work(tmp_path: Path) -> None:
     spec, workdir = demo_spec(tmp_path), tmp_path / "work"
-    first = kubetrain("run", str(spec), "--workdir", str(workdir), cwd=tmp_path)
-    assert first.returncode == 0, first.stdout + first.stderr
+    code, shown = in_terminal("run", str(spec), "--workdir", str(workdir), cwd=tmp_path)
+    assert code == 0, shown
     for stage in ("preprocess", "sanity-1", "sanity-2", "train", "merge"):
         assert result(workdir, stage)["ok"] is True, stage
         assert (workdir / "logs" / f"{stage}.log").stat().st_size > 0
@@ -75,13 +117,31 @@ def test_whole_plan_runs_then_reuses_its_work(tmp_path: Path) -> None:
     final = tmp_path / "output" / "final"
     assert (final / "model.safetensors").exists()
     assert (final / "tokenizer.json").exists()
-    assert "output:" in first.stderr and str(tmp_path / "output") in first.stderr
+    assert "output:" in shown and str(tmp_path / "output") in shown
+    # In a terminal the bars show the steps: the step lines stay in the stage logs only.
+    assert not STEP_LINE.search(shown), shown
+    assert STEP_LINE.search((workdir / "logs" / "train.log").read_text())
+    # The summary: the figures from the stage results, then each stage's wall time.
+    train, merge = result(workdir, "train"), result(workdir, "merge")
+    first_loss, last_loss = float(train["firstLoss"]), float(train["loss"])
+    assert first_loss > last_loss, train
+    assert f"loss {first_loss:.4f} → {last_loss:.4f}" in shown, shown
+    assert f"validation perplexity {float(merge['perplexity']):.3f}" in shown
+    assert f"{float(train['tokensPerSecond']):,.0f} tokens/s" in shown
+    for stage in ("preprocess", "sanity-1", "sanity-2", "train", "merge"):
+        assert re.search(rf"^  {stage} +(\d+m)?\d+s$", shown, flags=re.M), (stage, shown)
 
     again = kubetrain("run", str(spec), "--workdir", str(workdir), cwd=tmp_path)
     assert again.returncode == 0, again.stdout + again.stderr
     assert result(workdir, "preprocess")["cacheHit"] is True
     assert "sanity-1: passed before with the same config — skipped" in again.stderr
     assert "sanity-2: passed before with the same config — skipped" in again.stderr
+    # Training was complete: said plainly, without transformers' warning about an empty epoch.
+    assert "train: complete at step 24 — nothing left to train" in again.stderr
+    assert EMPTY_EPOCH not in again.stdout + again.stderr
+    # Not a terminal: every line as before, the trainer's INFO lines included.
+    assert "stage complete at step 24: nothing left to train" in again.stderr
+    assert re.search(r"^  sanity-1 +skipped$", again.stderr, flags=re.M), again.stderr
 
 
 def test_a_failing_first_rung_stops_before_the_second(tmp_path: Path) -> None:
@@ -89,14 +149,17 @@ def test_a_failing_first_rung_stops_before_the_second(tmp_path: Path) -> None:
     doc = yaml.safe_load(spec.read_text())
     doc["spec"]["sanity"]["rungs"][0]["minLossDrop"] = 0.99  # no 10 steps drop the loss by 99 %
     spec.write_text(yaml.safe_dump(doc))
-    proc = kubetrain("run", str(spec), "--workdir", str(workdir), cwd=tmp_path)
-    assert proc.returncode == 3, proc.stdout + proc.stderr  # unhealthy training: no retry
+    code, shown = in_terminal(
+        "run", str(spec), "--workdir", str(workdir), "--verbose", cwd=tmp_path
+    )
+    assert code == 3, shown  # unhealthy training: no retry
+    assert STEP_LINE.search(shown), shown  # --verbose: the step lines in the terminal too
     first = result(workdir, "sanity-1")
     assert first["ok"] is False and first["exitCode"] == 3
     assert not (workdir / "result-sanity-2.json").exists()
     assert not (workdir / "logs" / "sanity-2.log").exists()
     assert not (workdir / "result-train.json").exists()
-    assert "sanity-1 failed (exit 3)" in proc.stderr
+    assert "sanity-1 failed (exit 3)" in shown
 
 
 def test_invalid_run_file_exits_1_naming_the_field(tmp_path: Path) -> None:
@@ -160,3 +223,4 @@ def test_ctrl_c_saves_a_checkpoint_and_the_rerun_resumes(tmp_path: Path) -> None
     # Same output location, so the trainer resumes from the newest complete checkpoint.
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert result(workdir, "train")["resumedFrom"] == stopped_at
+    assert STEP_LINE.search(resumed.stderr), resumed.stderr  # a pipe: every line as before

@@ -1,4 +1,6 @@
-"""The `kubetrain` CLI: `validate` and `render`, run as real subprocesses on real files.
+"""The `kubetrain` CLI: `validate` and `render`, run as real subprocesses on real files; `run`'s
+flags and the figures of its closing summary (stage results as the trainer writes them; the runs
+themselves are tests/end_to_end/test_local_run.py).
 
 Real: the installed `kubetrain` console script (or `python -m kubetrain_operator.cli` where the
 script is missing), the shipped examples, files written to a temporary directory, exit codes and
@@ -361,3 +363,27 @@ def test_validate_and_render_import_nothing_heavy() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == ""
+
+
+# ------------------------------------------------------------------------------------------ run
+
+
+def test_run_has_a_verbose_flag() -> None:
+    done = kubetrain("run", "--help")
+    assert done.returncode == 0, done.stderr
+    assert "-v, --verbose" in done.stdout
+
+
+def test_run_summary_headline_comes_from_the_stage_results() -> None:
+    from kubetrain_operator.local import headline
+
+    train = {"ok": True, "firstLoss": 6.93712, "loss": 0.70151, "tokensPerSecond": 5432.4}
+    merge = {"ok": True, "perplexity": 2.01349, "evalLoss": 0.7}
+    assert headline({"train": train, "merge": merge}) == (
+        "loss 6.9371 → 0.7015, validation perplexity 2.013, 5,432 tokens/s"
+    )
+    # no merge stage run: training's own evaluation; nothing trained yet: no figures at all
+    assert headline({"train": {**train, "evalLoss": 0.0}}).endswith(
+        "validation perplexity 1.000, 5,432 tokens/s"
+    )
+    assert headline({"preprocess": {"ok": True}}) == ""

@@ -318,10 +318,24 @@ class PrometheusCallback(TrainerCallback):
             self._labels(self.metrics.eval_loss).set(metrics["eval_loss"])
 
 
+#: What transformers warns when an epoch yields no batch: a resumed stage with no step left.
+EMPTY_EPOCH_WARNING = "There seems not to be a single sample in your epoch_iterator"
+
+
+class _DropEmptyEpoch(logging.Filter):
+    """Drops transformers' empty-epoch warning while a complete stage passes through Trainer: it
+    is expected there, and worded as if something were wrong."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(EMPTY_EPOCH_WARNING)
+
+
 class TrainLogCallback(TrainerCallback):
     """Every step's losses averaged over `loggingSteps`: one log line and one JSON line in
     `<stage>-log.jsonl` (rank 0, in the workdir) per interval and evaluation, the interval's
-    numbers in Trainer's log history (intermediate entries dropped), `last_loss` for the result."""
+    numbers in Trainer's log history (intermediate entries dropped); for the result, the run's
+    first and last interval loss (across resumes: the history is restored with the checkpoint)
+    and the tokens/s at the end. A stage resumed at its last step says it is complete."""
 
     def __init__(
         self,
@@ -340,7 +354,33 @@ class TrainLogCallback(TrainerCallback):
             else None
         )
         self._window: dict[str, list[float]] = {}
+        self.first_loss: float | None = None
         self.last_loss: float | None = None
+        self.tokens_per_second: float | None = None
+        self._quiet = _DropEmptyEpoch()
+
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        **kwargs: Any,
+    ) -> None:
+        losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
+        if losses:
+            self.first_loss, self.last_loss = losses[0], losses[-1]
+        if state.max_steps and state.global_step >= state.max_steps:
+            log.info("stage complete at step %d: nothing left to train", state.global_step)
+            logging.getLogger("transformers.trainer").addFilter(self._quiet)
+
+    def on_train_end(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        **kwargs: Any,
+    ) -> None:
+        logging.getLogger("transformers.trainer").removeFilter(self._quiet)
 
     def on_log(
         self,
@@ -363,7 +403,10 @@ class TrainLogCallback(TrainerCallback):
             return
         window, self._window = self._window, {}
         mean = {key: _mean(values) for key, values in window.items()}
+        if self.first_loss is None:
+            self.first_loss = mean["loss"]
         self.last_loss = mean["loss"]
+        self.tokens_per_second = self.clock.tokens_per_second
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             logged = state.log_history[-1]  # the interval's numbers, as Trainer's own logging has
             logged["loss"] = mean["loss"]
