@@ -7,21 +7,25 @@ for them.
 
 `make check` runs what is not slow. A test is slow, without anyone remembering a marker, when it
 lives in a folder that runs the stand-in or whole pipelines, or uses a fixture that trains or
-starts a process or server (`SLOW_FOLDERS`, `SLOW_FIXTURES`); other modules that start
-processes say so with `pytestmark = pytest.mark.slow`.
+starts a process or server (`SLOW_FOLDERS`, `SLOW_FIXTURES`). Anything else that starts a process
+is caught in a run that deselects slow tests (`make check`): the test fails and says how to mark
+it. Short-lived, pure commands (`kubetrain` but `run` and `operator`, git, Helm, promtool, the
+chart generator) stay in the fast loop: they read files and exit within a second.
 """
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing.process
 import os
 import shutil
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -33,6 +37,10 @@ SLOW_FOLDERS = (ROOT / "tests" / "end_to_end", ROOT / "tests" / "standin")
 #: Fixtures that train or start a process or server: a test that uses one (directly or through
 #: another fixture) is slow.
 SLOW_FIXTURES = frozenset({"assets", "launcher", "moto_endpoint"})
+#: Short-lived, pure commands a fast test may run: they read files and exit within a second.
+QUICK_PROGRAMS = frozenset({"git", "helm", "promtool", "generate.py"})
+#: `kubetrain` subcommands that start stages or the operator: every other one is quick.
+SLOW_SUBCOMMANDS = frozenset({"run", "operator"})
 
 if TYPE_CHECKING:
     from trainer_support import Assets, Launcher
@@ -118,5 +126,71 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         reason="needs a real cluster: pytest --kube-context NAME -m e2e (see docs/standin.md)"
     )
     for item in items:
-        if "e2e" in item.keywords:
+        if item.get_closest_marker("e2e"):
             item.add_marker(skip)
+
+
+def _quick(argv: Any) -> bool:
+    """QUICK_PROGRAMS, or `kubetrain` (or `python -m kubetrain_operator.cli`) but run/operator."""
+    if isinstance(argv, (str, bytes, os.PathLike)) or not isinstance(argv, Sequence) or not argv:
+        return False
+    words = [os.path.basename(str(word)) for word in argv]
+    if words[1:3] == ["-m", "kubetrain_operator.cli"]:
+        words = ["kubetrain", *words[3:]]
+    elif words[0].startswith("python") and len(words) > 1:
+        words = words[1:]  # a script: python generate.py
+    if words[0] == "kubetrain":
+        return "--help" in words or not SLOW_SUBCOMMANDS.intersection(words[1:2])
+    return words[0] in QUICK_PROGRAMS
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """In a run without slow tests, a test not marked slow starts no process but a quick one."""
+    fast_run = "not slow" in (item.config.getoption("markexpr") or "")
+    guarded = fast_run and item.get_closest_marker("slow") is None
+    with _no_processes(item) if guarded else contextlib.nullcontext():
+        return (yield)
+
+
+@contextlib.contextmanager
+def _no_processes(item: pytest.Item) -> Iterator[None]:
+    """subprocess.Popen (so subprocess.run), os.fork and multiprocessing's start fail the test
+    while it is set up, runs and is torn down; quick commands pass."""
+
+    def refuse(what: str) -> None:
+        pytest.fail(
+            f"{item.nodeid} starts a process ({what}) but is not marked slow, and `make check` "
+            "runs only fast tests: use a fixture in SLOW_FIXTURES (tests/conftest.py), add the "
+            "fixture that starts it there, or mark the test or its module `pytest.mark.slow`.",
+            pytrace=False,
+        )
+
+    popen_init, fork, start = (
+        subprocess.Popen.__init__,
+        os.fork,
+        multiprocessing.process.BaseProcess.start,
+    )
+
+    def guarded_popen(self: subprocess.Popen[Any], args: Any, *rest: Any, **kwargs: Any) -> None:
+        if not _quick(args):
+            refuse(f"{args!r:.80}")
+        popen_init(self, args, *rest, **kwargs)
+
+    def guarded_fork() -> int:
+        refuse("os.fork")
+        return fork()
+
+    def guarded_start(self: multiprocessing.process.BaseProcess) -> None:
+        refuse("multiprocessing")
+        start(self)
+
+    subprocess.Popen.__init__ = guarded_popen  # type: ignore[assignment,method-assign]
+    os.fork = guarded_fork
+    multiprocessing.process.BaseProcess.start = guarded_start  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        subprocess.Popen.__init__ = popen_init  # type: ignore[method-assign]
+        os.fork = fork
+        multiprocessing.process.BaseProcess.start = start  # type: ignore[method-assign]

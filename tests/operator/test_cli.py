@@ -344,6 +344,7 @@ def test_render_prints_nothing_for_an_invalid_run(tmp_path: Path) -> None:
 HEAVY = ("torch", "peft", "deepspeed", "transformers", "kubernetes", "kopf", "kubeflow")
 
 
+@pytest.mark.slow  # starts a stage or operator process
 def test_validate_and_render_import_nothing_heavy() -> None:
     code = textwrap.dedent(
         f"""

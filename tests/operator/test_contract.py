@@ -182,6 +182,7 @@ def test_trainer_rejects_configs_it_does_not_understand(case: str) -> None:
     assert all(" — " in line for line in str(caught.value).splitlines()), str(caught.value)
 
 
+@pytest.mark.slow  # starts a stage or operator process
 @pytest.mark.parametrize("case", ["unknown top-level field", "wrong apiVersion"])
 def test_trainer_exits_2_on_a_bad_config(case: str, tmp_path: Path) -> None:
     """Exit code 2 = invalid config, do not retry (docs/architecture.md)."""

@@ -20,6 +20,8 @@ import pytest
 from operator_harness import ApiServer, Controllers, OperatorProcess, free_port, wait_for
 from operator_support import NAMESPACE, run_doc
 
+pytestmark = pytest.mark.slow  # every test starts stage or operator processes
+
 BIN = Path(sys.executable).parent
 
 

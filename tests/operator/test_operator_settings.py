@@ -98,6 +98,7 @@ def test_a_plain_http_endpoint_needs_the_explicit_allowance(
     assert OperatorSettings.from_env().defaults.s3_endpoint == "http://minio:9000"
 
 
+@pytest.mark.slow  # starts a stage or operator process
 def test_the_operator_process_refuses_to_start_with_a_bad_default(tmp_path: Path) -> None:
     """`kopf run -m kubetrain_operator.main` (as the chart starts it) exits before it connects."""
     proc = subprocess.run(

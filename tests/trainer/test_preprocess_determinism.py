@@ -35,6 +35,8 @@ from preprocess_support import (
     write_jsonl,
 )
 
+pytestmark = pytest.mark.slow  # every test starts stage or operator processes
+
 TRAINED = {"train": {"vocabSize": 800, "specialTokens": [EOS]}}
 
 

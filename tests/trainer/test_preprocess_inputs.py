@@ -142,6 +142,7 @@ def _invalid_parquet(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow  # starts a stage or operator process
 @pytest.mark.parametrize(
     ("make", "name", "says"),
     [
@@ -161,6 +162,7 @@ def test_a_damaged_file_exits_2_naming_it(tmp_path: Path, make: Any, name: str, 
     assert not list((tmp_path / "cache").glob("datasets/.tmp-*"))  # staging removed
 
 
+@pytest.mark.slow  # starts a stage or operator process
 def test_a_missing_file_and_a_broken_tokenizer_exit_2(tmp_path: Path) -> None:
     good = write_jsonl(tmp_path / "good.jsonl", _rows(20))
     code, result = _stage(config(tmp_path, [str(good), str(tmp_path / "absent.jsonl")]), tmp_path)
@@ -182,6 +184,7 @@ WITHOUT_DAC = [
 ]
 
 
+@pytest.mark.slow  # starts a stage or operator process
 def test_an_unreadable_file_exits_2_naming_it(tmp_path: Path) -> None:
     good = write_jsonl(tmp_path / "good.jsonl", _rows(20))
     secret = write_jsonl(tmp_path / "secret.jsonl", _rows(20))
@@ -215,6 +218,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", str(mount)], check=True)
 
 
+@pytest.mark.slow  # starts a stage or operator process
 def test_a_full_disk_is_retryable_and_leaves_no_staging(small_disk: Path, tmp_path: Path) -> None:
     source = write_jsonl(tmp_path / "big.jsonl", [{"text": t} for t in docs(2_000_000)])
     cfg = config(tmp_path, [str(source)], cacheRoot=str(small_disk / "cache"))

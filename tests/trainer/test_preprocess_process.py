@@ -16,6 +16,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -23,6 +24,8 @@ from corpus import write_text_corpus
 from kubetrain_trainer.preprocess import dataset
 from ports import free_port
 from preprocess_support import ROOT, cli, config, docs
+
+pytestmark = pytest.mark.slow  # every test starts stage or operator processes
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

@@ -268,6 +268,7 @@ def test_parquet_rows_of_every_reason(tmp_path: Path) -> None:
     assert result["rejected"] == {"wrongType": 12, "missingField": 7, "emptyText": 3}
 
 
+@pytest.mark.slow  # starts a stage or operator process
 def test_above_the_threshold_the_stage_exits_2_and_publishes_nothing(tmp_path: Path) -> None:
     good = [{"text": t} for t in docs(40_000)]
     rows: list[dict[str, Any]] = [*good[:50], *({"text": ""} for _ in range(3)), *good[50:]]
@@ -292,6 +293,7 @@ def test_above_the_threshold_the_stage_exits_2_and_publishes_nothing(tmp_path: P
         run_stage(cfg, tmp_path / "w")  # a cache hit is held to the threshold too
 
 
+@pytest.mark.slow  # starts a stage or operator process
 def test_the_result_stays_valid_json_under_4_kib_with_many_rejected_rows(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

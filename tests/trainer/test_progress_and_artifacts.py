@@ -129,6 +129,7 @@ def test_perplexity_above_max_perplexity_fails_the_merge_with_exit_3(
     assert not (out / "merged").exists()
 
 
+@pytest.mark.slow  # starts a stage or operator process
 def test_the_bitsandbytes_cpu_kernel_warning_is_not_shown_at_stage_start() -> None:
     import subprocess
     import sys

@@ -76,6 +76,7 @@ CREDENTIAL_URIS = [
 ]
 
 
+@pytest.mark.slow  # starts a stage or operator process
 @pytest.mark.parametrize("uri", CREDENTIAL_URIS)
 def test_a_credential_uri_is_refused_without_echoing_it(
     tmp_path: Path, uri: str, caplog: pytest.LogCaptureFixture
@@ -165,6 +166,7 @@ def failing_s3() -> Iterator[ThreadingHTTPServer]:
     server.shutdown()
 
 
+@pytest.mark.slow  # starts a stage or operator process
 @pytest.mark.parametrize(
     ("mode", "code", "says"),
     [

@@ -166,6 +166,7 @@ def test_allowed_combinations_pass(
     train.refuse_broken_combinations(config, _env(world), cuda)
 
 
+@pytest.mark.slow  # starts a stage or operator process
 def test_a_refusal_exits_2_before_anything_loads(tmp_path: Path) -> None:
     """Through the real entry point: exit 2, the message in result-train.json."""
     config = train_config("unused.json", tmp_path / "out", method="dpo", dpo={"beta": 0.1})
