@@ -18,6 +18,7 @@ import pytest
 
 from kubetrain_trainer import storage
 from kubetrain_trainer.config import S3Settings
+from kubetrain_trainer.storage import readers, transfers
 
 
 @pytest.fixture
@@ -97,7 +98,7 @@ def test_s3_stream_resumes_after_a_broken_connection(
     with storage.open_binary(uri, s3) as f:
         first = f.read(1024 * 1024)
         raw = f.raw
-        assert isinstance(raw, storage._S3Raw)
+        assert isinstance(raw, readers._S3Raw)
         raw.body._raw_stream.close()  # the connection drops mid-object
         rest = f.read()
     assert first + rest == payload
@@ -120,7 +121,7 @@ def test_upload_dir_puts_the_marker_last_and_download_dir_fetches_once(
         order.append(uri.rsplit("/ds/", 1)[1])
         real_upload(path, uri, s3, metadata)
 
-    monkeypatch.setattr(storage, "upload_file", recording_upload)
+    monkeypatch.setattr(transfers, "upload_file", recording_upload)  # upload_dir's own
     storage.upload_dir(tree, f"s3://{bucket}/ds", s3, marker="_SUCCESS")
     assert order[-1] == "_SUCCESS" and len(order) == 4
 

@@ -20,13 +20,14 @@ from kubetrain_contract.exit_codes import EXIT_INVALID
 from kubetrain_trainer import data, model, train
 from kubetrain_trainer.__main__ import main
 from kubetrain_trainer.config import AWS_S3, Architecture
+from kubetrain_trainer.distributed import DistEnv
 from kubetrain_trainer.stage import InvalidInput, StageFailure
 from stage_base import train_block
 from trainer_support import Assets, train_config, write_config
 
 
-def _env(world: int) -> train.DistEnv:
-    return train.DistEnv(rank=0, local_rank=0, world_size=world, local_world_size=world, node=0)
+def _env(world: int) -> DistEnv:
+    return DistEnv(rank=0, local_rank=0, world_size=world, local_world_size=world, node=0)
 
 
 ZERO2 = {"zero_optimization": {"stage": 2}}

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from kubetrain_trainer import train
+from kubetrain_trainer.distributed import DistEnv
 from kubetrain_trainer.stage import InvalidInput
 from trainer_support import (
     PROBE,
@@ -29,8 +30,8 @@ from trainer_support import (
     write_config,
 )
 
-TWO = train.DistEnv(rank=0, local_rank=0, world_size=2, local_world_size=2, node=0)
-ONE = train.DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, node=0)
+TWO = DistEnv(rank=0, local_rank=0, world_size=2, local_world_size=2, node=0)
+ONE = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, node=0)
 
 
 def _bitsandbytes_optimizers() -> list[str]:

@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -33,7 +32,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import torch
@@ -42,8 +40,9 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from kubetrain_trainer import storage
 from kubetrain_trainer.callbacks import StepAccounting
-from kubetrain_trainer.config import S3Settings
+from kubetrain_trainer.config import S3Settings, TrainConfig
 from kubetrain_trainer.data import StreamPosition
+from kubetrain_trainer.distributed import DistEnv
 from kubetrain_trainer.metrics import TrainerMetrics
 from kubetrain_trainer.stage import InvalidInput
 
@@ -384,6 +383,42 @@ class Uploader:
             log.info("checkpoint %s: rotated out", old.location)
 
 
+@dataclass(frozen=True)
+class CheckpointLayout:
+    """Where checkpoints are written: the output's checkpoints/ (local outputs), or a staging
+    directory in the workdir uploaded to the output's checkpoints/ (S3 outputs)."""
+
+    staging: Path
+    remote_root: str | None
+    finalizer: bool
+    """This process completes checkpoints: global rank 0 locally, each node's first on S3."""
+
+    @classmethod
+    def of(cls, config: TrainConfig, workdir: Path, env: DistEnv) -> CheckpointLayout:
+        if storage.is_s3(config.output_uri):
+            return cls(
+                workdir / f"{config.stage}-checkpoints",  # sanity and train may share a workdir
+                storage.join(config.output_uri, "checkpoints"),
+                env.local_rank == 0,
+            )
+        staging = storage.local_path(storage.join(config.output_uri, "checkpoints"))
+        return cls(staging, None, env.rank == 0)
+
+
+def run_meta(config: TrainConfig, env: DistEnv, dataset_key: str) -> dict[str, Any]:
+    """What every checkpoint records about the run, and a resumed one must match."""
+    t = config.training
+    return {
+        "run": config.run,
+        "dataset": dataset_key,
+        "method": config.method,
+        "globalBatch": t.micro_batch_size * t.gradient_accumulation_steps * env.world_size,
+        "worldSize": env.world_size,
+        "zeroStage": config.distributed.zero_stage,
+        "attempt": attempt(),
+    }
+
+
 def resume_point(
     staging: Path,
     remote_root: str | None,
@@ -477,6 +512,46 @@ def refuse_mismatch(meta: dict[str, Any], now: dict[str, Any], location: str) ->
             "output.uri"
         )
     return True
+
+
+def find_resume_point(
+    config: TrainConfig, layout: CheckpointLayout, env: DistEnv, meta_now: dict[str, Any], args: Any
+) -> tuple[StreamPosition, bool]:
+    """Where the run continues: the newest intact checkpoint that fits this run (exit 2 for one
+    that does not), or step 0. A ZeRO-1/2 checkpoint of another process count is converted to a
+    universal checkpoint (by each staging leader, the others wait) and loaded as one. The gate
+    judges the first steps of a fresh start: a sanity stage never resumes (resuming a finished
+    gate would judge no steps)."""
+    resume = (
+        None
+        if config.sanity is not None
+        else resume_point(
+            layout.staging,
+            layout.remote_root,
+            config.s3,
+            leader=layout.finalizer,
+            is_rank_zero=env.rank == 0,
+            nodes=env.nodes,
+        )
+    )
+    meta = read_marker(resume) if resume is not None else None
+    if resume is not None and meta is not None and refuse_mismatch(meta, meta_now, str(resume)):
+        if layout.finalizer:
+            to_universal(resume, int(meta["step"]))
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        args.hf_deepspeed_config.config.setdefault("checkpoint", {})["load_universal"] = True
+        log.info(
+            "resuming %d processes from a checkpoint of %d (universal checkpoint)",
+            env.world_size,
+            meta["worldSize"],
+        )
+    position = StreamPosition(
+        start_step=int(meta["step"]) if meta else 0,
+        start_sample=int(meta["samplesConsumed"]) if meta else 0,
+        samples_per_step=int(meta_now["globalBatch"]),
+    )
+    return position, resume is not None
 
 
 def to_universal(directory: Path, step: int) -> None:
@@ -611,17 +686,3 @@ class SignalStop(TrainerCallback):
             control.should_training_stop = True
             control.should_save = True
             log.warning("termination signal: saving step %d and stopping", state.global_step)
-
-
-def install_signal_handlers(accounting: StepAccounting) -> dict[int, Any]:
-    """Route SIGTERM and SIGINT to a stop request; returns the previous handlers to restore."""
-
-    def request_stop(signum: int, frame: FrameType | None) -> None:
-        accounting.stop_requested = True  # nothing else: a handler may interrupt anything
-
-    return {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-
-def restore_signal_handlers(previous: dict[int, Any]) -> None:
-    for sig, handler in previous.items():
-        signal.signal(sig, handler)

@@ -9,10 +9,16 @@
   never needs cleaning. A second stage on the same output fails at once (exit 1: the other one
   may end, then a retry succeeds), naming the holder the lock file records. S3 outputs have no
   locks: there the operator's one-attempt-at-a-time rule is the guard.
+* **A termination signal stops at a step boundary.** `stop_on_signals` routes SIGTERM and SIGINT
+  (pod deletion, Ctrl-C) to a flag and nothing else — a handler may interrupt anything; the train
+  stage's `checkpoint.SignalStop` acts on it after the step (every rank at the same one), saves a
+  checkpoint and stops, and the stage exits 143. (That callback is a `TrainerCallback`: it stays
+  with the checkpoints so that this module, imported by every stage, never imports transformers.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import fcntl
@@ -23,7 +29,9 @@ import signal
 import socket
 import sys
 import time
-from typing import IO, Any
+from collections.abc import Iterator
+from types import FrameType
+from typing import IO, Any, Protocol
 
 from kubetrain_trainer import storage
 from kubetrain_trainer.stage import Retryable
@@ -111,3 +119,25 @@ def _describe(text: str) -> str:
         f"{holder.get('stage', '?')} stage, pid {holder.get('pid', '?')} on "
         f"{holder.get('host', '?')}, since {holder.get('since', '?')}"
     )
+
+
+class StopFlag(Protocol):
+    """Where a termination signal leaves its request (`callbacks.StepAccounting`)."""
+
+    stop_requested: bool
+
+
+@contextlib.contextmanager
+def stop_on_signals(flag: StopFlag) -> Iterator[None]:
+    """SIGTERM and SIGINT set `flag.stop_requested` inside the block; the previous handlers are
+    restored when it ends, however it ends."""
+
+    def request_stop(signum: int, frame: FrameType | None) -> None:
+        flag.stop_requested = True  # nothing else: a handler may interrupt anything
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from kubetrain_trainer.callbacks import (
     peak_flops,
 )
 from kubetrain_trainer.config import TrainConfig
+from kubetrain_trainer.distributed import DistEnv
 from kubetrain_trainer.metrics import TrainerMetrics, serve
 from kubetrain_trainer.stage import EXIT_TERMINATED, InvalidInput, StageFailure
 
@@ -42,34 +42,6 @@ log = logging.getLogger(__name__)
 
 #: Which data format each method trains on (api.md).
 FORMATS = {"pretrain": ("text",), "sft": ("text", "chat"), "dpo": ("preference",)}
-
-
-@dataclass(frozen=True)
-class DistEnv:
-    """This process's place in the job, from torchrun's environment (alone: rank 0 of 1)."""
-
-    rank: int
-    local_rank: int
-    world_size: int
-    local_world_size: int
-    node: int
-
-    @classmethod
-    def from_environ(cls) -> DistEnv:
-        env = os.environ
-        rank, world = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
-        local_world = int(env.get("LOCAL_WORLD_SIZE", world))
-        return cls(
-            rank=rank,
-            local_rank=int(env.get("LOCAL_RANK", 0)),
-            world_size=world,
-            local_world_size=local_world,
-            node=int(env.get("GROUP_RANK", rank // max(local_world, 1))),
-        )
-
-    @property
-    def nodes(self) -> int:
-        return max(self.world_size // max(self.local_world_size, 1), 1)
 
 
 def refuse_broken_combinations(config: TrainConfig, env: DistEnv, cuda: bool) -> None:
@@ -294,15 +266,14 @@ class Session:
 
     def _train(self) -> dict[str, Any]:
         config, trainer = self.config, self.trainer
-        previous = checkpoint.install_signal_handlers(self.callbacks.clock.accounting)
         started = time.monotonic()
         try:
-            trainer.train(resume_from_checkpoint=self.resume_dir)
-            eval_loss = None
-            if self.dataset.rows("validation") and not self.stop.stopped:
-                eval_loss = trainer.evaluate().get("eval_loss")
+            with lifetime.stop_on_signals(self.callbacks.clock.accounting):
+                trainer.train(resume_from_checkpoint=self.resume_dir)
+                eval_loss = None
+                if self.dataset.rows("validation") and not self.stop.stopped:
+                    eval_loss = trainer.evaluate().get("eval_loss")
         finally:
-            checkpoint.restore_signal_handlers(previous)
             self.callbacks.ledger.close()
             self.callbacks.log.close()
             if self.saver.uploader is not None:
@@ -520,42 +491,6 @@ def make_trainer(
     return trainer
 
 
-@dataclass(frozen=True)
-class CheckpointLayout:
-    """Where checkpoints are written: the output's checkpoints/ (local outputs), or a staging
-    directory in the workdir uploaded to the output's checkpoints/ (S3 outputs)."""
-
-    staging: Path
-    remote_root: str | None
-    finalizer: bool
-    """This process completes checkpoints: global rank 0 locally, each node's first on S3."""
-
-    @classmethod
-    def of(cls, config: TrainConfig, workdir: Path, env: DistEnv) -> CheckpointLayout:
-        if storage.is_s3(config.output_uri):
-            return cls(
-                workdir / f"{config.stage}-checkpoints",  # sanity and train may share a workdir
-                storage.join(config.output_uri, "checkpoints"),
-                env.local_rank == 0,
-            )
-        staging = storage.local_path(storage.join(config.output_uri, "checkpoints"))
-        return cls(staging, None, env.rank == 0)
-
-
-def run_meta(config: TrainConfig, env: DistEnv, dataset_key: str) -> dict[str, Any]:
-    """What every checkpoint records about the run, and a resumed one must match."""
-    t = config.training
-    return {
-        "run": config.run,
-        "dataset": dataset_key,
-        "method": config.method,
-        "globalBatch": t.micro_batch_size * t.gradient_accumulation_steps * env.world_size,
-        "worldSize": env.world_size,
-        "zeroStage": config.distributed.zero_stage,
-        "attempt": checkpoint.attempt(),
-    }
-
-
 def open_inputs(
     config: TrainConfig, workdir: Path, args: Any
 ) -> tuple[data.PackedDataset, Inputs, Any]:
@@ -581,50 +516,6 @@ def open_inputs(
         )
     )
     return dataset, inputs, tokenizer
-
-
-def find_resume_point(
-    config: TrainConfig, layout: CheckpointLayout, env: DistEnv, meta_now: dict[str, Any], args: Any
-) -> tuple[data.StreamPosition, bool]:
-    """Where the run continues: the newest intact checkpoint that fits this run (exit 2 for one
-    that does not), or step 0. A ZeRO-1/2 checkpoint of another process count is converted to a
-    universal checkpoint (by each staging leader, the others wait) and loaded as one. The gate
-    judges the first steps of a fresh start: a sanity stage never resumes (resuming a finished
-    gate would judge no steps)."""
-    resume = (
-        None
-        if config.sanity is not None
-        else checkpoint.resume_point(
-            layout.staging,
-            layout.remote_root,
-            config.s3,
-            leader=layout.finalizer,
-            is_rank_zero=env.rank == 0,
-            nodes=env.nodes,
-        )
-    )
-    meta = checkpoint.read_marker(resume) if resume is not None else None
-    if (
-        resume is not None
-        and meta is not None
-        and checkpoint.refuse_mismatch(meta, meta_now, str(resume))
-    ):
-        if layout.finalizer:
-            checkpoint.to_universal(resume, int(meta["step"]))
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()
-        args.hf_deepspeed_config.config.setdefault("checkpoint", {})["load_universal"] = True
-        log.info(
-            "resuming %d processes from a checkpoint of %d (universal checkpoint)",
-            env.world_size,
-            meta["worldSize"],
-        )
-    position = data.StreamPosition(
-        start_step=int(meta["step"]) if meta else 0,
-        start_sample=int(meta["samplesConsumed"]) if meta else 0,
-        samples_per_step=int(meta_now["globalBatch"]),
-    )
-    return position, resume is not None
 
 
 @dataclass(frozen=True)
@@ -655,7 +546,7 @@ def make_callbacks(
     trainer: Any,
     dataset: data.PackedDataset,
     position: data.StreamPosition,
-    layout: CheckpointLayout,
+    layout: checkpoint.CheckpointLayout,
     meta_now: dict[str, Any],
 ) -> Callbacks:
     t, rows = config.training, dataset.rows("train")
@@ -733,11 +624,11 @@ def prepare(config: TrainConfig, workdir: Path) -> Session:
     metrics = TrainerMetrics(config.run) if env.rank == 0 else None
     if metrics is not None:
         serve(metrics.registry, config.metrics_port)
-    layout = CheckpointLayout.of(config, workdir, env)
+    layout = checkpoint.CheckpointLayout.of(config, workdir, env)
     args = training_arguments(config, layout.staging, env, cuda)
     dataset, inputs, tokenizer = open_inputs(config, workdir, args)
-    meta_now = run_meta(config, env, dataset.key)
-    position, resumed = find_resume_point(config, layout, env, meta_now, args)
+    meta_now = checkpoint.run_meta(config, env, dataset.key)
+    position, resumed = checkpoint.find_resume_point(config, layout, env, meta_now, args)
     rows = dataset.rows("train")
     args.max_steps = total_steps(config, rows, position)
     if metrics is not None:  # a resumed stage shows where it stands before its first step

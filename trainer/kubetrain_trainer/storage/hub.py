@@ -14,13 +14,8 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from kubetrain_trainer.storage import (
-    HF_CREDENTIALS_FIELD,
-    AccessDenied,
-    NotFound,
-    Refused,
-    StorageError,
-)
+from kubetrain_trainer.storage.credentials import HF_CREDENTIALS_FIELD
+from kubetrain_trainer.storage.errors import AccessDenied, NotFound, Refused, StorageError
 
 #: `org/name` or `name`, as the Hub spells repository ids; a revision is a branch, tag or commit.
 _REPO = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?$")
