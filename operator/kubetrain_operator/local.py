@@ -37,6 +37,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
+from kubetrain_contract import metrics
+from kubetrain_contract.durations import format_duration
 from kubetrain_operator import exit_codes as codes
 from kubetrain_operator.api import SpecError
 from kubetrain_operator.documents import load_runs, resolve_upstream
@@ -265,32 +267,23 @@ def _update(
     if not samples:
         return
     if name == "preprocess":
-        read = samples.get("kubetrain_preprocess_read_bytes_total", 0.0)
-        size = samples.get("kubetrain_preprocess_input_bytes")
-        tokens = samples.get("kubetrain_preprocess_tokens_total", 0.0)
+        read = samples.get(metrics.PREPROCESS_READ_BYTES, 0.0)
+        size = samples.get(metrics.PREPROCESS_INPUT_BYTES)
+        tokens = samples.get(metrics.PREPROCESS_TOKENS, 0.0)
         progress.update(task, completed=read, total=size or None, amount=read_of(read, size))
         left = next(t for t in progress.tasks if t.id == task).time_remaining
-        until = f"  ETA {duration(left)}" if left is not None and read else ""
+        until = f"  ETA {format_duration(left)}" if left is not None and read else ""
         progress.update(task, detail=f"{tokens:,.0f} tokens{until}")
         return
-    step, total = samples.get("kubetrain_train_step"), samples.get("kubetrain_train_total_steps")
-    loss, eta = samples.get("kubetrain_train_loss"), samples.get("kubetrain_train_eta_seconds")
+    step, total = samples.get(metrics.TRAIN_STEP), samples.get(metrics.TRAIN_TOTAL_STEPS)
+    loss, eta = samples.get(metrics.TRAIN_LOSS), samples.get(metrics.TRAIN_ETA)
     detail = "" if loss is None else f"loss {loss:.4f}"
     if eta is not None:
-        detail += f"  ETA {duration(eta)}"
+        detail += f"  ETA {format_duration(eta)}"
     total_steps = int(total) if total else None
     progress.update(
         task, completed=step or 0, total=total_steps, detail=detail, total_steps=total_steps or "?"
     )
-
-
-def duration(seconds: float) -> str:
-    """`14h02m`, `7m05s`, `42s`: hours once there are any (never `842m00s`)."""
-    hours, rest = divmod(max(int(seconds), 0), 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 def read_of(read: float, size: float | None) -> str:
@@ -379,7 +372,7 @@ def _print_summary(plan: Plan, workdir: Path, walls: dict[str, float | None]) ->
     console.print("[bold green]done[/]" + (f": {figures}" if figures else ""))
     width = max(len(name) for name in walls)
     for name, wall in walls.items():
-        took = "skipped" if wall is None else duration(wall)
+        took = "skipped" if wall is None else format_duration(wall)
         cached = " (cache hit)" if _result(workdir, name).get("cacheHit") else ""
         console.print(f"  {name:<{width}}  {took:>7}{cached}", markup=False)
     console.print(f"  output:  {plan.output_uri}")

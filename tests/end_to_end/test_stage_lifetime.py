@@ -164,15 +164,6 @@ def test_sigkill_of_kubetrain_run_leaves_no_stage_process(
         again.wait()
 
 
-@pytest.mark.parametrize(
-    ("seconds", "shown"), [(50520, "14h02m"), (842 * 60, "14h02m"), (425, "7m05s"), (42, "42s")]
-)
-def test_the_launcher_shows_etas_with_hours(seconds: float, shown: str) -> None:
-    from kubetrain_operator.local import duration
-
-    assert duration(seconds) == shown
-
-
 def test_the_preprocessing_bar_shows_bytes_read_of_the_input() -> None:
     from kubetrain_operator.local import read_of
 

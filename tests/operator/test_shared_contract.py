@@ -87,6 +87,14 @@ def test_one_duration_formatter_rounds_to_the_nearest_second(seconds: float, sho
     assert format_duration(seconds) == shown
 
 
+def test_kubetrain_run_and_the_trainers_progress_lines_use_the_contract_formatter() -> None:
+    """No second formatter: `kubetrain run`'s bars and the trainer's step lines show the same."""
+    from kubetrain_operator import local
+    from kubetrain_trainer import callbacks
+
+    assert local.format_duration is callbacks.format_duration is format_duration
+
+
 def test_the_operators_eta_column_is_the_contract_formatter() -> None:
     """42.7 s: `kubectl get` (status.progress.eta) shows what the contract formatter shows."""
     world = World(run_doc())

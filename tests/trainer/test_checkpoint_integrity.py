@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from kubetrain_contract.exit_codes import EXIT_INVALID
+from kubetrain_contract.layout import ATTEMPT_ENV, checkpoint_name
 from kubetrain_trainer import checkpoint, storage
 from kubetrain_trainer.config import S3Settings
 from trainer_support import (
@@ -147,7 +148,7 @@ def test_a_stale_node_marker_of_an_earlier_attempt_never_completes_a_checkpoint(
     # Node 1 of attempt 1 uploaded its part of the same step before that attempt died.
     node1 = storage.join(remote, "step-00000005", "NODE-1.json")
     storage.write_text(node1, json.dumps({"files": {}, "attempt": 1}), s3)
-    monkeypatch.setenv(checkpoint.ATTEMPT_ENV, "2")
+    monkeypatch.setenv(ATTEMPT_ENV, "2")
     monkeypatch.setattr(checkpoint, "RETRY_DELAYS", (0.0,))
     completed: list[int] = []
     uploader = checkpoint.Uploader(
@@ -253,7 +254,7 @@ def test_a_corrupted_object_in_the_bucket_falls_back_after_the_download(
     storage.client(s3).create_bucket(Bucket=bucket)
     remote = f"s3://{bucket}/out/checkpoints"
     for step in (5, 10):
-        local = tmp_path / "made" / checkpoint.step_name(step)
+        local = tmp_path / "made" / checkpoint_name(step)
         local.mkdir(parents=True)
         (local / "model.safetensors").write_bytes(bytes(range(256)) * (16 + step))
         checkpoint.write_marker(local, {"step": step, "files": checkpoint.files_of(local)})

@@ -19,18 +19,9 @@ import yaml
 from kubetrain_contract.exit_codes import EXIT_UNHEALTHY
 from kubetrain_trainer import card, train
 from kubetrain_trainer.__main__ import main
-from kubetrain_trainer.callbacks import format_duration
 from kubetrain_trainer.metrics import PreprocessMetrics
 from preprocess_support import config, docs, run_stage, write_jsonl
 from trainer_support import TINY, Assets, merge_config, train_config, write_config
-
-
-@pytest.mark.parametrize(
-    ("seconds", "shown"),
-    [(50520, "14h02m"), (842 * 60, "14h02m"), (3600, "1h00m"), (425, "7m05s"), (42.7, "42s")],
-)
-def test_durations_show_hours(seconds: float, shown: str) -> None:
-    assert format_duration(seconds) == shown
 
 
 def test_the_preprocessing_bar_knows_the_input_size(tmp_path: Path) -> None:

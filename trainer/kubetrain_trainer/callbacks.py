@@ -22,6 +22,7 @@ from typing import IO, Any, TypeVar
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from kubetrain_contract.durations import format_duration
 from kubetrain_trainer.config import SanityGate
 from kubetrain_trainer.data import BatchStats, StreamPosition
 from kubetrain_trainer.metrics import TrainerMetrics
@@ -461,16 +462,6 @@ class TrainLogCallback(TrainerCallback):
     def close(self) -> None:
         if self._log is not None:
             self._log.close()
-
-
-def format_duration(seconds: float) -> str:
-    """`14h02m`, `7m05s`, `42s`: hours once there are any (never `842m00s`)."""
-    total = max(int(seconds), 0)
-    hours, rest = divmod(total, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 class HealthCallback(TrainerCallback):

@@ -38,6 +38,12 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from kubetrain_contract.layout import (
+    ATTEMPT_ENV,
+    CHECKPOINT_STEP_PREFIX,
+    CHECKPOINTS_DIR,
+    checkpoint_name,
+)
 from kubetrain_trainer import storage
 from kubetrain_trainer.callbacks import StepAccounting
 from kubetrain_trainer.config import S3Settings, TrainConfig
@@ -49,7 +55,6 @@ from kubetrain_trainer.stage import InvalidInput
 log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
-STEP_PREFIX = "step-"
 NODE_MARKER = "NODE-{node}.json"
 #: Seconds between upload attempts; an upload is abandoned after the last (the next one retries).
 RETRY_DELAYS = (2.0, 4.0, 8.0, 16.0, 32.0)
@@ -58,15 +63,10 @@ UPLOAD_NICENESS = 10
 #: How long node 0 waits for the other nodes' uploads before giving up on a checkpoint.
 NODE_WAIT_SECONDS = 1800.0
 #: The training attempt (set by the operator on training pods; 0 when run by hand).
-ATTEMPT_ENV = "KUBETRAIN_ATTEMPT"
 
 
 def attempt() -> int:
     return int(os.environ.get(ATTEMPT_ENV, "0") or 0)
-
-
-def step_name(step: int) -> str:
-    return f"{STEP_PREFIX}{step:08d}"
 
 
 def _is_marker(path: Path) -> bool:
@@ -158,14 +158,14 @@ class Checkpoint:
 
 
 def _step_of(name: str) -> int | None:
-    digits = name[len(STEP_PREFIX) :]
-    return int(digits) if name.startswith(STEP_PREFIX) and digits.isdigit() else None
+    digits = name[len(CHECKPOINT_STEP_PREFIX) :]
+    return int(digits) if name.startswith(CHECKPOINT_STEP_PREFIX) and digits.isdigit() else None
 
 
 def local_checkpoints(root: Path) -> list[Checkpoint]:
     """Complete checkpoints in a local directory, oldest first."""
     found = []
-    for path in root.glob(f"{STEP_PREFIX}*"):
+    for path in root.glob(f"{CHECKPOINT_STEP_PREFIX}*"):
         step = _step_of(path.name)
         if step is not None and read_marker(path) is not None:
             found.append(Checkpoint(step, str(path)))
@@ -191,7 +191,7 @@ def recover(root: Path) -> None:
     for path in sorted(root.glob(f"{PREFIX_CHECKPOINT_DIR}-*")):
         step = path.name.rpartition("-")[2]
         if step.isdigit() and read_marker(path, verify=True) is not None:
-            target = root / step_name(int(step))
+            target = root / checkpoint_name(int(step))
             shutil.rmtree(target, ignore_errors=True)
             path.rename(target)
             log.info("checkpoint %s: completed an interrupted rename", target.name)
@@ -398,10 +398,10 @@ class CheckpointLayout:
         if storage.is_s3(config.output_uri):
             return cls(
                 workdir / f"{config.stage}-checkpoints",  # sanity and train may share a workdir
-                storage.join(config.output_uri, "checkpoints"),
+                storage.join(config.output_uri, CHECKPOINTS_DIR),
                 env.local_rank == 0,
             )
-        staging = storage.local_path(storage.join(config.output_uri, "checkpoints"))
+        staging = storage.local_path(storage.join(config.output_uri, CHECKPOINTS_DIR))
         return cls(staging, None, env.rank == 0)
 
 
@@ -453,7 +453,7 @@ def resume_point(
     chosen = choice[0]
     if chosen is None:
         return None
-    target = staging / step_name(chosen.step)
+    target = staging / checkpoint_name(chosen.step)
     if leader and not is_rank_zero and not _intact(chosen, staging, s3):
         raise storage.StorageError(
             f"{chosen.location}: the copy fetched to {target} does not match its checksums, "
@@ -467,7 +467,7 @@ def resume_point(
 
 def _intact(chosen: Checkpoint, staging: Path, s3: S3Settings) -> bool:
     """The checkpoint is in staging (fetched if it is remote) and every file matches COMPLETE."""
-    target = staging / step_name(chosen.step)
+    target = staging / checkpoint_name(chosen.step)
     if read_marker(target, verify=True) is None and chosen.location != str(target):
         storage.download_dir(chosen.location, target, s3)
     if read_marker(target, verify=True) is not None:
@@ -638,7 +638,7 @@ class CheckpointCallback(TrainerCallback):
             "files": files_of(written),
         }
         write_marker(written, meta)
-        target = self.staging / step_name(step)
+        target = self.staging / checkpoint_name(step)
         shutil.rmtree(target, ignore_errors=True)
         written.rename(target)
         storage.fsync(self.staging)

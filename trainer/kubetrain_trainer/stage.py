@@ -10,21 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-# The `as` forms keep these importable from here for storage.py and train.py, which are being
-# restructured on another branch (issue 15); they import kubetrain_contract.exit_codes after the
-# merge, and these three become plain imports.
-from kubetrain_contract.exit_codes import (
-    EXIT_INVALID as EXIT_INVALID,
-)
-from kubetrain_contract.exit_codes import (
-    EXIT_RETRY as EXIT_RETRY,
-)
-from kubetrain_contract.exit_codes import (
-    EXIT_TERMINATED as EXIT_TERMINATED,
-)
-from kubetrain_contract.exit_codes import (
-    EXIT_UNHEALTHY,
-)
+from kubetrain_contract.exit_codes import EXIT_INVALID, EXIT_RETRY, EXIT_UNHEALTHY
 
 TERMINATION_LOG = Path("/dev/termination-log")
 RESULT_LIMIT = 4096  # bytes the kubelet keeps of a termination message

@@ -22,6 +22,9 @@ from typing import Any
 
 import torch
 
+from kubetrain_contract.exit_codes import EXIT_TERMINATED
+from kubetrain_contract.layout import CHECKPOINTS_DIR, checkpoint_name
+from kubetrain_contract.methods import METHOD_FORMATS
 from kubetrain_trainer import card, checkpoint, data, lifetime, model, storage
 from kubetrain_trainer.callbacks import (
     HealthCallback,
@@ -36,12 +39,11 @@ from kubetrain_trainer.callbacks import (
 from kubetrain_trainer.config import TrainConfig
 from kubetrain_trainer.distributed import DistEnv
 from kubetrain_trainer.metrics import TrainerMetrics, serve
-from kubetrain_trainer.stage import EXIT_TERMINATED, InvalidInput, StageFailure
+from kubetrain_trainer.stage import InvalidInput, StageFailure
 
 log = logging.getLogger(__name__)
 
 #: Which data format each method trains on (api.md).
-FORMATS = {"pretrain": ("text",), "sft": ("text", "chat"), "dpo": ("preference",)}
 
 
 def refuse_broken_combinations(config: TrainConfig, env: DistEnv, cuda: bool) -> None:
@@ -313,13 +315,13 @@ class Session:
     def resume_dir(self) -> str | None:
         if not self.resumed:
             return None
-        return str(self.saver.staging / checkpoint.step_name(self.position.start_step))
+        return str(self.saver.staging / checkpoint_name(self.position.start_step))
 
     def last_checkpoint(self) -> dict[str, Any] | None:
         step = self.saver.last_step
         if step is None:
             return None
-        uri = storage.join(self.config.output_uri, "checkpoints", checkpoint.step_name(step))
+        uri = storage.join(self.config.output_uri, CHECKPOINTS_DIR, checkpoint_name(step))
         return {"step": step, "uri": uri}
 
     def card_fields(self) -> dict[str, Any]:
@@ -376,9 +378,9 @@ def leave_process_group() -> None:
 
 def check_dataset(config: TrainConfig, dataset: data.PackedDataset) -> None:
     """The dataset fits the method and has something to train on."""
-    if dataset.format not in FORMATS[config.method]:
+    if dataset.format not in METHOD_FORMATS[config.method]:
         raise InvalidInput(
-            f"method: {config.method} trains on {' or '.join(FORMATS[config.method])} data, "
+            f"method: {config.method} trains on {' or '.join(METHOD_FORMATS[config.method])} data, "
             f"the dataset is {dataset.format} — set data.format accordingly"
         )
     if not dataset.rows("train"):
@@ -639,7 +641,7 @@ def prepare(config: TrainConfig, workdir: Path) -> Session:
     trainer.kubetrain_accounting = StepAccounting(world_size=env.world_size, device=args.device)
     if resumed:
         trainer.kubetrain_rng_checkpoint = str(
-            layout.staging / checkpoint.step_name(position.start_step)
+            layout.staging / checkpoint_name(position.start_step)
         )
     trainer.kubetrain_sampler = data.StreamSampler(
         rows, config.training.seed, position.start_sample, position.at(args.max_steps)

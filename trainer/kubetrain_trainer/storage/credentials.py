@@ -13,6 +13,7 @@ import ipaddress
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
+from kubetrain_contract.credentials import is_secret_query_name
 from kubetrain_trainer.config import S3Settings
 from kubetrain_trainer.storage.errors import Refused
 from kubetrain_trainer.storage.uris import is_hf, redacted
@@ -22,7 +23,6 @@ S3_CREDENTIALS_FIELD = "storage.s3.secretName"
 HF_CREDENTIALS_FIELD = "storage.hf.secretName"
 #: Query parameter names (lower case, substrings) that carry a credential: presigned S3 URLs
 #: (X-Amz-Signature, X-Amz-Credential, X-Amz-Security-Token), SAS and bearer tokens, API keys.
-SECRET_QUERY_WORDS = ("signature", "credential", "token", "secret", "password", "sig", "key")
 #: Instance metadata endpoints by name (their addresses are link-local or listed below).
 METADATA_HOSTS = frozenset({"metadata", "metadata.google.internal", "instance-data"})
 METADATA_ADDRESSES = frozenset({ipaddress.ip_address("100.100.100.200")})  # Alibaba Cloud
@@ -39,7 +39,7 @@ def credential_problem(uri: str) -> str | None:
         return "user information (NAME:SECRET@)"
     query = urlsplit(uri).query
     for name, _ in parse_qsl(query, keep_blank_values=True):
-        if any(word in name.lower() for word in SECRET_QUERY_WORDS):
+        if is_secret_query_name(name):
             return f"a credential in its query ({name}=…)"
     return None
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from kubetrain_trainer.stage import EXIT_INVALID, EXIT_RETRY, StageFailure
+from kubetrain_contract.exit_codes import EXIT_INVALID, EXIT_RETRY
+from kubetrain_trainer.stage import StageFailure
 
 
 class StorageError(StageFailure):

@@ -10,10 +10,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from kubetrain_contract.layout import PVC_MOUNT_ROOT
 from kubetrain_trainer.storage.errors import Refused, StorageError
 
 PVC_ROOT_ENV = "KUBETRAIN_PVC_ROOT"
-DEFAULT_PVC_ROOT = "/mnt/pvc"
+DEFAULT_PVC_ROOT = PVC_MOUNT_ROOT
 
 
 def is_s3(uri: str) -> bool:
