@@ -122,7 +122,7 @@ def run_locally(args: argparse.Namespace) -> int:
     walls: dict[str, float | None] = {}
     for local in stages:
         console.print(f"{local.name}: {local.stage.summary}", markup=False)
-        if local.stage.rung is not None and _already_passed(local, workdir):
+        if local.stage.role == "sanity" and _already_passed(local, workdir):
             console.print(f"{local.name}: passed before with the same config — skipped")
             walls[local.name] = None
             continue
@@ -133,7 +133,7 @@ def run_locally(args: argparse.Namespace) -> int:
             _explain_failure(local, code, workdir)
             return codes.from_stage(code)
         _say_if_complete(local, workdir)
-        if local.stage.rung is not None:
+        if local.stage.role == "sanity":
             _passed_marker(workdir, local).write_text(_sha256(local.config_file), encoding="utf-8")
     _print_summary(plan, workdir, walls)
     return codes.OK
@@ -266,7 +266,7 @@ def _update(
     samples = scrape(port)
     if not samples:
         return
-    if name == "preprocess":
+    if local.stage.role == "preprocess":
         read = samples.get(metrics.PREPROCESS_READ_BYTES, 0.0)
         size = samples.get(metrics.PREPROCESS_INPUT_BYTES)
         tokens = samples.get(metrics.PREPROCESS_TOKENS, 0.0)
