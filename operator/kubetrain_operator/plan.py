@@ -376,7 +376,12 @@ def _env(spec: TrainingRunSpec, target: Target, s3_secret: str | None) -> tuple[
     """Environment of every stage process: caches on the pod's emptyDir, credentials by reference
     only. Local runs use the caller's environment (and credentials) as they are."""
     hub = spec.uses_hub()
-    env: list[Env] = [{"name": "PYTHONUNBUFFERED", "value": "1"}]
+    env: list[Env] = [
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+        # Kernels come only from the image: transformers' switch for Hub kernels (the trainer
+        # sets it in its own process too and refuses the `kernels` package's Hub loaders).
+        {"name": "USE_HUB_KERNELS", "value": "NO"},
+    ]
     if target == "cluster":
         env += [
             {"name": "HOME", "value": WORKDIR},

@@ -2,7 +2,8 @@
 
 The stage config is the whole interface (see `config.py`); heavy libraries are imported only by the
 stage that needs them. A stage process dies with the process that launched it (`kubetrain run`,
-torchrun): see `lifetime.die_with_parent`.
+torchrun): see `lifetime.die_with_parent`. No stage runs code from the Hugging Face Hub: see
+`refuse_hub_kernels`.
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from kubetrain_contract.exit_codes import EXIT_INVALID
 from kubetrain_trainer import lifetime
@@ -29,6 +32,31 @@ STAGES = {
     "merge": "kubetrain_trainer.merge",
 }
 log = logging.getLogger("kubetrain_trainer")
+#: The Hub loaders of the `kernels` package: each downloads a kernel's code and imports it.
+HUB_KERNEL_LOADERS = ("get_kernel", "get_locked_kernel", "install_kernel")
+
+
+def _refused(repo_id: str, *args: object, **kwargs: object) -> NoReturn:
+    raise RuntimeError(
+        f"kernel {repo_id!r}: kubetrain loads no kernel from the Hugging Face Hub at run time; "
+        "kernels come only from the trainer image: build it into the image to use it"
+    )
+
+
+def refuse_hub_kernels() -> None:
+    """Kernels come only from the image: no stage fetches code from the Hub and runs it.
+
+    transformers honours its documented switch `USE_HUB_KERNELS` (the operator's plan sets it in
+    the pod too). bitsandbytes 0.50 calls `kernels.get_kernel` when its CPU backend is imported
+    on AVX512-BF16 machines and has no switch, nor has `kernels` (offline mode still loads from
+    the Hub cache after a skipped trust check), so its Hub loaders refuse here, before a stage
+    imports either library; bitsandbytes then uses its own CPU code. Runs cannot opt in yet.
+    """
+    os.environ["USE_HUB_KERNELS"] = "NO"
+    import kernels
+
+    for name in HUB_KERNEL_LOADERS:
+        setattr(kernels, name, _refused)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     lifetime.die_with_parent()
     setup_logging()
+    refuse_hub_kernels()
     try:
         config = load_stage_config(args.config)
     except ConfigError as error:
