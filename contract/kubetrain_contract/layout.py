@@ -7,6 +7,11 @@ ATTEMPT_ENV: Final = "KUBETRAIN_ATTEMPT"
 """The env var that tells a training pod which attempt it belongs to: the trainer names it in
 multi-node checkpoint marks, so a half-written checkpoint of an older attempt is never taken."""
 
+HUB_KERNELS_ENV: Final = "USE_HUB_KERNELS"
+"""transformers' documented switch for kernels from the Hub: every stage runs with it set to `NO`
+(the plan puts it in the pod, the trainer sets it in its own process), so no kernel code is
+fetched at run time."""
+
 PVC_MOUNT_ROOT: Final = "/mnt/pvc"
 """Where `pvc://CLAIM/path` is mounted in pods (`<root>/CLAIM/path`): the operator mounts claims
 there and maps paths back to pvc:// URIs; the trainer resolves pvc:// URIs under it."""

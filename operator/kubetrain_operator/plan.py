@@ -380,7 +380,7 @@ def _env(spec: TrainingRunSpec, target: Target, s3_secret: str | None) -> tuple[
         {"name": "PYTHONUNBUFFERED", "value": "1"},
         # Kernels come only from the image: transformers' switch for Hub kernels (the trainer
         # sets it in its own process too and refuses the `kernels` package's Hub loaders).
-        {"name": "USE_HUB_KERNELS", "value": "NO"},
+        {"name": layout.HUB_KERNELS_ENV, "value": "NO"},
     ]
     if target == "cluster":
         env += [

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from kubetrain_contract.layout import HUB_KERNELS_ENV
 from runspecs import all_documents, local_documents, planned
 from trainer_support import ENV, PYTHON, ROOT, Assets, train_config, write_config
 
@@ -32,7 +33,7 @@ def test_every_planned_stage_turns_hub_kernels_off() -> None:
     for run, plan in runs:
         for stage in plan.stages:
             env = {e["name"]: e.get("value") for e in stage.env}
-            assert env.get("USE_HUB_KERNELS") == "NO", (run.metadata.name, stage.name)
+            assert env.get(HUB_KERNELS_ENV) == "NO", (run.metadata.name, stage.name)
 
 
 class _Recorder(BaseHTTPRequestHandler):

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from kubetrain_contract.exit_codes import EXIT_INVALID
+from kubetrain_contract.layout import HUB_KERNELS_ENV
 from kubetrain_trainer import lifetime
 from kubetrain_trainer.config import ConfigError, load_stage_config
 from kubetrain_trainer.stage import (
@@ -52,7 +53,7 @@ def refuse_hub_kernels() -> None:
     the Hub cache after a skipped trust check), so its Hub loaders refuse here, before a stage
     imports either library; bitsandbytes then uses its own CPU code. Runs cannot opt in yet.
     """
-    os.environ["USE_HUB_KERNELS"] = "NO"
+    os.environ[HUB_KERNELS_ENV] = "NO"
     import kernels
 
     for name in HUB_KERNEL_LOADERS:

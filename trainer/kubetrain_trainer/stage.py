@@ -106,8 +106,9 @@ class JsonLines(logging.Formatter):
         return json.dumps(entry)
 
 
-#: bitsandbytes logs this at import on every CPU machine (an optional kernels package for its
-#: 4-bit CPU matmul is absent; its own fallback runs): said once in docs/trainer.md, not per stage.
+#: bitsandbytes logs this on CPU machines whose 4-bit matmul kernel would come from the Hub, which
+#: every stage refuses (`__main__.refuse_hub_kernels`); its own fallback runs: said once in
+#: docs/trainer.md, not per stage.
 _QUIET = {"bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward"}
 
 
