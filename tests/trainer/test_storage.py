@@ -48,9 +48,11 @@ def test_local_fingerprint_write_and_upload(tmp_path: Path) -> None:
     data = Path(__file__).read_bytes()
     src = tmp_path / "src.txt"
     src.write_bytes(data)
-    assert storage.fingerprint(str(src)) == "sha256:" + hashlib.sha256(data).hexdigest()
+    identity = storage.identify(str(src))
+    assert identity.fingerprint == "sha256:" + hashlib.sha256(data).hexdigest()
+    assert identity.size == len(data) and identity.pin is None
     with pytest.raises(storage.NotFound):
-        storage.fingerprint(str(tmp_path / "missing"))
+        storage.identify(str(tmp_path / "missing"))
     storage.write_text(str(tmp_path / "out" / "x.json"), '{"a": 1}')
     assert storage.read_text(str(tmp_path / "out" / "x.json")) == '{"a": 1}'
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["x.json"]  # no temp files left
@@ -73,8 +75,9 @@ def test_s3_roundtrip_multipart_and_listing(
     storage.upload_file(big, uri, s3)
     head = storage.client(s3).head_object(Bucket=bucket, Key="data/big.bin")
     assert head["ETag"].strip('"').endswith("-3"), "11 MiB at a 5 MiB threshold: 3 parts"
-    fingerprint = storage.fingerprint(uri, s3)
-    assert fingerprint == f"etag:{head['ETag'].strip(chr(34))}:{big.stat().st_size}"
+    identity = storage.identify(uri, s3)
+    assert identity.fingerprint == f"etag:{head['ETag'].strip(chr(34))}:{big.stat().st_size}"
+    assert identity.pin == storage.Pin(head["ETag"])
     assert storage.size(uri, s3) == big.stat().st_size
     with storage.open_binary(uri, s3) as f:
         assert hashlib.sha256(f.read()).digest() == hashlib.sha256(big.read_bytes()).digest()

@@ -43,21 +43,12 @@ RESULT_BUDGET = 3584
 
 
 @dataclass(frozen=True)
-class InputFile:
-    """One input, with the content fingerprint the cache key is built from."""
-
-    source: readers.Source
-    fingerprint: str
-    nbytes: int
-
-
-@dataclass(frozen=True)
 class Located:
     """Where this config's dataset lives, and what its key was computed from."""
 
     key: str
     uri: str
-    inputs: list[InputFile]
+    inputs: list[readers.Input]
     plan: tokenizer.TokenizerPlan
 
 
@@ -70,7 +61,7 @@ def locate(config: PreprocessConfig, workdir: Path) -> Located:
     inputs = [_describe(src, config) for src in readers.sources(config)]
     plan = tokenizer.plan(config, workdir / ".kubetrain-cache" / "tokenizers")
     described = [
-        {"split": i.source.split, "kind": i.source.kind, "fingerprint": i.fingerprint}
+        {"split": i.source.split, "kind": i.source.kind, "fingerprint": i.identity.fingerprint}
         for i in inputs
     ]
     key = dataset.cache_key(dataset.identity(config, described, plan.fingerprint, plan.template))
@@ -87,7 +78,7 @@ def run(
     with lifetime.OutputLock(output, "preprocess"), _terminate_on_sigterm():
         serve(metrics.registry, config.metrics_port)
         where = locate(config, workdir)
-        metrics.input_bytes.labels(config.run).set(sum(i.nbytes for i in where.inputs))
+        metrics.input_bytes.labels(config.run).set(sum(i.identity.size for i in where.inputs))
         manifest = _cached(where.uri, config)
         hit = manifest is not None
         if not storage.is_s3(where.uri):
@@ -98,7 +89,7 @@ def run(
             _check_rejections(manifest["counts"], config.max_rejected_fraction)
         else:
             log.info("cache miss: building %s", where.uri)
-            manifest = _build(config, workdir, where, metrics)
+            manifest = build(config, workdir, where, metrics)
         pointer = {"key": where.key, "uri": where.uri, "cacheHit": hit}
         storage.write_text(
             config.dataset_pointer, json.dumps(pointer, sort_keys=True) + "\n", config.s3
@@ -123,11 +114,9 @@ def _terminate_on_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _describe(src: readers.Source, config: PreprocessConfig) -> InputFile:
+def _describe(src: readers.Source, config: PreprocessConfig) -> readers.Input:
     try:
-        return InputFile(
-            src, storage.fingerprint(src.uri, config.s3), storage.size(src.uri, config.s3)
-        )
+        return readers.Input(src, storage.identify(src.uri, config.s3))
     except storage.StorageError as error:  # missing or unreadable: 2; transient: 1
         raise failure(error.exit_code, f"{src.split}: {error.message}") from None
 
@@ -181,7 +170,7 @@ def _columns(config: PreprocessConfig) -> list[str]:
 
 def _train_tokenizer(
     config: PreprocessConfig,
-    inputs: list[InputFile],
+    inputs: list[readers.Input],
     plan: tokenizer.TokenizerPlan,
     pool: parallel.Pool,
 ) -> Any:
@@ -190,7 +179,7 @@ def _train_tokenizer(
         "training a byte-level BPE tokenizer (vocabulary %d) on the training inputs",
         plan.vocab_size,
     )
-    train_inputs = [i.source for i in inputs if i.source.split == "train"]
+    train_inputs = [i for i in inputs if i.source.split == "train"]
     chunks = readers.read_chunks(
         train_inputs, config.text_split, _columns(config), config.s3, config.document_separator
     )
@@ -233,9 +222,11 @@ class _Progress:
             )
 
 
-def _build(
+def build(
     config: PreprocessConfig, workdir: Path, where: Located, metrics: PreprocessMetrics
 ) -> dict[str, Any]:
+    """Build and publish the dataset `where` names, from inputs that must still be the content
+    `locate` fingerprinted (else exit 1 and nothing is published)."""
     packing = dataset.packing(config)
     workers = config.workers or parallel.default_workers()
     threads = max(1, parallel.available_cpus() // workers)
@@ -283,8 +274,8 @@ def _build(
                 {
                     "uri": i.source.uri,
                     "split": i.source.split,
-                    "fingerprint": i.fingerprint,
-                    "bytes": i.nbytes,
+                    "fingerprint": i.identity.fingerprint,
+                    "bytes": i.identity.size,
                 }
                 for i in where.inputs
             ],
@@ -326,7 +317,7 @@ def _disk_full_is_retried(
         if error.errno != errno.ENOSPC and "No space left on device" not in str(error):
             raise
         written = sum(p.stat().st_size for p in staged.rglob("*") if p.is_file())
-        total = sum(i.nbytes for i in where.inputs)
+        total = sum(i.identity.size for i in where.inputs)
 
         def sample(name: str) -> float:
             found = metrics.registry.get_sample_value(name, {"run": metrics.run})
@@ -373,7 +364,7 @@ def _pack(
     }
     progress = _Progress(metrics, packers)
     chunks = readers.read_chunks(
-        [i.source for i in where.inputs],
+        where.inputs,
         config.text_split,
         _columns(config),
         config.s3,

@@ -14,10 +14,14 @@ How each kind is read (docs/preprocessing.md):
   `<|endoftext|>` lines), blank lines kept; otherwise `textSplit: paragraph` — blank-line-separated
   paragraphs; `line` — each non-blank line.
 * `.parquet`: one row per table row (S3 objects are first copied to a local temp file: Parquet needs
-  random access to its footer).
+  random access to its footer; a local file is hashed, then parsed from the same descriptor).
 A record longer than MAX_RECORD_BYTES is skipped without being held in memory (reason tooLong).
 A truncated or corrupt `.gz`/`.zst` stream and an invalid Parquet file stop the stage with exit 2,
 naming the file and the last line read: the file itself must be replaced.
+
+The bytes read are the bytes keyed: a local input is hashed as it is read and compared with the
+fingerprint its cache key was computed from (exit 1, nothing published, on a mismatch), and an S3
+input is read pinned to the ETag and version seen when it was fingerprinted.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import gzip
+import hashlib
 import io
 import json
 import re
@@ -32,7 +37,6 @@ import tempfile
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import IO, Literal
 
 from kubetrain_trainer import storage
@@ -69,6 +73,14 @@ class Source:
     split: str
     kind: InputKind
     compression: str
+
+
+@dataclass(frozen=True)
+class Input:
+    """One input and the identity of the content its cache key was computed from."""
+
+    source: Source
+    identity: storage.Identity
 
 
 @dataclass
@@ -120,10 +132,12 @@ def sources(config: PreprocessConfig) -> list[Source]:
 
 
 class _Counting(io.RawIOBase):
-    """Counts the stored (compressed) bytes read, for kubetrain_preprocess_read_bytes_total."""
+    """Counts the stored (compressed) bytes read, for kubetrain_preprocess_read_bytes_total, and
+    hashes them, to compare with the input's fingerprint."""
 
     def __init__(self, inner: IO[bytes]) -> None:
-        self.inner, self.count = inner, 0
+        self.inner, self.count, self.digest = inner, 0, hashlib.sha256()
+        self.drained = False
 
     def readable(self) -> bool:
         return True
@@ -132,7 +146,20 @@ class _Counting(io.RawIOBase):
         data = self.inner.read(len(buffer))
         buffer[: len(data)] = data
         self.count += len(data)
+        self.digest.update(data)
         return len(data)
+
+    def drain(self, into: IO[bytes] | None = None) -> None:
+        """Read (into `into`, if given) what the parser left, so the digest covers every byte;
+        once: a Parquet file is drained before it is parsed from the same descriptor."""
+        if self.drained:
+            return
+        self.drained = True
+        while data := self.inner.read(_BLOCK):
+            self.count += len(data)
+            self.digest.update(data)
+            if into is not None:
+                into.write(data)
 
     def close(self) -> None:
         self.inner.close()
@@ -288,10 +315,10 @@ def _json_array(stream: IO[bytes], uri: str) -> Iterator[tuple[int, object]]:
         raise fail("unexpected content after the array", pos)
 
 
-def _parquet(path: Path, columns: list[str]) -> Iterator[tuple[int, object]]:
+def _parquet(table: IO[bytes], columns: list[str]) -> Iterator[tuple[int, object]]:
     import pyarrow.parquet as pq
 
-    with pq.ParquetFile(path) as file:
+    with pq.ParquetFile(table) as file:
         present = [c for c in columns if c in file.schema_arrow.names]
         number = 0
         for batch in file.iter_batches(batch_size=CHUNK_RECORDS, columns=present):
@@ -307,21 +334,20 @@ def _is_array(stream: IO[bytes]) -> bool:
 
 @contextlib.contextmanager
 def _opened(
-    src: Source, text_split: str, columns: list[str], s3: S3Settings | None, separator: str | None
+    inp: Input, text_split: str, columns: list[str], s3: S3Settings | None, separator: str | None
 ) -> Iterator[tuple[RecordKind, Iterator[tuple[int, bytes | object | None]], _Counting]]:
-    """The records of one input, and the counter of stored bytes read so far."""
+    """The records of one input, and the counter (and hash) of stored bytes read so far."""
+    src = inp.source
     with contextlib.ExitStack() as stack:
-        if src.kind == "parquet":
-            path = storage.local_path(src.uri) if not storage.is_s3(src.uri) else None
-            if path is None:
-                tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kubetrain-")))
-                path = tmp / "input.parquet"
-                storage.download_file(src.uri, path, s3)
-            counting = _Counting(io.BytesIO())
-            counting.count = path.stat().st_size
-            yield "value", _parquet(path, columns), counting
+        stored = stack.enter_context(storage.open_binary(src.uri, s3, inp.identity.pin))
+        counting = _Counting(stored)
+        if src.kind == "parquet":  # random access: a local copy of an S3 object, else the file
+            local = not storage.is_s3(src.uri)
+            table = stored if local else stack.enter_context(tempfile.TemporaryFile(prefix="kt-"))
+            counting.drain(None if local else table)
+            table.seek(0)
+            yield "value", _parquet(table, columns), counting
             return
-        counting = _Counting(stack.enter_context(storage.open_binary(src.uri, s3)))
         stream = stack.enter_context(_decompressed(counting, src.compression))
         if src.kind == "txt" and separator is not None:
             yield "text", _separated(stream, separator.encode()), counting
@@ -332,6 +358,16 @@ def _opened(
             yield "value", _json_array(stream, src.uri), counting
         else:
             yield "json", _non_blank_lines(stream), counting
+
+
+def _verify(inp: Input, counting: _Counting) -> None:
+    """Exit 1 unless the bytes read are the bytes fingerprinted: published under the key of
+    other content, the rows would poison every later cache hit. S3 reads are pinned instead."""
+    if inp.identity.pin is not None:
+        return
+    counting.drain()
+    if f"sha256:{counting.digest.hexdigest()}" != inp.identity.fingerprint:
+        raise storage.Changed(inp.source.uri)
 
 
 def _corruption_errors(src: Source) -> tuple[type[BaseException], ...]:
@@ -372,16 +408,18 @@ def _guarded(
 
 
 def read_chunks(
-    inputs: list[Source],
+    inputs: list[Input],
     text_split: str,
     columns: list[str],
     s3: S3Settings | None = None,
     separator: str | None = None,
 ) -> Iterator[Chunk]:
-    """All records of all inputs, in input order, cut into chunks of about CHUNK_BYTES."""
+    """All records of all inputs, in input order, cut into chunks of about CHUNK_BYTES; an input
+    whose bytes are not the ones fingerprinted fails before its last chunk (`_verify`)."""
     index = 0
-    for src in inputs:
-        with _opened(src, text_split, columns, s3, separator) as (kind, records, counting):
+    for inp in inputs:
+        src = inp.source
+        with _opened(inp, text_split, columns, s3, separator) as (kind, records, counting):
             lines: list[int] = []
             batch: list[bytes | object | None] = []
             size, reported = 0, 0
@@ -393,6 +431,7 @@ def read_chunks(
                     nbytes, reported = counting.count - reported, counting.count
                     yield Chunk(index, src.uri, src.split, kind, lines, batch, nbytes)
                     index, size, lines, batch = index + 1, 0, [], []
+            _verify(inp, counting)
             if batch or counting.count > reported:
                 nbytes = counting.count - reported
                 yield Chunk(index, src.uri, src.split, kind, lines, batch, nbytes)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 from collections.abc import Iterable
@@ -153,6 +154,8 @@ def plan(config: PreprocessConfig, cache_dir: Path) -> TokenizerPlan:
     target = cache_dir / hashlib.sha256(uri.encode()).hexdigest()[:16]
     try:
         directory = storage.download_dir(uri, target, config.s3, patterns=TOKENIZER_FILES)
+        if not (storage.is_s3(uri) or storage.is_hf(uri)):  # copied into the dataset as found
+            _check_files(uri, directory)
     except storage.StorageError as error:  # its own exit code: missing (2) or transient (1)
         raise failure(error.exit_code, f"tokenizer.uri: {error.message}") from None
     if not (directory / "tokenizer.json").is_file():
@@ -172,6 +175,15 @@ def plan(config: PreprocessConfig, cache_dir: Path) -> TokenizerPlan:
     return TokenizerPlan(
         dir_fingerprint(directory), template if needs_template else None, directory
     )
+
+
+def _check_files(uri: str, directory: Path) -> None:
+    """Exit 2 naming the file unless every tokenizer file of a local directory is a regular
+    file inside its claim or directory: a `merges.txt` linked to `/proc/self/environ` would be
+    copied, the pod's credentials with it, into the dataset's `tokenizer/`."""
+    for name in TOKENIZER_FILES:
+        if os.path.lexists(directory / name):
+            storage.check_local_input(storage.join(uri, name))
 
 
 def _check_loads(path: Path, uri: str) -> None:

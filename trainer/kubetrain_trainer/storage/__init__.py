@@ -8,7 +8,7 @@ means; they import the names below from `kubetrain_trainer.storage`. Its modules
 * `uris` — the grammar: schemes, `pvc://` → `$KUBETRAIN_PVC_ROOT`, join, split, containment;
 * `credentials` — the policy: no credentials in URIs or endpoints, no metadata endpoints;
 * `s3` — the boto3 client, its transfer settings, botocore errors → `errors`, listing;
-* `readers` — HEAD, content fingerprints, resumable streaming reads;
+* `readers` — HEAD, content identities, regular-file checks, resumable and pinned reads;
 * `globbing` — prefixes and globs expanded to sorted input lists;
 * `atomic` — local writes readers see whole or not at all;
 * `hub` — `hf://` repositories through `huggingface_hub`;
@@ -22,10 +22,14 @@ from kubetrain_trainer.storage.credentials import check_config, endpoint_problem
 from kubetrain_trainer.storage.errors import AccessDenied, NotFound, Refused, StorageError
 from kubetrain_trainer.storage.globbing import expand
 from kubetrain_trainer.storage.readers import (
+    Changed,
+    Identity,
     ObjectInfo,
+    Pin,
+    check_local_input,
     exists,
-    fingerprint,
     head,
+    identify,
     open_binary,
     read_text,
     sha256_file,
@@ -63,11 +67,15 @@ __all__ = [
     "MULTIPART_THRESHOLD_ENV",
     "PVC_ROOT_ENV",
     "AccessDenied",
+    "Changed",
+    "Identity",
     "NotFound",
     "ObjectInfo",
+    "Pin",
     "Refused",
     "StorageError",
     "check_config",
+    "check_local_input",
     "client",
     "contained",
     "delete",
@@ -76,9 +84,9 @@ __all__ = [
     "endpoint_problem",
     "exists",
     "expand",
-    "fingerprint",
     "fsync",
     "head",
+    "identify",
     "is_hf",
     "is_s3",
     "join",

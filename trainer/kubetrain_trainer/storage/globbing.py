@@ -1,19 +1,30 @@
 """Input lists: one URI that names many files — a prefix ending in `/` or a glob — expanded.
 
 Globs are shell-like: `*`, `?` and `[…]` never cross a `/`, locally and on S3 alike, and the
-result is sorted so that every stage and every retry sees the same order.
+result is sorted so that every stage and every retry sees the same order. Every local file named
+or found must be a regular file inside the pattern's directory (its claim for `pvc://`): a match
+that is a symlink out of it, a FIFO, a device or a directory is refused (exit 2) naming it.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import glob
+import os
 from pathlib import Path
 
 from kubetrain_trainer.config import S3Settings
 from kubetrain_trainer.storage.errors import NotFound
+from kubetrain_trainer.storage.readers import check_local_input
 from kubetrain_trainer.storage.s3 import list_objects
-from kubetrain_trainer.storage.uris import is_s3, join, local_path, pvc_root, split_s3
+from kubetrain_trainer.storage.uris import (
+    input_root,
+    is_s3,
+    join,
+    local_path,
+    pvc_root,
+    split_s3,
+)
 
 _GLOB_CHARS = frozenset("*?[")
 
@@ -33,7 +44,8 @@ def _has_glob(text: str) -> bool:
 def expand(uri: str, field: str, s3: S3Settings | None = None) -> list[str]:
     """One input URI → the files it names, sorted: itself, every object under `s3://b/p/` (or
     local `dir/`), or every match of a glob (`*`, `?`, `[…]`; never across `/`). Nothing found
-    is exit 2 naming the field."""
+    is exit 2 naming the field, and so is a local file that is not a regular file inside its
+    tree (`readers.check_local_input`)."""
     if is_s3(uri):
         bucket, key = split_s3(uri)
         if not key.endswith("/") and not _has_glob(key):
@@ -50,11 +62,17 @@ def expand(uri: str, field: str, s3: S3Settings | None = None) -> list[str]:
     elif _has_glob(uri) or uri.endswith("/"):
         path = str(local_path(uri))
         if _has_glob(path):
-            matches = [Path(p) for p in glob.glob(path) if Path(p).is_file()]
-        else:
-            matches = [p for p in Path(path).rglob("*") if p.is_file()]
+            matches = [Path(p) for p in glob.glob(path)]
+        else:  # the directories of a prefix are walked, not read
+            matches = [p for p in Path(path).rglob("*") if p.is_symlink() or not p.is_dir()]
         found = [_local_uri(uri, p) for p in matches]
+        root = _pattern_root(uri)
+        for match in found:
+            check_local_input(match, root)
     else:
+        local = "://" not in uri or uri.startswith(("file://", "pvc://"))
+        if local and os.path.lexists(local_path(uri)):
+            check_local_input(uri)
         return [uri]
     if not found:
         raise NotFound(
@@ -62,6 +80,16 @@ def expand(uri: str, field: str, s3: S3Settings | None = None) -> list[str]:
             "'/'; a prefix must end with '/')"
         )
     return sorted(found)
+
+
+def _pattern_root(uri: str) -> Path:
+    """The tree a local pattern's matches must stay in: the claim, or the pattern's directory."""
+    if uri.startswith("pvc://"):
+        return input_root(uri)
+    path = str(local_path(uri))
+    static = path[: min((path.index(c) for c in _GLOB_CHARS if c in path), default=len(path))]
+    directory = static.rpartition("/")[0]
+    return Path(directory or ("/" if static.startswith("/") else "."))
 
 
 def _local_uri(uri: str, path: Path) -> str:

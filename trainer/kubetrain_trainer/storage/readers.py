@@ -1,14 +1,25 @@
 """Reading objects and files: metadata, content identity, streaming reads.
 
 S3 objects are streamed, never held whole in memory; a stream that breaks resumes with a Range
-request pinned to the object's ETag, so a resumed read never mixes two versions of an object.
+request pinned to the object's ETag, so a resumed read never mixes two versions of an object. A
+read may also be pinned to the version seen when the object was fingerprinted (`Pin`): a replaced
+object then fails the read (`Changed`, retryable) instead of handing over other content.
+
+Local files are opened without blocking and refused unless they are regular files (a FIFO or
+`/dev/zero` would never end a read); `check_local_input` also refuses, before any read, an input
+that resolves outside its claim or directory (a symlink to `/proc/self/environ` would copy the
+pod's environment, credentials included, into a dataset).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
+import os
+import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -16,11 +27,54 @@ from typing import IO, Any
 from kubetrain_trainer.config import S3Settings
 from kubetrain_trainer.storage.errors import NotFound, Refused, StorageError, unreadable
 from kubetrain_trainer.storage.s3 import client, head_object, s3_errors
-from kubetrain_trainer.storage.uris import is_s3, local_path, split_s3
+from kubetrain_trainer.storage.uris import input_root, is_s3, local_path, split_s3
 
 log = logging.getLogger(__name__)
 
 _READ_RETRIES = 5
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory", "name the files, or end it with '/'"),
+    (stat.S_ISFIFO, "a FIFO", "name a regular file"),
+    (stat.S_ISCHR, "a character device", "name a regular file"),
+    (stat.S_ISBLK, "a block device", "name a regular file"),
+    (stat.S_ISSOCK, "a socket", "name a regular file"),
+)
+
+
+class Changed(StorageError):
+    """The content is not what was fingerprinted: retried (exit 1), and the next attempt keys
+    the dataset on the content there then."""
+
+    def __init__(self, uri: str) -> None:
+        super().__init__(
+            f"{uri}: the input changed while the stage read it — its bytes no longer match the "
+            "fingerprint the cache key was computed from; nothing was published. The stage is "
+            "retried and keys the dataset on the new content (do not rewrite inputs a run reads)"
+        )
+
+
+@dataclass(frozen=True)
+class Pin:
+    """The version of an object a read must return (its ETag, and VersionId where versioned)."""
+
+    etag: str
+    version_id: str | None = None
+
+    def get_args(self) -> dict[str, str]:
+        """get_object's arguments that make S3 refuse (412) any other version."""
+        args = {"IfMatch": self.etag}
+        if self.version_id:
+            args["VersionId"] = self.version_id
+        return args
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What a stage keys its output on: `fingerprint`, `size`, and the S3 version to read."""
+
+    fingerprint: str
+    size: int
+    pin: Pin | None = None
 
 
 @dataclass(frozen=True)
@@ -44,8 +98,67 @@ def head(uri: str, s3: S3Settings | None = None) -> ObjectInfo:
     return ObjectInfo(size(uri), "", {})
 
 
+def _not_regular(uri: str, mode: int) -> Refused:
+    kind, fix = next(
+        ((name, fix) for test, name, fix in _FILE_KINDS if test(mode)),
+        ("not a regular file", "name a regular file"),
+    )
+    return Refused(f"{uri}: is {kind}, not a regular file — {fix} (nothing was read from it)")
+
+
+def _open_regular(path: Path, uri: str) -> io.BufferedReader:
+    """`path` opened for reading if it is a regular file; refused (exit 2) otherwise.
+
+    Opened non-blocking, so that a FIFO without a writer does not wait forever, and checked on
+    the descriptor itself, so that what is checked is what is read.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise NotFound(f"{uri}: no such file") from None
+    except PermissionError:
+        raise Refused(unreadable(uri)) from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise _not_regular(uri, mode)
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def check_local_input(uri: str, root: Path | None = None) -> None:
+    """Refuse, before any read, a local input that is not a regular file inside `root`
+    (default: its claim for `pvc://`, the directory it is named in otherwise).
+
+    A symlink out of the tree (to `/proc/self/environ`, another claim, a mounted Secret) or a
+    FIFO, device or directory is exit 2 naming the entry: reading it would put the pod's state
+    into a dataset, or never end.
+    """
+    path = local_path(uri)
+    if not os.path.lexists(path):
+        raise NotFound(f"{uri}: no such file")
+    try:
+        resolved = path.resolve()
+    except RuntimeError:  # Python 3.11's answer to a symlink loop
+        raise Refused(f"{uri}: is a symlink loop — name a regular file") from None
+    try:
+        mode = resolved.stat().st_mode  # stat, not open: opening a FIFO or device may block
+    except FileNotFoundError:
+        raise NotFound(f"{uri}: no such file (a link to {resolved}, which is absent)") from None
+    except PermissionError:
+        raise Refused(unreadable(uri)) from None
+    if not stat.S_ISREG(mode):
+        raise _not_regular(uri, mode)
+    tree = (root if root is not None else input_root(uri)).resolve()
+    if not resolved.is_relative_to(tree):
+        raise Refused(
+            f"{uri}: is a link to {resolved}, outside {tree} — inputs must be regular files "
+            "inside their claim or directory: copy the file there instead of linking to it"
+        )
+
+
 def sha256_file(path: Path) -> str:
-    with path.open("rb") as f:
+    with _open_regular(path, str(path)) as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
@@ -58,20 +171,18 @@ def sha256_uri(uri: str, s3: S3Settings | None = None) -> str:
     return digest.hexdigest()
 
 
-def fingerprint(uri: str, s3: S3Settings | None = None) -> str:
-    """Content identity: `sha256:<hex>` of a local file, `etag:<etag>:<size>` of an S3 object."""
+def identify(uri: str, s3: S3Settings | None = None) -> Identity:
+    """Content identity: `sha256:<hex>` of a local file; `etag:<etag>:<size>` of an S3 object,
+    with the Pin that makes later reads return that version or fail."""
     if is_s3(uri):
         found = head_object(uri, s3)
-        return f"etag:{str(found['ETag']).strip(chr(34))}:{found['ContentLength']}"
-    path = local_path(uri)
-    try:
-        return f"sha256:{sha256_file(path)}"
-    except FileNotFoundError:
-        raise NotFound(f"{uri}: no such file") from None
-    except IsADirectoryError:
-        raise Refused(f"{uri}: is a directory — name the files, or end it with '/'") from None
-    except PermissionError:
-        raise Refused(unreadable(uri)) from None
+        etag, nbytes = str(found["ETag"]), int(found["ContentLength"])
+        version = found.get("VersionId")
+        fingerprint = f"etag:{etag.strip(chr(34))}:{nbytes}"
+        return Identity(fingerprint, nbytes, Pin(etag, str(version) if version else None))
+    with _open_regular(local_path(uri), uri) as f:
+        nbytes = os.fstat(f.fileno()).st_size
+        return Identity(f"sha256:{hashlib.file_digest(f, 'sha256').hexdigest()}", nbytes)
 
 
 def size(uri: str, s3: S3Settings | None = None) -> int:
@@ -93,20 +204,33 @@ def exists(uri: str, s3: S3Settings | None = None) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def _pinned(uri: str) -> Iterator[None]:
+    """S3's 412 to a pinned read: the object was replaced since it was seen → `Changed`."""
+    from botocore.exceptions import ClientError
+
+    try:
+        yield
+    except ClientError as error:
+        if error.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
+            raise Changed(uri) from None
+        raise
+
+
 class _S3Raw(io.RawIOBase):
     """A streaming S3 body that resumes with a Range request (pinned to the ETag) if it breaks."""
 
-    def __init__(self, uri: str, s3: S3Settings | None) -> None:
-        self.uri, self.s3, self.pos = uri, s3, 0
+    def __init__(self, uri: str, s3: S3Settings | None, pin: Pin | None) -> None:
+        self.uri, self.s3, self.pos, self.pin = uri, s3, 0, pin
         self.bucket, self.key = split_s3(uri)
-        self.etag = ""
+        self.etag = pin.etag if pin else ""
         self.body = self._open()
 
     def _open(self) -> Any:
-        extra: dict[str, str] = {}
+        extra = self.pin.get_args() if self.pin else {}
         if self.pos:
-            extra = {"Range": f"bytes={self.pos}-", "IfMatch": self.etag}
-        with s3_errors(self.uri):
+            extra |= {"Range": f"bytes={self.pos}-", "IfMatch": self.etag}
+        with s3_errors(self.uri), _pinned(self.uri):
             response = client(self.s3).get_object(Bucket=self.bucket, Key=self.key, **extra)
         self.etag = self.etag or str(response["ETag"])
         return response["Body"]
@@ -138,16 +262,12 @@ class _S3Raw(io.RawIOBase):
         super().close()
 
 
-def open_binary(uri: str, s3: S3Settings | None = None) -> IO[bytes]:
-    """A buffered streaming reader; S3 objects are never held whole in memory."""
+def open_binary(uri: str, s3: S3Settings | None = None, pin: Pin | None = None) -> IO[bytes]:
+    """A buffered streaming reader; S3 objects are never held whole in memory, and with a
+    `pin` they are read at that version or not at all (`Changed`). Local files must be regular."""
     if is_s3(uri):
-        return io.BufferedReader(_S3Raw(uri, s3), buffer_size=1 << 20)
-    try:
-        return local_path(uri).open("rb")
-    except FileNotFoundError:
-        raise NotFound(f"{uri}: no such file") from None
-    except PermissionError:
-        raise Refused(unreadable(uri)) from None
+        return io.BufferedReader(_S3Raw(uri, s3, pin), buffer_size=1 << 20)
+    return _open_regular(local_path(uri), uri)
 
 
 def read_text(uri: str, s3: S3Settings | None = None) -> str:

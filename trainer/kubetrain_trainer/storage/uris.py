@@ -30,6 +30,15 @@ def pvc_root() -> Path:
     return Path(os.environ.get(PVC_ROOT_ENV, DEFAULT_PVC_ROOT))
 
 
+def input_root(uri: str) -> Path:
+    """The tree a local input must stay inside: its claim for `pvc://CLAIM/…`, else the
+    directory it is named in (an input on one claim never reads another claim, or the pod)."""
+    if uri.startswith("pvc://"):
+        claim = uri[len("pvc://") :].split("/", 1)[0]
+        return pvc_root() / claim
+    return local_path(uri).parent
+
+
 def redacted(uri: str) -> str:
     """The URI without userinfo and query, for messages: a secret is never echoed."""
     scheme, sep, rest = uri.partition("://")
