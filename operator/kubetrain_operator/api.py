@@ -173,13 +173,16 @@ class Problem:
 
 
 class _Model(BaseModel):
-    """camelCase on the wire, unknown fields refused, field docstrings kept as descriptions."""
+    """camelCase on the wire, unknown fields refused, field docstrings kept as descriptions;
+    floats are finite (YAML's .inf and .nan would reach the stage JSON as Infinity and NaN, which
+    JSON does not have and the API server cannot store)."""
 
     model_config = ConfigDict(
         alias_generator=to_camel,
         populate_by_name=True,
         extra="forbid",
         frozen=True,
+        allow_inf_nan=False,
         use_attribute_docstrings=True,
         validate_default=True,
     )
@@ -484,7 +487,7 @@ class ResourcesSpec(_Model):
     @classmethod
     def _label_keys(cls, value: dict[str, str]) -> dict[str, str]:
         for key in value:
-            if len(key) > 316 or not re.match(LABEL_KEY_PATTERN, key):
+            if len(key) > 316 or not re.fullmatch(LABEL_KEY_PATTERN, key):
                 raise ValueError(
                     f"{key!r} is not a Kubernetes label key — use e.g. "
                     "nvidia.com/gpu.product or node-type"
@@ -778,6 +781,7 @@ def _friendly(err: Any) -> str:
         "int_from_float": "an integer",
         "float_type": "a number",
         "float_parsing": "a number",
+        "finite_number": "a finite number (not .inf or .nan)",
         "bool_type": "true or false",
         "bool_parsing": "true or false",
         "string_type": "a string",

@@ -28,6 +28,56 @@ class Loaded:
     problems: tuple[Problem, ...] = ()
 
 
+#: Deepest nesting of mappings and lists a run file may have (a TrainingRun needs about 8):
+#: deeper input is refused with a line before the parser's recursion could overflow the stack.
+MAX_DEPTH = 64
+
+
+class RunFileError(yaml.MarkedYAMLError):
+    """A run file YAML allows but a TrainingRun does not: a repeated key, too deep a nesting;
+    `problem` says what to do, `problem_mark` where."""
+
+
+class _RunLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that refuses a key given twice in one mapping, as kubectl does (PyYAML
+    keeps the last one silently), and nesting deeper than MAX_DEPTH (a RecursionError otherwise)."""
+
+    _depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
+                raise RunFileError(
+                    problem=f"nested too deeply (more than {MAX_DEPTH} levels) — a TrainingRun "
+                    "needs a few; check the brackets",
+                    problem_mark=mark,
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[object, object]:
+        seen: dict[object, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<:` merges: the keys it brings may be overridden
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:
+                continue  # an unhashable key: the base class reports it
+            if first is not None:
+                raise RunFileError(
+                    problem=f"duplicate key {key!r} (first on line {first}) — keep one: YAML "
+                    "keys are unique, and kubectl refuses the file",
+                    problem_mark=key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read(path: Path) -> str:
     if path == STDIN:
         return sys.stdin.read()
@@ -38,7 +88,7 @@ def load_runs(path: Path) -> Iterator[Loaded]:
     """Every TrainingRun in a (multi-document) YAML file, or stdin for `-`; other kinds are
     reported."""
     try:
-        documents = list(yaml.safe_load_all(_read(path)))
+        documents = list(yaml.load_all(_read(path), Loader=_RunLoader))
     except OSError as error:
         problem = f"cannot read: {error.strerror} — check the path"
         yield Loaded(path, None, (Problem("(file)", problem),))
@@ -46,6 +96,10 @@ def load_runs(path: Path) -> Iterator[Loaded]:
     except UnicodeDecodeError:
         problem = "is not UTF-8 text — pass a YAML file"
         yield Loaded(path, None, (Problem("(file)", problem),))
+        return
+    except RunFileError as error:
+        where = f"line {error.problem_mark.line + 1}" if error.problem_mark else "(file)"
+        yield Loaded(path, None, (Problem(where, str(error.problem)),))
         return
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)

@@ -25,7 +25,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from kubetrain_contract.credentials import SECRET_QUERY_WORDS
+from kubetrain_contract.credentials import (
+    METADATA_ADDRESSES,
+    METADATA_HOSTS,
+    SECRET_QUERY_WORDS,
+)
 from kubetrain_contract.methods import METHOD_FORMATS
 
 #: Child names append suffixes such as `-preprocess-1a2b3c4d`; 50 leaves room under 63.
@@ -75,6 +79,9 @@ def _cel_string(pattern: str) -> str:
 _SCHEME = r"^[A-Za-z][A-Za-z0-9+.-]*://"
 _PVC_CLAIM = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
 _HF_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+#: The start of a URI parameter's name, up to where a credential word may appear: after `?`, `&`,
+#: `;` or `#` (query, path parameters, fragment), as the trainer splits them.
+_PARAMETER = r"[?&;#][^?&;#=]*"
 
 
 def _uri_rules(schemes: tuple[str, ...]) -> tuple[FieldRule, ...]:
@@ -110,10 +117,19 @@ def _uri_rules(schemes: tuple[str, ...]) -> tuple[FieldRule, ...]:
         ),
         FieldRule(
             "uri-signed-query",
-            rf"(?i)[?&][a-z0-9_.-]*({'|'.join(SECRET_QUERY_WORDS)})[a-z0-9_.-]*=",
+            rf"(?i){_PARAMETER}({'|'.join(SECRET_QUERY_WORDS)})[^?&;#=]*=",
             None,
-            "carries a credential in its query string (a presigned URL or a token)",
+            "carries a credential in a parameter (its query, a ;parameter or its #fragment: a "
+            "presigned URL or a token)",
             f"use the plain s3://BUCKET/KEY with {S3_SECRET_FIELD} (a Secret) for credentials",
+        ),
+        FieldRule(
+            "uri-encoded-parameter",
+            rf"{_PARAMETER}%[^?&;#=]*=",
+            None,
+            "percent-encodes a parameter's name, which hides what it carries (a server decodes "
+            "X%2DAmz%2DSignature to X-Amz-Signature)",
+            "write parameter names plainly; credentials go in a Secret",
         ),
         FieldRule(
             "uri-dot-dot",
@@ -136,22 +152,83 @@ def _uri_rules(schemes: tuple[str, ...]) -> tuple[FieldRule, ...]:
     return tuple(rules)
 
 
+#: A dotted-quad IPv4 address as the API server and every resolver read it the same: four decimal
+#: parts without leading zeros.
+_OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_CANONICAL_IPV4 = rf"({_OCTET}\.){{3}}{_OCTET}"
+_HOST_END = r"(:[0-9]+)?(/|$)"
+
+
+def _ipv6_spellings(address: str) -> str:
+    """A regex for an IPv6 address with `::` in every zero-run spelling (fd00:ec2::254,
+    fd00:ec2:0::254, fd00:ec2:0:0:0:0:0:254 …); leading zeros are refused by their own rule."""
+    head, tail = address.split("::")
+    return rf"\[{head}(:0)*::?(0:)*{tail}\]"
+
+
+def _metadata_hosts() -> str:
+    """Link-local ranges and the contract's metadata addresses and names, as one alternation."""
+    names = [h.replace(".", r"\.") + r"\.?" for h in METADATA_HOSTS]
+    ipv4 = [a.replace(".", r"\.") for a in METADATA_ADDRESSES if ":" not in a]
+    ipv6 = [_ipv6_spellings(a) for a in METADATA_ADDRESSES if ":" in a]
+    link_local = [r"169\.254\.[0-9.]+", r"\[fe[89ab][0-9a-f]:[0-9a-f:]*\]"]
+    return "|".join([*link_local, *ipv4, *ipv6, *names])
+
+
+def _endpoint_rules() -> tuple[FieldRule, ...]:
+    """A host is a DNS name, a dotted quad or a bracketed IPv6 address in canonical form, and
+    never a link-local or metadata address: every other spelling of an address (2852039166,
+    0xa9fea9fe, 0251.0376.0251.0376, 169.254.43518, [::ffff:169.254.169.254]) is what resolvers
+    accept and these rules would not see through."""
+    ipv4_in_ipv6 = (
+        r"[0:]*:(ffff:(0:)?)?[0-9a-f]{1,4}:[0-9a-f]{1,4}\]"  # IPv4-mapped, -translated, -compatible
+        r"|64:ff9b:"  # NAT64
+        r"|2002:"  # 6to4
+    )
+    return (
+        FieldRule(
+            "endpoint-host-number",
+            rf"(?i)^https?://([^/:\[\]]*\.)?(0x[0-9a-f]*|[0-9]+)\.?{_HOST_END}",
+            rf"^https?://{_CANONICAL_IPV4}{_HOST_END}",
+            "spells its host as a number (decimal, hex, octal or fewer than four parts): an IP "
+            "address in disguise",
+            "write a DNS name, a dotted-quad IPv4 address without leading zeros (10.0.0.5) or a "
+            "bracketed IPv6 address ([2001:db8::5])",
+        ),
+        FieldRule(
+            "endpoint-ipv6-form",
+            r"^https?://\[([^\]]*[A-F.]|([^\]]*:)?0[0-9a-f])",
+            None,
+            "writes an IPv6 address with upper-case letters, leading zeros or a dotted IPv4 part",
+            "write it in lower case without leading zeros (RFC 5952), e.g. [2001:db8::5]; an IPv4 "
+            "address as a dotted quad",
+        ),
+        FieldRule(
+            "endpoint-ipv6-embeds-ipv4",
+            rf"^https?://\[({ipv4_in_ipv6})",
+            None,
+            "is an IPv6 form of an IPv4 address (IPv4-mapped or -compatible, NAT64, 6to4), which "
+            "hides the IPv4 address",
+            "write the IPv4 address as a dotted quad",
+        ),
+        FieldRule(
+            "endpoint-metadata",
+            rf"(?i)^https?://({_metadata_hosts()}){_HOST_END}",
+            None,
+            "is a link-local or cloud instance-metadata address (it hands out the node's "
+            "credentials)",
+            "use the storage service's own endpoint",
+        ),
+    )
+
+
 #: Schemes per kind of URI: models and tokenizers may come from the Hub, nothing else may.
 MODEL_URI_SCHEMES = ("s3", "pvc", "hf", "file")
 DATA_URI_SCHEMES = ("s3", "pvc", "file")
 FIELD_RULES: dict[str, tuple[FieldRule, ...]] = {
     "model-uri": _uri_rules(MODEL_URI_SCHEMES),
     "uri": _uri_rules(DATA_URI_SCHEMES),
-    "endpoint": (
-        FieldRule(
-            "endpoint-metadata",
-            r"(?i)^https?://(169\.254\.[0-9]+\.[0-9]+|\[fd00:ec2::254\]|100\.100\.100\.200|"
-            r"metadata\.google\.internal\.?|metadata|instance-data)(:[0-9]+)?(/|$)",
-            None,
-            "is a cloud instance-metadata address (it hands out the node's credentials)",
-            "use the storage service's own endpoint",
-        ),
-    ),
+    "endpoint": _endpoint_rules(),
 }
 
 
@@ -304,7 +381,7 @@ RULES: tuple[Rule, ...] = (
         "name-dns-1035",
         "",
         "metadata.name",
-        lambda root: re.match(DNS1035, root.metadata.name) is not None,
+        lambda root: re.fullmatch(DNS1035, root.metadata.name) is not None,
         f"self.metadata.name.matches('{DNS1035}')",
         "must be a DNS-1035 label (lower-case letters, digits and '-', starting with a letter)",
         "rename the run",

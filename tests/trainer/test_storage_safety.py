@@ -4,7 +4,10 @@ Real: boto3/botocore over HTTP to a real `moto_server` (the traversal keys), the
 `kubetrain_trainer.__main__.main` (exit codes and result JSON), botocore's retry and error
 handling. Emulated: S3 *failures* — a small HTTP server here answers every request with an S3
 error document (503 SlowDown, 403 InvalidAccessKeyId) or resets the connection, because moto
-never throttles or checks credentials.
+never throttles or checks credentials; the same server counts the requests a refused endpoint must
+not get (boto3's client factory is wrapped to record that no client is built, and still builds
+it). The resolver (`socket.getaddrinfo`) is played for one made-up name that resolves to a
+metadata address, because no real DNS is here.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from kubetrain_contract.exit_codes import EXIT_INVALID, EXIT_RETRY
 from kubetrain_trainer import storage
 from kubetrain_trainer.__main__ import main
 from kubetrain_trainer.config import AWS_S3, S3Settings
+from kubetrain_trainer.storage.credentials import refuse_credentials
 from preprocess_support import config, docs, write_jsonl
 
 SECRET = "wJalrXUtnFEMIK7MDENGbPxRfiCYzEXAMPLEKEY"
@@ -123,9 +127,101 @@ def test_safe_endpoints_are_accepted() -> None:
     for s3 in (
         S3Settings(endpoint="https://s3.example.com", region="", allow_insecure_endpoint=False),
         S3Settings(endpoint="http://minio.storage:9000", region="", allow_insecure_endpoint=True),
+        S3Settings(endpoint="http://127.0.0.1:9000", region="", allow_insecure_endpoint=True),
+        S3Settings(endpoint="http://localhost:9000", region="", allow_insecure_endpoint=True),
+        S3Settings(endpoint="https://[::1]:9000", region="", allow_insecure_endpoint=False),
         AWS_S3,
     ):
         assert storage.endpoint_problem(s3) is None
+
+
+#: Issue 16.3: the instance-metadata address (and loopback, as a number) in the spellings that
+#: resolvers accept; the API's side of each is a case of tests/operator/test_api.py.
+DISGUISED_ENDPOINTS = [
+    "http://2852039166/",
+    "http://0xa9fea9fe/",
+    "http://0251.0376.0251.0376/",
+    "http://169.254.43518/",
+    "http://[::ffff:169.254.169.254]/",
+    "http://[::ffff:a9fe:a9fe]/",
+    "http://[::a9fe:a9fe]/",
+    "http://[64:ff9b::a9fe:a9fe]/",
+    "http://[fd00:ec2::254]/",
+    "http://[fd00:ec2:0:0:0:0:0:254]/",
+    "http://2130706433:18765",
+]
+
+
+@pytest.mark.parametrize("endpoint", DISGUISED_ENDPOINTS)
+def test_metadata_addresses_in_other_spellings_are_refused(endpoint: str) -> None:
+    s3 = S3Settings(endpoint=endpoint, region="", allow_insecure_endpoint=True)
+    problem = storage.endpoint_problem(s3)
+    assert problem is not None and ("metadata" in problem or "as a number" in problem)
+
+
+@pytest.mark.parametrize("resolved", ["169.254.169.254", "::ffff:169.254.169.254", "fe80::1"])
+def test_a_name_that_resolves_to_a_metadata_address_is_refused(
+    monkeypatch: pytest.MonkeyPatch, resolved: str
+) -> None:
+    """A DNS name is resolved before use (the resolver is the one thing played here)."""
+    real = socket.getaddrinfo
+
+    def resolve(host: str, *args: Any, **kwargs: Any) -> Any:
+        if host != "imds.attacker.test":
+            return real(host, *args, **kwargs)
+        family = socket.AF_INET6 if ":" in resolved else socket.AF_INET
+        return [(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (resolved, 0))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    s3 = S3Settings(endpoint="https://imds.attacker.test", region="", allow_insecure_endpoint=False)
+    problem = storage.endpoint_problem(s3)
+    assert problem is not None and "resolves to a link-local or instance-metadata" in problem
+
+
+@pytest.mark.parametrize("host", ["2130706433", "0x7f000001"])
+def test_a_refused_endpoint_gets_no_request_and_no_client(
+    failing_s3: ThreadingHTTPServer, monkeypatch: pytest.MonkeyPatch, host: str
+) -> None:
+    """127.0.0.1 spelled as a number reaches the server here unless the trainer refuses it first;
+    it must refuse before boto3 builds a client (which would sign a request)."""
+    import boto3.session
+
+    created: list[object] = []
+    real_client = boto3.session.Session.client
+
+    def recording(self: boto3.session.Session, *args: Any, **kwargs: Any) -> Any:
+        created.append(args)
+        return real_client(self, *args, **kwargs)
+
+    monkeypatch.setattr(boto3.session.Session, "client", recording)
+    monkeypatch.setenv(storage.MAX_ATTEMPTS_ENV, "1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAIOSFODNN7EXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    storage.client.cache_clear()
+    endpoint = f"http://{host}:{failing_s3.server_address[1]}"
+    s3 = S3Settings(endpoint=endpoint, region="us-east-1", allow_insecure_endpoint=True)
+    with pytest.raises(storage.Refused) as caught:
+        storage.size("s3://bucket/latest/meta-data/iam/security-credentials/role", s3)
+    assert caught.value.exit_code == EXIT_INVALID and "s3.endpoint" in caught.value.message
+    assert created == [] and failing_s3.requests == 0  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        f"s3://bucket/data.jsonl#X-Amz-Signature={SECRET}",
+        f"s3://bucket/data.jsonl;token={SECRET}",
+        f"s3://bucket/dir;X-Amz-Credential={SECRET}/data.jsonl",
+        f"s3://bucket/data.jsonl?X-Amz-%2553ignature={SECRET}",
+    ],
+)
+def test_credentials_in_fragments_path_parameters_and_encoded_names_are_refused(uri: str) -> None:
+    """Issue 16.6: validate refuses these (test_api's cases); so does the trainer, silently."""
+    with pytest.raises(storage.Refused) as caught:
+        refuse_credentials(uri, "validation[0]")
+    assert caught.value.exit_code == EXIT_INVALID
+    assert caught.value.message.startswith("validation[0]: s3://bucket/")
+    assert SECRET not in caught.value.message
 
 
 class _Failing(BaseHTTPRequestHandler):

@@ -8,6 +8,7 @@ A bare path or `file:///abs/path` is a local file; `pvc://CLAIM/path` is
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from kubetrain_contract.layout import PVC_MOUNT_ROOT
@@ -40,14 +41,16 @@ def input_root(uri: str) -> Path:
 
 
 def redacted(uri: str) -> str:
-    """The URI without userinfo and query, for messages: a secret is never echoed."""
+    """The URI without userinfo and parameters (query, `;` parameters, fragment), for messages:
+    a secret is never echoed."""
     scheme, sep, rest = uri.partition("://")
     if not sep:
         return uri
     authority, slash, path = rest.partition("/")
     if "@" in authority:
         authority = "***@" + authority.rpartition("@")[2]
-    return f"{scheme}://{authority}{slash}{path.split('?', 1)[0]}" + ("?…" if "?" in path else "")
+    plain = re.split(r"[?;#]", path, maxsplit=1)[0]
+    return f"{scheme}://{authority}{slash}{plain}" + ("…" if plain != path else "")
 
 
 def join(uri: str, *parts: str) -> str:
