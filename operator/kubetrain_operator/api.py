@@ -649,6 +649,11 @@ class TrainingRunSpec(_Model):
         "15m"
     )
     """No step progress for this long restarts the attempt (e.g. 15m, 1h30m)."""
+    stage_deadline: Annotated[str, Field(pattern=DURATION_PATTERN, min_length=2, max_length=32)] = (
+        "24h"
+    )
+    """Longest the preprocess and merge Jobs may run (their activeDeadlineSeconds): a backstop for
+    a stage that never ends; past it the run fails. Raise it for corpora that take longer."""
     queue_name: Annotated[str, Field(max_length=63, pattern=DNS1123_SUBDOMAIN)] | None = None
     """Kueue LocalQueue; sets kueue.x-k8s.io/queue-name on the jobs."""
     suspend: bool = False

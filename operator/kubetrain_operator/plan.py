@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 from kubetrain_contract import layout
+from kubetrain_contract.durations import duration_seconds
 from kubetrain_operator.api import (
     RUNG_DEFAULTS,
     Architecture,
@@ -75,6 +76,9 @@ class Stage:
     """One line for humans: what the stage does and on what (shown by render and run)."""
     rung: int | None = None
     """The sanity rung (1-based) of a sanity stage."""
+    deadline_seconds: int | None = None
+    """The Job's activeDeadlineSeconds (spec.stageDeadline); None: no deadline (the attempts of
+    training have the stall check instead)."""
 
     @property
     def distributed(self) -> bool:
@@ -217,6 +221,7 @@ def plan_run(
     s3_secret = s3.secret_name or (defaults.s3_secret_name if reads_s3 else None)
     env = _env(spec, target, s3_secret)
     res = spec.resources
+    deadline = int(duration_seconds(spec.stage_deadline))
     stages = [
         Stage(
             "preprocess",
@@ -228,6 +233,7 @@ def plan_run(
             env=env,
             metrics_port=metrics_port,
             summary="read, check, tokenize and pack the data on CPU (never a GPU)",
+            deadline_seconds=deadline,
         )
     ]
     for index, rung in enumerate(spec.sanity.ladder if spec.sanity else (), start=1):
@@ -287,6 +293,7 @@ def plan_run(
             summary=("merge the adapter and " if spec.output.merge else "")
             + f"evaluate on {'1 GPU' if merge_gpus else 'CPU'}"
             + ("" if merge_gpus or res.gpus_per_node == 0 else " (resources.merge.gpus is 0)"),
+            deadline_seconds=deadline,
         )
     )
     return Plan(

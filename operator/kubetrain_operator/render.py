@@ -215,6 +215,7 @@ def render_job(plan: Plan, stage: Stage, namespace: str | None = None) -> dict[s
                 ]
             },
             "ttlSecondsAfterFinished": 7 * 24 * 3600,
+            **({"activeDeadlineSeconds": stage.deadline_seconds} if stage.deadline_seconds else {}),
             "suspend": plan.suspend,
             "template": _pod_template(
                 plan, stage, {**labels, LABEL_METRICS: "true"}, "trainer", command

@@ -302,6 +302,24 @@ def test_preprocess_and_merge_jobs(doc_id: str) -> None:
             }
 
 
+@pytest.mark.parametrize(("deadline", "seconds"), [(None, 24 * 3600), ("36h30m", 131_400)])
+def test_preprocess_and_merge_jobs_have_a_deadline_training_has_none(
+    deadline: str | None, seconds: int
+) -> None:
+    """A stage that never ends (issue 16): Kubernetes stops a Job past spec.stageDeadline."""
+    doc = DOCUMENTS["llama-lora-merge"]
+    if deadline is not None:
+        doc = changed(doc, {"spec.stageDeadline": deadline})
+    objects = rendered(doc)
+    jobs = {stage_of(o): o["spec"] for o in objects if o["kind"] == "Job"}
+    assert {stage: job.get("activeDeadlineSeconds") for stage, job in jobs.items()} == {
+        "preprocess": seconds,
+        "merge": seconds,
+    }
+    for job in (o for o in objects if o["kind"] == "PyTorchJob"):
+        assert "activeDeadlineSeconds" not in job["spec"]["runPolicy"], "training: stallTimeout"
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
 def test_no_example_gives_preprocessing_a_gpu(path: Any) -> None:
     doc = yaml.safe_load(path.read_text())

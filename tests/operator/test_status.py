@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from kubetrain_contract import metrics
+from kubetrain_contract.durations import duration_seconds
 from kubetrain_operator import status as st
 from kubetrain_operator.api import SanitySpec
 from kubetrain_operator.status import (
@@ -148,6 +149,30 @@ def test_a_failed_preprocess_job_ends_the_run_with_its_own_message(code: int, re
     assert error in stalled["message"] and f"exit code {code}" in stalled["message"]
     assert world.condition(st.DATA_READY)["status"] == "False"
     assert world.condition(st.SUCCEEDED)["status"] == "False"
+    assert world.status["phase"] == st.P_FAILED
+    assert not [c for c in world.children if "-train-" in c]
+
+
+def test_a_preprocess_job_past_its_deadline_fails_the_run_naming_stage_deadline() -> None:
+    """A stage that never ends (issue 16): the Job controller stops it at activeDeadlineSeconds
+    (SIGTERM, exit 143, no result) and marks it Failed, reason DeadlineExceeded."""
+    world = World(run_doc())
+    world.step()
+    name = world.child("preprocess")["metadata"]["name"]
+    assert world.child("preprocess")["spec"]["activeDeadlineSeconds"] == 24 * 3600
+    world.set_state(name, "running")
+    world.step()
+    world.now += 24 * 3600
+    world.set_state(name, "failed", exit_code=143)
+    (failed,) = [c for c in world.children[name]["status"]["conditions"] if c["type"] == "Failed"]
+    failed.update(
+        reason="DeadlineExceeded", message="Job was active longer than specified deadline"
+    )
+    world.step()
+    stalled = world.condition(st.STALLED)
+    assert (stalled["status"], stalled["reason"]) == ("True", st.R_DEADLINE_EXCEEDED)
+    assert "stageDeadline 24h" in stalled["message"] and name in stalled["message"]
+    assert world.condition(st.DATA_READY)["reason"] == st.R_DEADLINE_EXCEEDED
     assert world.status["phase"] == st.P_FAILED
     assert not [c for c in world.children if "-train-" in c]
 
@@ -640,7 +665,7 @@ def test_credentials_in_a_termination_message_never_reach_status_or_events() -> 
 
 
 def test_time_helpers() -> None:
-    assert st.duration_seconds("1h30m") == 5400 and st.duration_seconds("90s") == 90
+    assert duration_seconds("1h30m") == 5400 and duration_seconds("90s") == 90
     assert TIMING.backoff(1) == 10 and TIMING.backoff(3) == 40 and TIMING.backoff(9) == 40
 
 

@@ -50,7 +50,4 @@ from kubetrain_operator.status.redaction import (
 from kubetrain_operator.status.timing import (
     Timing as Timing,
 )
-from kubetrain_operator.status.timing import (
-    duration_seconds as duration_seconds,
-)
 from kubetrain_operator.status.vocabulary import *  # noqa: F403 (the condition, reason and phase words)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubetrain_contract import layout, metrics
-from kubetrain_contract.durations import format_duration
+from kubetrain_contract.durations import duration_seconds, format_duration
 from kubetrain_contract.exit_codes import EXIT_INVALID, EXIT_UNHEALTHY, NON_RETRYABLE
 from kubetrain_operator.api import TrainingRun
 from kubetrain_operator.plan import Plan, Stage, StageRole
@@ -33,7 +33,7 @@ from kubetrain_operator.status.observation import (
     observe_child,
 )
 from kubetrain_operator.status.redaction import bounded
-from kubetrain_operator.status.timing import Timing, duration_seconds, format_time, parse_time
+from kubetrain_operator.status.timing import Timing, format_time, parse_time
 from kubetrain_operator.status.vocabulary import (
     DATA_READY,
     P_FAILED,
@@ -46,6 +46,7 @@ from kubetrain_operator.status.vocabulary import (
     R_BACKING_OFF,
     R_CACHE_HIT,
     R_CACHE_MISS,
+    R_DEADLINE_EXCEEDED,
     R_INVALID_INPUT,
     R_LOSS_DROPPED,
     R_MERGING,
@@ -216,8 +217,14 @@ class Lifecycle:
         self.failed(*judge(self, stage, child, failure_message(child)))
 
     def exit_failure(self, stage: Stage, child: ChildState, message: str) -> tuple[str, str]:
-        """A stage's failure by its exit code (the stage contract): the reason and message."""
-        del stage  # judged by the code alone
+        """A stage's failure by its exit code (the stage contract): the reason and message; a
+        Job that Kubernetes stopped at its activeDeadlineSeconds, by that."""
+        if child.reason == JOB_DEADLINE_EXCEEDED and stage.deadline_seconds:
+            return R_DEADLINE_EXCEEDED, (
+                f"{child.name}: stopped after stageDeadline {self.spec.stage_deadline} — raise "
+                f"spec.stageDeadline if the stage needs longer, then delete Job {child.name} to "
+                "run it again"
+            )
         if child.exit_code == EXIT_INVALID:
             return R_INVALID_INPUT, message
         if child.exit_code == EXIT_UNHEALTHY:
@@ -501,6 +508,10 @@ class Lifecycle:
         total = progress.get("totalSteps")
         text = f"step {progress['step']}" + (f"/{total}" if total else "")
         return text + (f", loss {progress['loss']}" if progress.get("loss") is not None else "")
+
+
+#: The Job controller's reason on the Failed condition of a Job past activeDeadlineSeconds.
+JOB_DEADLINE_EXCEEDED = "DeadlineExceeded"
 
 
 def _numbers(report: Mapping[str, Any]) -> dict[str, Any]:

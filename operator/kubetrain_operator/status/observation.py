@@ -46,6 +46,8 @@ class ChildState:
     active_pods: int = 0
     exit_code: int | None = None
     message: str | None = None
+    reason: str | None = None
+    """The reason of the child's Failed condition (e.g. DeadlineExceeded)."""
     result: Mapping[str, Any] | None = None
     finished_at: float | None = None
     running_since: float | None = None
@@ -166,6 +168,7 @@ def observe_child(
         active_pods=active,
         exit_code=exit_code,
         message=message,
+        reason=(true.get("Failed") or {}).get("reason"),
         result=result,
         finished_at=finished,
         running_since=since,

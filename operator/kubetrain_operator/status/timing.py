@@ -1,8 +1,7 @@
-"""Time as the API server writes it, the spec's durations, and the restart backoff."""
+"""Time as the API server writes it, and the restart backoff."""
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -36,11 +35,3 @@ def parse_time(value: Any) -> float | None:
 
 def format_time(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def duration_seconds(text: str) -> float:
-    """`15m`, `1h30m`, `90s` (api.DURATION_PATTERN) → seconds."""
-    total = 0.0
-    for number, unit in re.findall(r"([0-9]+)([hms])", text):
-        total += int(number) * {"h": 3600, "m": 60, "s": 1}[unit]
-    return total

@@ -37,6 +37,7 @@ R_INVALID_INPUT = "InvalidInput"  # exit 2
 R_UNHEALTHY = "UnhealthyTraining"  # exit 3
 R_STAGE_FAILED = "StageFailed"  # a Job stage failed with a retryable code (operator does not retry)
 R_RESTARTS_EXHAUSTED = "RestartsExhausted"
+R_DEADLINE_EXCEEDED = "DeadlineExceeded"  # a Job stage ran past spec.stageDeadline
 R_SUSPENDED = "Suspended"
 R_QUEUED = "Queued"
 R_STARTING = "Starting"
@@ -58,6 +59,7 @@ WARNING_REASONS = frozenset(
         R_UNHEALTHY,
         R_STAGE_FAILED,
         R_RESTARTS_EXHAUSTED,
+        R_DEADLINE_EXCEEDED,
         R_PROGRESS_STALLED,
     }
 )
