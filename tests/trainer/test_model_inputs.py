@@ -1,14 +1,13 @@
 """Inputs no retry can fix end the stage with exit 2 naming the field or file, not a crash (exit 1).
 
-Real: the stage entry point `kubetrain_trainer.__main__.main` (config refusal, exit code, result
-JSON), `model.load_pretrained` on a tiny Llama saved by transformers' own `save_pretrained`
-(then truncated, overwritten or replaced by a pickle), `storage.download_dir` against a real
-`moto_server`. Nothing is emulated; the hostile files are written here.
+Real: the trainer's stage-config parser (`config.parse_stage_config`, whose ConfigError the entry
+point turns into exit 2), `model.load_pretrained` on a tiny Llama saved by transformers' own
+`save_pretrained` (then truncated, overwritten or replaced by a pickle), `storage.download_dir`
+against a real `moto_server`. Nothing is emulated; the hostile files are written here.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import pickle
@@ -21,8 +20,7 @@ import torch
 
 from kubetrain_contract.exit_codes import EXIT_INVALID
 from kubetrain_trainer import model, storage
-from kubetrain_trainer.__main__ import main
-from kubetrain_trainer.config import S3Settings
+from kubetrain_trainer.config import ConfigError, S3Settings, parse_stage_config
 from kubetrain_trainer.stage import InvalidInput
 from stage_base import base_config, changed
 
@@ -37,13 +35,14 @@ class Payload:
         return (pathlib.Path.touch, (self.path,))
 
 
-def test_a_step_count_past_the_cap_exits_2_naming_the_field(tmp_path: Path) -> None:
+def test_a_step_count_past_the_cap_exits_2_naming_the_field() -> None:
+    """The entry point answers ConfigError with exit 2 (its own tests); in-process here, as
+    `main` would start a process (ldconfig, for the parent-death signal)."""
     config = changed(base_config("train"), {"training": {"maxSteps": 4_000_000_000_000_000_000}})
-    path = tmp_path / "train.json"
-    path.write_text(json.dumps(config), encoding="utf-8")
-    assert main(["train", "--config", str(path), "--workdir", str(tmp_path)]) == EXIT_INVALID
-    error = json.loads((tmp_path / "result-train.json").read_text(encoding="utf-8"))["error"]
-    assert "training.maxSteps" in error and "1000000000" in error
+    with pytest.raises(ConfigError) as refused:
+        parse_stage_config(config, "train.json")
+    assert "train.json: training.maxSteps:" in str(refused.value)
+    assert "1000000000" in str(refused.value)
 
 
 @pytest.fixture(scope="module")
