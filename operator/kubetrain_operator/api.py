@@ -30,6 +30,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from kubetrain_contract.limits import MAX_STEPS
 from kubetrain_contract.methods import DataFormat, Method
 from kubetrain_operator import rules
 from kubetrain_operator.rules import DNS1035, DNS1123_SUBDOMAIN, MAX_NAME_LENGTH
@@ -377,7 +378,7 @@ class TrainingSpec(_Model):
 
     epochs: float | None = Field(default=None, gt=0, le=10_000)
     """Passes over the training data; exclusive with maxSteps. Default: 1 epoch."""
-    max_steps: PositiveInt | None = None
+    max_steps: PositiveInt | None = Field(default=None, le=MAX_STEPS)
     """Optimizer steps to run; exclusive with epochs."""
     learning_rate: float = Field(default=2.0e-4, gt=0, le=1)
     """Peak learning rate."""
@@ -401,9 +402,9 @@ class TrainingSpec(_Model):
     """Recompute activations in the backward pass to save memory."""
     seed: int = Field(default=42, ge=0, le=2**32 - 1)
     """Seed for weights, data order and dropout."""
-    logging_steps: int = Field(default=10, ge=1)
+    logging_steps: int = Field(default=10, ge=1, le=MAX_STEPS)
     """Log (and update metrics) every this many optimizer steps."""
-    eval_steps: PositiveInt | None = None
+    eval_steps: PositiveInt | None = Field(default=None, le=MAX_STEPS)
     """Evaluate on the validation split every this many steps (default: at the end only)."""
     max_grad_norm_abort: float = Field(default=1.0e6, gt=0)
     """Abort (exit 3) when the gradient norm exceeds this: the run is diverging."""
@@ -412,7 +413,7 @@ class TrainingSpec(_Model):
 class CheckpointSpec(_Model):
     """Checkpoints: every everySteps and on SIGTERM; a checkpoint counts only once complete."""
 
-    every_steps: int = Field(default=500, ge=1)
+    every_steps: int = Field(default=500, ge=1, le=MAX_STEPS)
     """Save every this many optimizer steps."""
     keep: int = Field(default=3, ge=1, le=1000)
     """Newest complete checkpoints kept."""

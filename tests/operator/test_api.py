@@ -622,6 +622,26 @@ def test_accepted_forms_pass_both_sides() -> None:
         assert kube.schema_errors(doc) == [] and kube.rule_failures(doc) == [], patch
 
 
+def test_every_step_count_is_capped_on_both_sides() -> None:
+    """Past int64 a step count crashed the trainer (OverflowError, exit 1, retried forever):
+    the model and the CRD refuse it, and the cap itself is accepted."""
+    from kubetrain_contract.limits import MAX_STEPS
+
+    fields: dict[str, Any] = {
+        "spec.training.maxSteps": lambda n: spec(training={"maxSteps": n}),
+        "spec.training.evalSteps": lambda n: spec(training={"maxSteps": 10, "evalSteps": n}),
+        "spec.training.loggingSteps": lambda n: spec(training={"maxSteps": 10, "loggingSteps": n}),
+        "spec.checkpoints.everySteps": lambda n: spec(checkpoints={"everySteps": n}),
+    }
+    for path, patch in fields.items():
+        refused = merge(BASE, patch(4_000_000_000_000_000_000))
+        assert [p.path for p in problems_of(refused)] == [path]
+        assert path in [e.path for e in kube.schema_errors(refused)]
+        accepted = merge(BASE, patch(MAX_STEPS))
+        api.parse_run(accepted)
+        assert kube.schema_errors(accepted) == [], path
+
+
 def test_the_bases_are_valid_everywhere() -> None:
     for doc in (BASE, SCRATCH):
         api.parse_run(doc)

@@ -69,8 +69,12 @@ def attempt() -> int:
     return int(os.environ.get(ATTEMPT_ENV, "0") or 0)
 
 
-def _is_marker(path: Path) -> bool:
-    return path.name == MARKER or path.name.startswith("NODE-")
+def _is_bookkeeping(directory: Path, path: Path) -> bool:
+    """The markers, and download_dir's record of what it fetched, at the top of a checkpoint:
+    not part of it."""
+    name = path.name
+    top = path.parent == directory
+    return top and (name in (MARKER, storage.DOWNLOAD_STATE) or name.startswith("NODE-"))
 
 
 def files_of(directory: Path) -> dict[str, dict[str, Any]]:
@@ -78,7 +82,7 @@ def files_of(directory: Path) -> dict[str, dict[str, Any]]:
     file is fsynced on the way (its contents are durable before a marker names it)."""
     found: dict[str, dict[str, Any]] = {}
     for path in sorted(directory.rglob("*")):
-        if path.is_file() and not _is_marker(path):
+        if path.is_file() and not _is_bookkeeping(directory, path):
             storage.fsync(path)
             found[path.relative_to(directory).as_posix()] = {
                 "bytes": path.stat().st_size,
@@ -113,13 +117,35 @@ def _expected(entry: Any) -> tuple[int, str | None]:
     return int(entry), None
 
 
+def _unlisted(directory: Path, listed: dict[str, Any]) -> list[str]:
+    """Files below directory that no marker names: nothing vouches for them, and DeepSpeed
+    globs its shards (`*_optim_states.pt`), so a planted one would be unpickled."""
+    return [
+        rel
+        for path in sorted(directory.rglob("*"))
+        if path.is_file() and not _is_bookkeeping(directory, path)
+        if (rel := path.relative_to(directory).as_posix()) not in listed
+    ]
+
+
 def read_marker(directory: Path, *, verify: bool = False) -> dict[str, Any] | None:
     """The COMPLETE metadata if the checkpoint is whole: every listed file present at its size
-    and, with `verify`, matching its sha256 (a mismatch is logged as a warning)."""
+    and, with `verify`, matching its sha256 and no file there that the markers do not list (a
+    mismatch or a stray file is logged as a warning). `verify` runs before anything of the
+    checkpoint is unpickled: DeepSpeed loads its files with `weights_only=False`."""
     try:
         meta: dict[str, Any] = json.loads((directory / MARKER).read_text(encoding="utf-8"))
         listed = _listed(directory, meta)
     except (OSError, ValueError):
+        return None
+    stray = _unlisted(directory, listed) if verify else []
+    if stray:
+        log.warning(
+            "checkpoint %s: %s is not listed in %s (not written by the trainer); not resumable",
+            directory,
+            stray[0],
+            MARKER,
+        )
         return None
     for rel, entry in listed.items():
         try:
@@ -584,6 +610,9 @@ def to_universal(directory: Path, step: int) -> None:
             f"for another process count ({done.stderr.strip().splitlines()[-1:]}) — resume with "
             "the process count it was written with"
         )
+    # The converted files are the trainer's own: listed, they pass the next resume's check.
+    meta = json.loads((directory / MARKER).read_text(encoding="utf-8"))
+    write_marker(directory, {**meta, "files": {**meta["files"], **files_of(directory)}})
 
 
 class CheckpointCallback(TrainerCallback):

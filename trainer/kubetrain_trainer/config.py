@@ -23,11 +23,14 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
+from kubetrain_contract.limits import MAX_STEPS
 from kubetrain_contract.methods import DataFormat, Method
 
 STAGE_API_VERSION = "kubetrain.dev/stage-v1"
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+#: A step count: positive and at most the contract's MAX_STEPS (past it counters overflow).
+Steps = Annotated[int, Field(ge=1, le=MAX_STEPS)]
 Uri = Annotated[str, Field(min_length=1, max_length=2048, pattern=r"^[^\s\x00-\x1f\x7f]+$")]
 
 
@@ -224,7 +227,7 @@ class Optimization(_Config):
 
     epochs: float | None
     """Passes over the data; exclusive with maxSteps."""
-    max_steps: PositiveInt | None
+    max_steps: Steps | None
     """Optimizer steps; exclusive with epochs."""
     learning_rate: float = Field(gt=0)
     """Peak learning rate."""
@@ -248,9 +251,9 @@ class Optimization(_Config):
     """Recompute activations in the backward pass."""
     seed: int
     """Seed for weights, data order and dropout."""
-    logging_steps: PositiveInt
+    logging_steps: Steps
     """Log a line every this many steps."""
-    eval_steps: PositiveInt | None
+    eval_steps: Steps | None
     """Evaluate every this many steps; None: at the end only."""
     max_grad_norm_abort: float
     """Abort (exit 3) above this gradient norm."""
@@ -265,7 +268,7 @@ class Optimization(_Config):
 class Checkpointing(_Config):
     """Checkpoint cadence and retention (spec.checkpoints)."""
 
-    every_steps: PositiveInt
+    every_steps: Steps
     """Save every this many optimizer steps."""
     keep: PositiveInt
     """Newest complete checkpoints kept."""

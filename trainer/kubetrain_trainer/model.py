@@ -5,7 +5,9 @@ tokenizer) or `model.uri` (local, pvc, or S3 and `hf://` downloaded once into th
 transformers itself never reaches the Hub: `local_files_only`). Adapters are PEFT
 LoRA; QLoRA loads the base in 4-bit NF4 with bitsandbytes. Every mismatch that would otherwise
 surface as an index error hours into a run — a tokenizer larger than the embeddings, blocks longer
-than the context — is refused here with exit 2 and a message that says what to change.
+than the context — is refused here with exit 2 and a message that says what to change; so are
+weights that cannot be read (a truncated or foreign `model.safetensors`, a `.bin` pickling more
+than tensors: transformers loads it `weights_only`, so its payload never runs), naming the file.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import pickle
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors import SafetensorError
 
 from kubetrain_trainer import storage
 from kubetrain_trainer.config import AdapterConfig, Architecture, ModelSource, S3Settings
@@ -181,12 +185,31 @@ def load_pretrained(
         kwargs["device_map"] = {"": device}
     try:
         return AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+    except SafetensorError as error:
+        raise InvalidInput(
+            f"{what}: {_weight_files(model_dir, '.safetensors')} is not a readable safetensors "
+            f"file ({str(error).splitlines()[0]}): truncated or not safetensors at all — copy "
+            "the model again, or re-save it with save_pretrained(DIR, safe_serialization=True)"
+        ) from None
+    except pickle.UnpicklingError:
+        raise InvalidInput(
+            f"{what}: {_weight_files(model_dir, '.bin')} holds pickled objects other than "
+            "tensors: refused unread (unpickling them could run code) — re-save the model with "
+            "save_pretrained(DIR, safe_serialization=True)"
+        ) from None
     except (OSError, ValueError) as error:
         raise InvalidInput(
             f"{what}: cannot load the model in {model_dir}: {error} — re-save it with "
             "save_pretrained(DIR, safe_serialization=True); a causal LM of a model type the "
             "trainer image's transformers knows is required"
         ) from None
+
+
+def _weight_files(model_dir: Path, suffix: str) -> str:
+    """The weight files of one kind in a model directory, for a message that names them."""
+    names = sorted(p.name for p in model_dir.glob(f"*{suffix}"))
+    shown = ", ".join(str(model_dir / n) for n in names[:3]) + (", …" if len(names) > 3 else "")
+    return shown or str(model_dir / f"*{suffix}")
 
 
 def load_base(

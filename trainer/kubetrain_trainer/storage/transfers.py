@@ -122,6 +122,21 @@ def delete(uri: str, s3: S3Settings | None = None) -> None:
         client(s3).delete_object(Bucket=bucket, Key=key)
 
 
+def refuse_clashes(uri: str, keys: Sequence[str]) -> None:
+    """Exit 2 when one key is a file and another's directory (`a` and `a/b`): S3 holds both, a
+    disk cannot, and no retry changes the bucket. Checked before anything is fetched."""
+    names = set(keys)
+    for key in sorted(keys):
+        parts = key.split("/")
+        for depth in range(1, len(parts)):
+            parent = "/".join(parts[:depth])
+            if parent in names:
+                raise Refused(
+                    f"{join(uri, parent)} and {join(uri, key)}: one key is a file and the "
+                    "other's directory, which a disk cannot hold — delete or rename one of them"
+                )
+
+
 def download_dir(
     uri: str, dest: Path, s3: S3Settings | None = None, patterns: Sequence[str] | None = None
 ) -> Path:
@@ -130,8 +145,9 @@ def download_dir(
     An S3 prefix is copied into `dest`; files already there with the same size and ETag (recorded
     in `dest/.kubetrain-download.json`) are not fetched again. `patterns` (fnmatch on the relative
     path) limits what is fetched, e.g. only the tokenizer files of a model directory. Every key
-    is checked before anything is fetched: one that would land outside `dest` refuses the whole
-    prefix (exit 2). `hf://` repositories are fetched by `huggingface_hub` into `dest`.
+    is checked before anything is fetched: one that would land outside `dest`, or one that is
+    another's directory (`config.json` beside `config.json/x`), refuses the whole prefix
+    (exit 2). `hf://` repositories are fetched by `huggingface_hub` into `dest`.
     """
     if is_hf(uri):
         return hub.download(uri, dest, patterns)
@@ -151,6 +167,7 @@ def download_dir(
     ]
     if not wanted:
         raise NotFound(f"{uri}: no objects under this prefix")
+    refuse_clashes(uri, [rel for rel, _, _ in wanted])
     targets = [contained(dest, rel, uri) for rel, _, _ in wanted]
     for (rel, nbytes, etag), target in zip(wanted, targets, strict=True):
         if state.get(rel) == [nbytes, etag] and target.exists() and target.stat().st_size == nbytes:
