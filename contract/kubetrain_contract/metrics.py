@@ -16,6 +16,7 @@ PREPROCESS_INPUT_BYTES: Final = "kubetrain_preprocess_input_bytes"
 PREPROCESS_TOKENS: Final = "kubetrain_preprocess_tokens_total"
 PREPROCESS_BLOCKS: Final = "kubetrain_preprocess_blocks_total"
 PREPROCESS_CACHE_HITS: Final = "kubetrain_preprocess_cache_hits_total"
+PREPROCESS_LAST_PROGRESS_TIMESTAMP: Final = "kubetrain_preprocess_last_progress_timestamp_seconds"
 
 # ------------------------------------------------------------------------- train and sanity stages
 TRAIN_STEP: Final = "kubetrain_train_step"
@@ -52,9 +53,11 @@ PROGRESS: Final = (
     TRAIN_ETA,
     TRAIN_LAST_STEP_TIMESTAMP,
     CHECKPOINT_LAST_STEP,
+    PREPROCESS_LAST_PROGRESS_TIMESTAMP,
 )
-"""What the operator scrapes into status.progress and status.checkpoint (a run's metrics
-Service is read for these and nothing else)."""
+"""What the operator scrapes: into status.progress and status.checkpoint (training's), and the
+preprocess heartbeat its stall check reads (a run's metrics Service is read for these and
+nothing else)."""
 
 ALL: Final = (
     PREPROCESS_ROWS,
@@ -63,6 +66,7 @@ ALL: Final = (
     PREPROCESS_TOKENS,
     PREPROCESS_BLOCKS,
     PREPROCESS_CACHE_HITS,
+    PREPROCESS_LAST_PROGRESS_TIMESTAMP,
     TRAIN_STEP,
     TRAIN_TOTAL_STEPS,
     TRAIN_EPOCH,

@@ -76,9 +76,9 @@ NAMESPACED_RULES: tuple[Rule, ...] = (
     Rule(
         "batch",
         ("jobs",),
-        ("create", "patch"),
+        ("create", "patch", "delete"),
         "application",
-        "k8s.Cluster.create (stage Jobs), set_suspend (spec.suspend)",
+        "k8s.Cluster.create (stage Jobs), set_suspend (spec.suspend), delete (a preprocess stall)",
     ),
     Rule(
         "kubeflow.org",

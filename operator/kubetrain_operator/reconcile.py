@@ -23,9 +23,10 @@ import aiohttp
 from kubetrain_operator import k8s
 from kubetrain_operator.operator_metrics import OperatorMetrics
 from kubetrain_operator.progress import Endpoints, scrape
-from kubetrain_operator.render import LABEL_RUN, LABEL_STAGE, child_name
+from kubetrain_operator.render import LABEL_COMPONENT, LABEL_RUN, child_name
 from kubetrain_operator.settings import OperatorSettings
 from kubetrain_operator.status import (
+    SCRAPED_ROLES,
     DeleteObject,
     EnsureObject,
     Progress,
@@ -308,18 +309,17 @@ class Reconciler:
     async def _progress(
         self, key: Key, pods: list[dict[str, Any]], scrape_now: bool
     ) -> Progress | None:
-        """The latest scrape; a new one when a training pod runs and one is due."""
+        """The latest scrape; a new one when a pod of a scraped role (preprocess: its heartbeat;
+        sanity, train: their steps) runs and one is due."""
         entry = self._entries.setdefault(key, _Entry())
-        training = any(
-            ((p.get("metadata") or {}).get("labels") or {})
-            .get(LABEL_STAGE, "")
-            .startswith(("train", "sanity"))
+        running = any(
+            ((p.get("metadata") or {}).get("labels") or {}).get(LABEL_COMPONENT) in SCRAPED_ROLES
             and (p.get("status") or {}).get("phase") == "Running"
             and not pod_terminated(p)
             for p in pods
         )
         due = time.monotonic() - entry.scraped_at >= self.settings.progress_seconds
-        if training and (scrape_now or due):
+        if running and (scrape_now or due):
             if self.session is None:
                 self.session = aiohttp.ClientSession()
             port = self.settings.defaults.metrics_port

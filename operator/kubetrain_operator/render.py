@@ -31,6 +31,8 @@ from kubetrain_operator.plan import (
 LABEL_RUN = f"{API_GROUP}/run"
 LABEL_STAGE = f"{API_GROUP}/stage"
 LABEL_METRICS = f"{API_GROUP}/metrics"
+#: The stage's role (plan.StageRole) on its objects and pods: what the operator scrapes by.
+LABEL_COMPONENT = "app.kubernetes.io/component"
 ANNOTATION_SUMMARY = f"{API_GROUP}/summary"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 #: Kubernetes label values and pod hostnames stop at 63 characters.
@@ -111,7 +113,7 @@ def _labels(plan: Plan, component: str, stage: str | None = None) -> dict[str, s
     labels = {
         "app.kubernetes.io/name": "kubetrain",
         "app.kubernetes.io/instance": plan.run,
-        "app.kubernetes.io/component": component,
+        LABEL_COMPONENT: component,
         "app.kubernetes.io/part-of": "kubetrain",
         "app.kubernetes.io/version": __version__,
         "app.kubernetes.io/managed-by": "kubetrain-operator",

@@ -227,6 +227,28 @@ def test_a_stall_restarts_the_attempt_only_after_its_pods_stopped(world: World) 
     w.c.wait_child(run, "merge")
 
 
+def test_a_preprocess_stall_deletes_the_job_and_fails_the_run(world: World) -> None:
+    """No heartbeat scraped (none served): the pod's start is the last progress; past
+    stallTimeout the Job is deleted and the run fails, and it is not created again."""
+    w, run = world, "datastall"
+    w.c.apply(run_doc(run, stallTimeout="3s"))
+    child = w.c.wait_child(run, "preprocess")
+    w.c.start(child)
+    wait_for(
+        lambda: not [c for c in w.c.children(run) if "-preprocess-" in c["metadata"]["name"]],
+        15,
+        what="the stalled preprocess Job deleted",
+    )
+    stalled = w.c.wait_condition(run, "Stalled", "True", "ProgressStalled")
+    assert (
+        "no preprocessing progress" in stalled["message"]
+        and "stallTimeout 3s" in stalled["message"]
+    )
+    wait_for(lambda: w.c.kubelet(), 10, what="the deleted Job's pod")
+    time.sleep(1.5)
+    assert not w.c.children(run) and w.c.run(run)["status"]["phase"] == "Failed"
+
+
 def test_suspend_and_resume(world: World) -> None:
     w, run = world, "pause"
     w.c.apply(run_doc(run))
@@ -348,7 +370,7 @@ def test_operator_metrics_are_served(world: World) -> None:
     ):
         assert name in text
     assert 'kubetrain_operator_run_attempts_total{reason="stall"} 1.0' in text
-    assert "kubetrain_operator_stalls_total 1.0" in text
+    assert "kubetrain_operator_stalls_total 2.0" in text  # the training and the preprocess stall
     assert 'kubetrain_operator_runs{phase="Succeeded"}' in text
 
 

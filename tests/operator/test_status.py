@@ -548,6 +548,53 @@ def dpo_doc() -> dict[str, Any]:
     )
 
 
+def preprocess_beat(at: float, scraped: float) -> Progress:
+    """A scrape of the preprocess stage's heartbeat (what reconcile reads while its pod runs)."""
+    return Progress({metrics.PREPROCESS_LAST_PROGRESS_TIMESTAMP: at}, scraped)
+
+
+def test_a_preprocess_job_making_progress_is_left_alone() -> None:
+    world = World(run_doc())  # stallTimeout 1m
+    world.step()
+    name = world.child("preprocess")["metadata"]["name"]
+    world.set_state(name, "running")
+    for _ in range(5):  # 150 s running, a chunk read every 30 s
+        actions = world.step(preprocess_beat(world.now + 30, world.now + 30), dt=30)
+        assert not [a for a in actions if isinstance(a, DeleteObject)]
+    assert name in world.children and world.status["phase"] == st.P_PREPROCESSING
+    assert "progress" not in world.status  # training's field: not filled from preprocess
+
+
+def test_a_preprocess_job_without_progress_for_stall_timeout_is_deleted_and_fails_the_run() -> None:
+    """A hung read or a stuck worker (issue 16): the heartbeat stops; past stallTimeout the Job
+    is deleted (its pods stop) and the run fails — for good, not recreated once it is gone."""
+    world = World(run_doc())  # stallTimeout 1m
+    world.step()
+    name = world.child("preprocess")["metadata"]["name"]
+    world.set_state(name, "running")
+    beat = world.now + 5
+    world.step(preprocess_beat(beat, beat), dt=30)
+    assert not [a for a in world.actions if isinstance(a, DeleteObject)]
+    actions = world.step(preprocess_beat(beat, world.now + 45), dt=45)  # 70 s since the beat
+    deletes = [a for a in actions if isinstance(a, DeleteObject)]
+    assert [(d.name, d.why) for d in deletes] == [(name, "stalled")]
+    stalled = world.condition(st.STALLED)
+    assert (stalled["status"], stalled["reason"]) == ("True", st.R_PROGRESS_STALLED)
+    assert stalled["message"].startswith(f"{name}: no preprocessing progress for 1m10s")
+    assert "stallTimeout 1m" in stalled["message"]
+    assert world.condition(st.DATA_READY)["reason"] == st.R_PROGRESS_STALLED
+    assert world.status["phase"] == st.P_FAILED and "progress" not in world.status
+    world.step(dt=5)  # its pod is still stopping: the run stays failed
+    assert world.status["phase"] == st.P_FAILED
+    world.pods.pop(name)  # its pod has stopped: the Job is not created again
+    world.step(dt=600)
+    assert name not in world.children and world.status["phase"] == st.P_FAILED
+    world.run["spec"]["stallTimeout"] = "2h"  # a changed spec runs the stage again
+    world.run["metadata"]["generation"] = 2
+    world.step()
+    assert name in world.children and world.status["phase"] == st.P_PREPROCESSING
+
+
 @pytest.mark.parametrize(
     ("parent", "reason", "stalled"),
     [

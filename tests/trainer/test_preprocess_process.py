@@ -129,3 +129,6 @@ def test_the_metrics_endpoint_serves_growing_series_while_the_stage_runs(tmp_pat
         growing = sorted({v for v in values if 0 < v < final[name]})
         assert len(growing) >= 2, f"{name}: seen growing while the stage ran: {growing}"
         assert values[-1] <= final[name], name
+    beats = [value(s, "kubetrain_preprocess_last_progress_timestamp_seconds") for s in seen]
+    assert beats == sorted(beats) and beats[0] > 0, "the heartbeat is set at start, never goes back"
+    assert len(set(beats)) >= 3, f"the heartbeat advances while rows are read: {set(beats)}"

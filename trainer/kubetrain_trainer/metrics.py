@@ -6,6 +6,7 @@ because per-rank registries would need the multiprocess mode and its shared file
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -54,6 +55,16 @@ class PreprocessMetrics:
             labels,
             registry=r,
         )
+        self.last_progress = Gauge(
+            names.PREPROCESS_LAST_PROGRESS_TIMESTAMP,
+            "Unix time of the last input chunk read or encoded (the operator's stall check)",
+            labels,
+            registry=r,
+        )
+
+    def beat(self) -> None:
+        """Progress was made now: the heartbeat the operator compares with spec.stallTimeout."""
+        self.last_progress.labels(self.run).set(time.time())
 
 
 @dataclass

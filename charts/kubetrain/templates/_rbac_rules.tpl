@@ -26,10 +26,10 @@
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["list", "watch"]
-# application: k8s.Cluster.create (stage Jobs), set_suspend (spec.suspend)
+# application: k8s.Cluster.create (stage Jobs), set_suspend (spec.suspend), delete (a preprocess stall)
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["create", "patch"]
+  verbs: ["create", "patch", "delete"]
 # application: handlers.run_pytorchjobs index (which pokes the run): sanity and training jobs' status
 - apiGroups: ["kubeflow.org"]
   resources: ["pytorchjobs"]

@@ -29,6 +29,9 @@ from kubetrain_operator.status.actions import (
 from kubetrain_operator.status.derive import (
     derive_status as derive_status,
 )
+from kubetrain_operator.status.lifecycle import (
+    SCRAPED_ROLES as SCRAPED_ROLES,
+)
 from kubetrain_operator.status.observation import (
     POD_REPORT_GRACE as POD_REPORT_GRACE,
 )

@@ -52,6 +52,7 @@ from kubetrain_operator.status.vocabulary import (
     R_MERGING,
     R_NO_SANITY_GATE,
     R_PREPROCESSING,
+    R_PROGRESS_STALLED,
     R_QUEUED,
     R_RESTARTING,
     R_RESTARTS_EXHAUSTED,
@@ -64,6 +65,7 @@ from kubetrain_operator.status.vocabulary import (
     R_TRAINING,
     R_UNHEALTHY,
     SANITY_PASSED,
+    STALLED,
     AttemptReason,
 )
 
@@ -179,6 +181,8 @@ class Lifecycle:
             self.waiting(stage, child)
             return False
         if child.phase == "absent":
+            if self.stopped_for_stall(stage, name):
+                return False
             if child.active_pods:  # a deleted child's pods are still stopping
                 self.waiting(stage, child)
                 return False
@@ -198,8 +202,36 @@ class Lifecycle:
             self.stage_failed(stage, child)
             return False
         self.suspend_sync(child)
+        if self.stalled(stage, child):
+            self.status.actions.append(
+                DeleteObject(child.api_version, child.kind, child.name, "stalled")
+            )
+            self.stage_stalled(stage, self.stall_message(stage, child))
+            return False
         self.stage_pending(stage)
         self.waiting(stage, child)
+        return False
+
+    def stage_stalled(self, stage: Stage, message: str) -> None:
+        """The run fails; the stage's own condition says why too."""
+        condition = ROLES[stage.role].condition
+        if condition is not None:
+            self.status.condition(condition, "False", R_PROGRESS_STALLED, message)
+        self.failed(R_PROGRESS_STALLED, message)
+
+    def stopped_for_stall(self, stage: Stage, name: str) -> bool:
+        """A Job deleted for a stall is gone, so the status remembers it: the run stays failed
+        until its spec changes (a new generation, e.g. a longer stallTimeout) and runs it again."""
+        stalled = self.status.old_conditions.get(STALLED) or {}
+        message = str(stalled.get("message") or "")
+        if (
+            stalled.get("status") == "True"
+            and stalled.get("reason") == R_PROGRESS_STALLED
+            and stalled.get("observedGeneration") == self.status.generation
+            and message.startswith(f"{name}:")
+        ):
+            self.stage_stalled(stage, message)
+            return True
         return False
 
     def stage_pending(self, stage: Stage) -> None:
@@ -336,10 +368,10 @@ class Lifecycle:
                     message=failure_message(child),
                     finishTime=format_time(child.finished_at or self.status.now),
                 )
-            elif self.stalled(child):
+            elif self.stalled(stage, child):
                 current.update(
                     result="Stalled",
-                    message=self.stall_message(child),
+                    message=self.stall_message(stage, child),
                     finishTime=format_time(self.status.now),
                 )
             else:
@@ -472,33 +504,38 @@ class Lifecycle:
             uri = self.plan.public_uri(f"{self.plan.output_uri}/{layout.checkpoint_path(step)}")
             self.status.fields["checkpoint"] = {"step": step, "uri": uri}
 
-    def heartbeat(self, child: ChildState) -> float | None:
-        """Last sign of step progress: the trainer's last-step time (fresh or remembered), else
-        when the attempt started running."""
+    def heartbeat(self, stage: Stage, child: ChildState) -> float | None:
+        """Last sign of progress: the stage's heartbeat series (fresh, or for training also the
+        remembered last-step time), else when the child started running. A scrape older than
+        the child's start (an earlier stage or attempt) cannot hide a fresh start: the newest
+        wins."""
+        role = ROLES[stage.role]
         beats = [child.running_since]
-        if self.progress is not None and self.progress.samples.get(
-            metrics.TRAIN_LAST_STEP_TIMESTAMP
-        ):
-            beats.append(self.progress.samples[metrics.TRAIN_LAST_STEP_TIMESTAMP])
-        remembered = parse_time((self.status.fields.get("progress") or {}).get("lastStepTime"))
-        started = parse_time(self.history[-1].get("startTime"))
-        if remembered is not None and (started is None or remembered >= started):
-            beats.append(remembered)
+        if role.stall is not None and self.progress is not None:
+            beats.append(self.progress.samples.get(role.stall.heartbeat) or None)
+        if role.reports_progress and self.history:
+            remembered = parse_time((self.status.fields.get("progress") or {}).get("lastStepTime"))
+            started = parse_time(self.history[-1].get("startTime"))
+            if remembered is not None and (started is None or remembered >= started):
+                beats.append(remembered)
         known = [b for b in beats if b is not None]
         return max(known) if known else None
 
-    def stalled(self, child: ChildState) -> bool:
-        if child.phase != "running" or self.spec.suspend:
+    def stalled(self, stage: Stage, child: ChildState) -> bool:
+        """No progress for spec.stallTimeout, for a role with a heartbeat."""
+        if ROLES[stage.role].stall is None or child.phase != "running" or self.spec.suspend:
             return False
-        beat = self.heartbeat(child)
+        beat = self.heartbeat(stage, child)
         timeout = duration_seconds(self.spec.stall_timeout)
         return beat is not None and self.status.now - beat > timeout
 
-    def stall_message(self, child: ChildState) -> str:
-        beat = self.heartbeat(child) or self.status.now
+    def stall_message(self, stage: Stage, child: ChildState) -> str:
+        stall = ROLES[stage.role].stall
+        assert stall is not None  # stalled() said so
+        beat = self.heartbeat(stage, child) or self.status.now
         return (
-            f"{child.name}: no training step for {format_duration(self.status.now - beat)} "
-            f"(stallTimeout {self.spec.stall_timeout})"
+            f"{child.name}: no {stall.progress} for {format_duration(self.status.now - beat)} "
+            f"(stallTimeout {self.spec.stall_timeout}){stall.remedy}"
         )
 
     def progress_message(self) -> str:
@@ -543,6 +580,19 @@ def _dataset(result: Mapping[str, Any], plan: Plan) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
+class StallCheck:
+    """A running child without progress for spec.stallTimeout is deleted (training: and a new
+    attempt starts; a Job stage: the run fails)."""
+
+    heartbeat: str
+    """The series the stage exports: Unix time of its last progress (kubetrain_contract.metrics)."""
+    progress: str
+    """What was missing, for the message ("no <progress> for 16m")."""
+    remedy: str = ""
+    """What to do, appended to the message (training restarts on its own)."""
+
+
+@dataclass(frozen=True)
 class Role:
     """How the lifecycle handles the stages of one role: the one place a role's behaviour is
     looked up, so a new role is a new row, not a new branch in every method."""
@@ -561,6 +611,12 @@ class Role:
     """Its failure's reason and message (None: by exit code, Lifecycle.exit_failure)."""
     reports_progress: bool = False
     """Its waiting summary shows the training step, and a pending child reads Starting."""
+    stall: StallCheck | None = None
+    """Its progress check (None: none; merge exports no progress, stageDeadline bounds it)."""
+    condition: str | None = None
+    """The stage condition it drives, set False with the run's reason when it stalls."""
+    scraped: bool = False
+    """The operator scrapes the run's metrics Service while a pod of this role runs."""
 
 
 ROLES: Mapping[StageRole, Role] = {
@@ -571,6 +627,16 @@ ROLES: Mapping[StageRole, Role] = {
         pending=Lifecycle.preprocess_pending,
         succeeded=Lifecycle.preprocess_succeeded,
         failed=Lifecycle.preprocess_failed,
+        stall=StallCheck(
+            metrics.PREPROCESS_LAST_PROGRESS_TIMESTAMP,
+            "preprocessing progress",
+            " — no input was read or encoded for that long (a hung read, a stuck worker); the "
+            "Job was deleted. Raise spec.stallTimeout if a step without reads takes longer "
+            "(fingerprinting large local inputs, tokenizer merges); any change of the spec runs "
+            "the stage again",
+        ),
+        condition=DATA_READY,
+        scraped=True,
     ),
     "sanity": Role(
         P_SANITY,
@@ -579,7 +645,18 @@ ROLES: Mapping[StageRole, Role] = {
         pending=Lifecycle.sanity_pending,
         succeeded=Lifecycle.sanity_succeeded,
         failed=Lifecycle.sanity_failed,
+        scraped=True,
     ),
-    "train": Role(P_TRAINING, R_TRAINING, Lifecycle.train, reports_progress=True),
+    "train": Role(
+        P_TRAINING,
+        R_TRAINING,
+        Lifecycle.train,
+        reports_progress=True,
+        stall=StallCheck(metrics.TRAIN_LAST_STEP_TIMESTAMP, "training step"),
+        scraped=True,
+    ),
     "merge": Role(P_MERGING, R_MERGING, Lifecycle.job_stage, succeeded=Lifecycle.merge_succeeded),
 }
+
+#: The roles whose running pods the operator scrapes (reconcile matches the pods' role label).
+SCRAPED_ROLES: frozenset[str] = frozenset(name for name, role in ROLES.items() if role.scraped)

@@ -51,6 +51,8 @@ class ChildState:
     result: Mapping[str, Any] | None = None
     finished_at: float | None = None
     running_since: float | None = None
+    """Since when the workload runs: a PyTorchJob's Running condition (else its startTime); a
+    Job's pod once its container started."""
     suspended: bool = False
     api_version: str = ""
     kind: str = ""
@@ -159,9 +161,12 @@ def observe_child(
     if phase == "failed" and message is None:
         message = (true.get("Failed") or {}).get("message")
     running = true.get("Running")
-    since = parse_time(running.get("lastTransitionTime")) if running else None
-    if since is None and phase == "running":
-        since = parse_time((body.get("status") or {}).get("startTime"))
+    if kind == "Job":
+        since = _container_started(own) if phase == "running" else None
+    else:
+        since = parse_time(running.get("lastTransitionTime")) if running else None
+        if since is None and phase == "running":
+            since = parse_time((body.get("status") or {}).get("startTime"))
     return ChildState(
         name,
         phase,
@@ -176,6 +181,19 @@ def observe_child(
         api_version=body.get("apiVersion", ""),
         kind=kind,
     )
+
+
+def _container_started(pods: Sequence[Mapping[str, Any]]) -> float | None:
+    """When a Job's pod started running its container: a pod still waiting for a node or its
+    image is counted as `active` by the Job controller, but it has made no progress to miss."""
+    started = [
+        parse_time(((s.get("state") or {}).get("running") or {}).get("startedAt"))
+        for pod in pods
+        if not pod_terminated(pod)
+        for s in (pod.get("status") or {}).get("containerStatuses") or []
+    ]
+    known = [t for t in started if t is not None]
+    return min(known) if known else None
 
 
 def _parse_result(message: str | None) -> Mapping[str, Any] | None:

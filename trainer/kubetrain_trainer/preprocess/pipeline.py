@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from kubetrain_contract.exit_codes import EXIT_TERMINATED
 from kubetrain_trainer import lifetime, storage
@@ -40,6 +40,8 @@ RESULT_FIRST = 3
 #: for the `stage`/`ok`/`exitCode` fields added around it. Fewer locations per reason are kept
 #: (3, 2, 1, then none) until the result fits; the counts are always there.
 RESULT_BUDGET = 3584
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,7 @@ def run(
     metrics = metrics or PreprocessMetrics(config.run)
     output = config.dataset_pointer.rpartition("/")[0] or "."
     with lifetime.OutputLock(output, "preprocess"), _terminate_on_sigterm():
+        metrics.beat()
         serve(metrics.registry, config.metrics_port)
         where = locate(config, workdir)
         metrics.input_bytes.labels(config.run).set(sum(i.identity.size for i in where.inputs))
@@ -155,8 +158,17 @@ def _metered(
 ) -> Iterator[readers.Chunk]:
     read_bytes = metrics.read_bytes.labels(metrics.run)
     for chunk in chunks:
+        metrics.beat()
         read_bytes.inc(chunk.nbytes)
         yield chunk
+
+
+def _beating(items: Iterable[T], metrics: PreprocessMetrics) -> Iterator[T]:
+    """Each item that arrives (a chunk read here, in the parent, or a worker's result) is
+    progress: a hung read or a stuck worker stops the heartbeat."""
+    for item in items:
+        metrics.beat()
+        yield item
 
 
 def _columns(config: PreprocessConfig) -> list[str]:
@@ -173,6 +185,7 @@ def _train_tokenizer(
     inputs: list[readers.Input],
     plan: tokenizer.TokenizerPlan,
     pool: parallel.Pool,
+    metrics: PreprocessMetrics,
 ) -> Any:
     """BPE from a stream of the training rows' texts; validation inputs are not learnt from."""
     log.info(
@@ -183,7 +196,8 @@ def _train_tokenizer(
     chunks = readers.read_chunks(
         train_inputs, config.text_split, _columns(config), config.s3, config.document_separator
     )
-    return tokenizer.train(pool.map(ChunkTexts, (config.format, config.fields), chunks), plan)
+    texts = pool.map(ChunkTexts, (config.format, config.fields), _beating(chunks, metrics))
+    return tokenizer.train(_beating(texts, metrics), plan)
 
 
 class _Progress:
@@ -196,6 +210,7 @@ class _Progress:
         self.tokens = self.blocks = 0
 
     def add(self, encoded: EncodedChunk) -> None:
+        self.metrics.beat()
         self.tally.merge(encoded.tally)
         run, rows = self.metrics.run, self.metrics.rows
         rows.labels(run, "accepted", "").inc(encoded.tally.accepted)
@@ -239,7 +254,7 @@ def build(
     ):
         trained = None
         if where.plan.source_dir is None:
-            trained = _train_tokenizer(config, where.inputs, where.plan, pool)
+            trained = _train_tokenizer(config, where.inputs, where.plan, pool, metrics)
         info = tokenizer.save(where.plan, trained, staged / dataset.TOKENIZER_DIR)
         if config.format == "text" and not info.splits_at_lines:
             log.warning(
