@@ -649,7 +649,7 @@ class TrainingRunSpec(_Model):
     stall_timeout: Annotated[str, Field(pattern=DURATION_PATTERN, min_length=2, max_length=32)] = (
         "15m"
     )
-    """No step progress for this long restarts the attempt (e.g. 15m, 1h30m)."""
+    """No progress for this long: training restarts the attempt, preprocessing fails the run (e.g. 15m, 1h30m)."""
     stage_deadline: Annotated[str, Field(pattern=DURATION_PATTERN, min_length=2, max_length=32)] = (
         "24h"
     )
