@@ -31,9 +31,11 @@ lint: setup
 	$(BIN)/lint-imports
 
 # The fast loop: lint and every test that is not slow (tests/conftest.py marks what trains, starts
-# a process or runs the stand-in); under 5 minutes on 2 cores.
+# a process or runs the stand-in); under 5 minutes on 2 cores. Two xdist workers: 1.2-1.6x faster
+# here. The whole suite stays serial: its slow tests already use both cores (torchrun, preprocess
+# workers) and its session fixtures (model assets, warm launcher, moto) would be built per worker.
 check: setup lint
-	$(BIN)/pytest -q -m "not slow and not gpu and not e2e"
+	$(BIN)/pytest -q -n 2 -m "not slow and not gpu and not e2e"
 
 # The whole suite, for CI.
 test: setup lint
