@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 from kubetrain_contract import layout
+from kubetrain_contract.configs import STAGE_API_VERSION
 from kubetrain_contract.durations import duration_seconds
 from kubetrain_operator.api import (
     RUNG_DEFAULTS,
@@ -37,7 +38,6 @@ from kubetrain_operator.api import (
 )
 from kubetrain_operator.cluster_defaults import DEFAULT_METRICS_PORT, NO_DEFAULTS, ClusterDefaults
 
-STAGE_API_VERSION = "kubetrain.dev/stage-v1"
 METRICS_PORT = DEFAULT_METRICS_PORT
 CONFIG_DIR = "/etc/kubetrain"
 #: The pods' writable working directory (an emptyDir: the root filesystem is read-only).

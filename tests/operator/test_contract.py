@@ -26,7 +26,6 @@ from kubetrain_operator import api
 from kubetrain_operator import plan as operator_plan
 from kubetrain_trainer import config as tconfig
 from kubetrain_trainer.config import (
-    STAGE_API_VERSION,
     ConfigError,
     MergeConfig,
     PreprocessConfig,
@@ -62,10 +61,6 @@ def leaves(node: Any, path: str = "") -> dict[str, Any]:
             k: v for i, item in enumerate(node) for k, v in leaves(item, f"{path}[{i}]").items()
         }
     return {path: node}
-
-
-def test_both_sides_speak_the_same_version() -> None:
-    assert operator_plan.STAGE_API_VERSION == STAGE_API_VERSION == "kubetrain.dev/stage-v1"
 
 
 def stage_kind(file: str) -> str:

@@ -21,6 +21,7 @@ from unittest import mock
 
 import pytest
 
+from kubetrain_contract.configs import STAGE_API_VERSION
 from kubetrain_operator.api import InvalidRun, SpecError, parse_run
 from kubetrain_operator.plan import plan_run, upstream_model_uri
 from runspecs import (
@@ -35,7 +36,6 @@ from runspecs import (
 
 DOCUMENTS = all_documents()
 EXAMPLE_NAMES = [n for n in sorted(DOCUMENTS) if n not in VARIANTS]
-STAGE_API_VERSION = "kubetrain.dev/stage-v1"  # docs/architecture.md, "The stage contract"
 
 
 def spec_get(doc: dict[str, Any], dotted: str, default: Any = None) -> Any:

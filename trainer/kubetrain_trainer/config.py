@@ -23,10 +23,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
+from kubetrain_contract.configs import STAGE_API_VERSION
 from kubetrain_contract.limits import MAX_STEPS
 from kubetrain_contract.methods import DataFormat, Method
-
-STAGE_API_VERSION = "kubetrain.dev/stage-v1"
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 #: A step count: positive and at most the contract's MAX_STEPS (past it counters overflow).
@@ -133,8 +132,8 @@ class Architecture(_Config):
 class PreprocessConfig(_Config):
     """Read, validate, tokenize and pack the data into a content-addressed Arrow dataset."""
 
-    api_version: Literal["kubetrain.dev/stage-v1"] = Field(alias="apiVersion")
-    """The stage contract's version."""
+    api_version: str = Field(alias="apiVersion")
+    """The stage contract's version: `parse_stage_config` refuses all but STAGE_API_VERSION."""
     stage: Literal["preprocess"]
     """Which stage this config is for."""
     run: str
@@ -297,8 +296,8 @@ class Distributed(_Config):
 class TrainConfig(_Config):
     """One training job (the sanity gate is the same stage with `sanity` set and few steps)."""
 
-    api_version: Literal["kubetrain.dev/stage-v1"] = Field(alias="apiVersion")
-    """The stage contract's version."""
+    api_version: str = Field(alias="apiVersion")
+    """The stage contract's version: `parse_stage_config` refuses all but STAGE_API_VERSION."""
     stage: Literal["train", "sanity"]
     """train, or sanity (one rung of the sanity ladder)."""
     run: str
@@ -346,8 +345,8 @@ class TrainConfig(_Config):
 class MergeConfig(_Config):
     """Merge an adapter into the full-precision base, evaluate, export with a model card."""
 
-    api_version: Literal["kubetrain.dev/stage-v1"] = Field(alias="apiVersion")
-    """The stage contract's version."""
+    api_version: str = Field(alias="apiVersion")
+    """The stage contract's version: `parse_stage_config` refuses all but STAGE_API_VERSION."""
     stage: Literal["merge"]
     """Which stage this config is for."""
     run: str

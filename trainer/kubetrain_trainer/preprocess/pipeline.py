@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from kubetrain_contract import metrics as series
 from kubetrain_contract.exit_codes import EXIT_TERMINATED
 from kubetrain_trainer import lifetime, storage
 from kubetrain_trainer.config import PreprocessConfig
@@ -338,8 +339,8 @@ def _disk_full_is_retried(
             found = metrics.registry.get_sample_value(name, {"run": metrics.run})
             return found or 0.0
 
-        read = sample("kubetrain_preprocess_read_bytes_total")
-        produced = max(written, int(sample("kubetrain_preprocess_tokens_total")) * 4 * columns)
+        read = sample(series.PREPROCESS_READ_BYTES)
+        produced = max(written, int(sample(series.PREPROCESS_TOKENS)) * 4 * columns)
         needed = int(produced * total / read) if read else None
         free = shutil.disk_usage(staged).free
         estimate = f"about {needed} bytes are needed" if needed else "the need is unknown"
