@@ -92,10 +92,6 @@ def bad_request(message: str) -> ApiError:
     return ApiError(400, "BadRequest", message)
 
 
-def not_allowed(message: str) -> ApiError:
-    return ApiError(405, "MethodNotAllowed", message)
-
-
 PATCH_TYPES = ("application/json-patch+json", "application/merge-patch+json")
 
 
