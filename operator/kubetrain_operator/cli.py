@@ -85,6 +85,7 @@ DEFAULT_FLAGS = {
     "s3_endpoint": "--s3-endpoint",
     "s3_allow_insecure_endpoint": "--s3-allow-insecure-endpoint",
     "s3_secret_name": "--s3-secret-name",
+    "gpu_memory": "--gpu-memory",
 }
 
 
@@ -234,6 +235,8 @@ def _add_cluster_defaults(p: argparse.ArgumentParser) -> None:
         "--s3-allow-insecure-endpoint": "allow a plain http:// --s3-endpoint",
         "--s3-secret-name": "S3 Secret where spec.storage.s3.secretName is unset (runs that "
         "use s3:// only)",
+        "--gpu-memory": "memory of one GPU (e.g. 80Gi) for the fit check where neither "
+        "resources.gpuMemory nor a GPU label of the nodeSelector says it",
     }
     for flag, text in helps.items():
         if flag == "--image-pull-secret":

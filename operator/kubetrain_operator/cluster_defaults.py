@@ -11,7 +11,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from kubetrain_operator import __version__
-from kubetrain_operator.api import Endpoint, ImageReference, ObjectName, Uri
+from kubetrain_operator.api import Endpoint, ImageReference, ObjectName, Quantity, Uri
 
 DEFAULT_TRAINER_IMAGE = f"ghcr.io/kubetrain/trainer:{__version__}"
 DEFAULT_METRICS_PORT = 9400
@@ -43,6 +43,10 @@ class ClusterDefaults(BaseModel):
     s3_secret_name: ObjectName | None = None
     """Secret (in the run's namespace) with the S3 keys, for runs without
     spec.storage.s3.secretName that read or write s3:// URIs."""
+    gpu_memory: Quantity | None = None
+    """Memory of the cluster's GPUs (e.g. 80Gi) for the fit check of runs that say neither
+    resources.gpuMemory nor a GPU Feature Discovery label in their nodeSelector. None: those runs
+    are not checked."""
 
     @field_validator("cache_root")
     @classmethod

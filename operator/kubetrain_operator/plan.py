@@ -23,9 +23,10 @@ import posixpath
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
-from kubetrain_contract import layout
+from kubetrain_contract import layout, memory
 from kubetrain_contract.configs import STAGE_API_VERSION
 from kubetrain_contract.durations import duration_seconds
+from kubetrain_operator import fit
 from kubetrain_operator.api import (
     RUNG_DEFAULTS,
     Architecture,
@@ -129,6 +130,9 @@ class Plan:
     node_selector: dict[str, str] = field(default_factory=dict)
     tolerations: tuple[dict[str, Any], ...] = ()
     pvc_claims: tuple[str, ...] = ()
+    fit_report: fit.FitReport | None = None
+    """Every stage's memory estimate, when the model's size was known while planning (else the
+    preprocess stage makes it: its config's `fit`)."""
 
     def stage(self, name: str) -> Stage | None:
         return next((s for s in self.stages if s.name == name), None)
@@ -161,6 +165,8 @@ def plan_run(
     metrics_port: int | None = None,
     local_procs: int | None = None,
     defaults: ClusterDefaults = NO_DEFAULTS,
+    model_shape: memory.ModelShape | None = None,
+    check_fit: bool = True,
 ) -> Plan:
     """Stages of a run for a target.
 
@@ -170,6 +176,8 @@ def plan_run(
     `metrics_port` and train with `local_procs` processes (default: one node's GPUs, or one).
     A cluster refuses local paths (a pod cannot read them); local runs refuse pvc://.
     `defaults` fill what the spec leaves unset (the spec's value always wins).
+    `model_shape` is the size of a `model.uri` its caller could read (a local config.json); a stage
+    that cannot fit the GPU refuses the plan unless `check_fit` is False (`kubetrain fit`).
     """
     spec = run.spec
     if spec.model.from_run is not None and upstream_model is None:
@@ -222,6 +230,7 @@ def plan_run(
     env = _env(spec, target, s3_secret)
     res = spec.resources
     deadline = int(duration_seconds(spec.stage_deadline))
+    gauge = _Gauge(fit.capacity(spec, defaults))
     stages = [
         Stage(
             "preprocess",
@@ -244,7 +253,25 @@ def plan_run(
                 f"sanity-{index}",
                 "sanity",
                 "PyTorchJob",
-                _train_config(spec, model, pointer, output, common, world, rung=(index, rung)),
+                _train_config(
+                    spec,
+                    model,
+                    pointer,
+                    output,
+                    common,
+                    world,
+                    rung=(index, rung),
+                    memory_section=gauge.section(
+                        fit.setup(
+                            spec,
+                            stage=f"sanity-{index}",
+                            world=world,
+                            procs_per_node=procs,
+                            gpus=gpn,
+                            rung=(index, rung),
+                        )
+                    ),
+                ),
                 nodes,
                 procs,
                 gpn,
@@ -262,7 +289,17 @@ def plan_run(
             "train",
             "train",
             "PyTorchJob",
-            _train_config(spec, model, pointer, output, common, world),
+            _train_config(
+                spec,
+                model,
+                pointer,
+                output,
+                common,
+                world,
+                memory_section=gauge.section(
+                    fit.setup(spec, stage="train", world=world, procs_per_node=procs, gpus=gpn)
+                ),
+            ),
             nodes,
             procs,
             gpn,
@@ -285,7 +322,16 @@ def plan_run(
             "merge",
             "merge",
             "Job",
-            _merge_config(spec, model, pointer, output, common),
+            _merge_config(
+                spec,
+                model,
+                pointer,
+                output,
+                common,
+                gauge.section(
+                    fit.setup(spec, stage="merge", world=1, procs_per_node=1, gpus=merge_gpus)
+                ),
+            ),
             *shape.single(merge_gpus),
             resources=_resources(res.merge.cpu, res.merge.memory, res.gpu_resource, merge_gpus),
             env=env,
@@ -296,6 +342,24 @@ def plan_run(
             deadline_seconds=deadline,
         )
     )
+    sized = model_shape
+    vocabulary = fit.known_vocabulary(spec)
+    if model["architecture"] is not None and vocabulary is not None:
+        sized = fit.architecture_shape(model["architecture"], vocabulary)
+    report = gauge.report(sized)
+    if report is not None and report.refusals and check_fit:
+        errors = [SpecError(path, message) for path, message in report.refusals]
+        raise SpecErrors(errors) if len(errors) > 1 else errors[0]
+    if sized is None and gauge.capacity is not None and gauge.setups:
+        # Only the model's config.json (or the tokenizer) knows the size: the preprocess stage
+        # reads it on CPU and refuses before it tokenizes anything.
+        preprocess["fit"] = {
+            "gpuMemoryBytes": gauge.capacity.bytes,
+            "gpuMemorySource": gauge.capacity.source,
+            "modelUri": model["uri"],
+            "architecture": model["architecture"],
+            "setups": [s.to_dict() for s in gauge.setups],
+        }
     return Plan(
         run=run.name,
         target=target,
@@ -313,7 +377,28 @@ def plan_run(
         node_selector=dict(sorted(res.node_selector.items())),
         tolerations=tuple(t.model_dump(by_alias=True, exclude_none=True) for t in res.tolerations),
         pvc_claims=tuple(sorted(uris.claims)),
+        fit_report=report,
     )
+
+
+class _Gauge:
+    """Collects the stages' memory setups while planning, and writes each stage's `memory`."""
+
+    def __init__(self, capacity: fit.Capacity | None) -> None:
+        self.capacity = capacity
+        self.setups: list[memory.Setup] = []
+
+    def section(self, setup: memory.Setup) -> dict[str, Any]:
+        self.setups.append(setup)
+        cap = self.capacity
+        return {
+            "setup": setup.to_dict(),
+            "gpuMemoryBytes": cap.bytes if cap else None,
+            "gpuMemorySource": cap.source if cap else None,
+        }
+
+    def report(self, shape: memory.ModelShape | None) -> fit.FitReport | None:
+        return fit.report(self.setups, shape, self.capacity) if shape is not None else None
 
 
 def upstream_model_uri(upstream: TrainingRun) -> str:
@@ -550,6 +635,7 @@ def _preprocess_config(
         "datasetPointer": pointer,
         "seed": spec.training.seed,
         "workers": None,
+        "fit": None,
     }
 
 
@@ -561,6 +647,7 @@ def _train_config(
     common: dict[str, Any],
     world: int,
     *,
+    memory_section: dict[str, Any],
     rung: tuple[int, SanityRung] | None = None,
 ) -> dict[str, Any]:
     t, dist = spec.training, spec.distributed
@@ -568,6 +655,7 @@ def _train_config(
     max_steps, logging_steps = t.max_steps, t.logging_steps
     checkpoints = {"everySteps": spec.checkpoints.every_steps, "keep": spec.checkpoints.keep}
     zero_stage, optimizer, micro = dist.zero_stage, t.optimizer, t.micro_batch_size
+    offload = dist.offload
     gate: dict[str, Any] | None = None
     out = output
     if rung is not None:
@@ -579,6 +667,7 @@ def _train_config(
         zero_stage = dist.zero_stage if r.zero_stage is None else r.zero_stage
         optimizer = r.optimizer or t.optimizer
         micro = r.micro_batch_size or t.micro_batch_size
+        offload = r.offload or dist.offload
         gate = {
             "minLossDrop": r.min_loss_drop
             if r.min_loss_drop is not None
@@ -612,6 +701,9 @@ def _train_config(
             "optimizer": optimizer,
             "maxGradNorm": t.max_grad_norm,
             "gradientCheckpointing": t.gradient_checkpointing,
+            "weightPrecision": t.weight_precision,
+            "attention": t.attention,
+            "compile": t.compile,
             "seed": t.seed,
             "loggingSteps": logging_steps,
             "evalSteps": t.eval_steps,
@@ -620,16 +712,22 @@ def _train_config(
         "checkpoints": checkpoints,
         "distributed": {
             "zeroStage": zero_stage,
-            "deepspeed": deepspeed_config(zero_stage, dist.offload),
+            "deepspeed": deepspeed_config(zero_stage, offload),
             "worldSize": world,
         },
         "sanity": gate,
         "outputUri": out,
+        "memory": memory_section,
     }
 
 
 def _merge_config(
-    spec: TrainingRunSpec, model: dict[str, Any], pointer: str, output: str, common: dict[str, Any]
+    spec: TrainingRunSpec,
+    model: dict[str, Any],
+    pointer: str,
+    output: str,
+    common: dict[str, Any],
+    memory_section: dict[str, Any],
 ) -> dict[str, Any]:
     return {
         **common,
@@ -643,6 +741,8 @@ def _merge_config(
         "outputUri": output,
         "precision": spec.training.precision,
         "microBatchSize": spec.training.micro_batch_size,
+        "attention": spec.training.attention,
+        "memory": memory_section,
     }
 
 
@@ -661,7 +761,12 @@ def _dpo(spec: TrainingRunSpec) -> dict[str, Any] | None:
     if spec.method.stage != "dpo":
         return None
     d = spec.method.dpo or DPOSettings()
-    return {"beta": d.beta, "lossType": d.loss_type, "maxPromptLength": d.max_prompt_length}
+    return {
+        "beta": d.beta,
+        "lossType": d.loss_type,
+        "maxPromptLength": d.max_prompt_length,
+        "precomputeReferenceLogProbs": d.precompute_reference_log_probs,
+    }
 
 
 #: DeepSpeed keys the transformers integration fills from TrainingArguments and the model
@@ -721,7 +826,7 @@ def deepspeed_config(zero_stage: int, offload: str) -> dict[str, Any] | None:
 def _preprocess_key(config: dict[str, Any]) -> str:
     """Same data settings → same key, whatever run asks: run-specific fields are left out."""
     relevant = {
-        k: v for k, v in config.items() if k not in ("run", "datasetPointer", "metricsPort")
+        k: v for k, v in config.items() if k not in ("run", "datasetPointer", "metricsPort", "fit")
     }
     canonical = json.dumps(relevant, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()

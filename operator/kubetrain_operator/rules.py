@@ -355,6 +355,7 @@ _SANITY_GATE_FIELDS = (
     "zeroStage",
     "optimizer",
     "microBatchSize",
+    "offload",
 )
 
 
@@ -610,6 +611,39 @@ RULES: tuple[Rule, ...] = (
         trainer="the same, with the launcher's world size (train.py)",
     ),
     Rule(
+        "bf16-weights-need-bf16",
+        "spec.training",
+        "weightPrecision",
+        lambda t: t.weight_precision != "bf16" or t.precision == "bf16",
+        "self.weightPrecision != 'bf16' || self.precision == 'bf16'",
+        "bf16 weights need precision bf16",
+        "set precision: bf16, or weightPrecision: fp32",
+    ),
+    Rule(
+        "weight-precision-full-only",
+        "spec",
+        "training.weightPrecision",
+        lambda s: s.training.weight_precision == "fp32" or s.method.adapter.type == "none",
+        "self.training.weightPrecision == 'fp32' || self.method.adapter.type == 'none'",
+        "applies to a full fine-tune; an adapter's base loads in training.precision "
+        "(qlora: 4 bits)",
+        "remove weightPrecision",
+    ),
+    Rule(
+        "flash-attention-needs-16-bit-gpu",
+        "spec",
+        "training.attention",
+        lambda s: (
+            s.training.attention != "flash_attention_2"
+            or (s.resources.gpus_per_node > 0 and s.training.precision != "fp32")
+        ),
+        "self.training.attention != 'flash_attention_2' || "
+        "(self.resources.gpusPerNode > 0 && self.training.precision != 'fp32')",
+        "flash_attention_2 runs on GPUs in bf16 or fp16 only",
+        "use sdpa, or train on GPUs in bf16",
+        trainer="the flash-attn package missing from the trainer image (model.py)",
+    ),
+    Rule(
         "fp16-needs-gpu",
         "spec",
         "training.precision",
@@ -747,6 +781,20 @@ RUNG_RULES: tuple[RungRule, ...] = (
         "not sharded by DeepSpeed",
         "use adamw_torch on that rung, or zeroStage: 0",
         trainer="the same, with the launcher's world size (train.py)",
+    ),
+    RungRule(
+        "rung-offload-needs-zero-2",
+        "offload",
+        lambda s, r: (
+            r.offload in (None, "none")
+            or (s.distributed.zero_stage if r.zero_stage is None else r.zero_stage) >= 2
+        ),
+        "!has(r.offload) || r.offload == 'none' || "
+        "(has(r.zeroStage) ? r.zeroStage : self.distributed.zeroStage) >= 2",
+        "a sanity rung offloads to CPU with a ZeRO stage below 2 (a rung below ZeRO-2 that only "
+        "inherits distributed.offload runs without it)",
+        "set the rung's zeroStage to 2 or 3, or remove its offload",
+        trainer="offload in the DeepSpeed config against zeroStage (train.py)",
     ),
     RungRule(
         "rung-fp16-needs-gpu",

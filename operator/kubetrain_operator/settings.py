@@ -35,6 +35,7 @@ CLUSTER_ENV: dict[str, str] = {
     "s3_endpoint": "KUBETRAIN_S3_ENDPOINT",
     "s3_allow_insecure_endpoint": "KUBETRAIN_S3_ALLOW_INSECURE_ENDPOINT",  # true | false
     "s3_secret_name": "KUBETRAIN_S3_SECRET_NAME",
+    "gpu_memory": "KUBETRAIN_GPU_MEMORY",
 }
 TIMING_ENV = (
     "KUBETRAIN_RESYNC_SECONDS",

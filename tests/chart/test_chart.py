@@ -238,6 +238,7 @@ CLUSTER_VALUES: dict[str, Any] = {
         "image": {"repository": "registry.example/trainer", "tag": "2.0"},
         "serviceAccount": {"name": "ml-trainer"},
         "metricsPort": 9500,
+        "gpuMemory": "80Gi",
     },
     "storage": {
         "cacheRoot": "s3://cache/datasets",
@@ -291,6 +292,7 @@ def test_chart_values_become_the_operator_s_cluster_defaults(
         "s3_allow_insecure_endpoint": True,
         "s3_endpoint": "http://minio.storage:9000",
         "s3_secret_name": "s3-credentials",
+        "gpu_memory": "80Gi",
     }
 
 

@@ -43,6 +43,7 @@ def test_every_cluster_default_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
         "KUBETRAIN_S3_ENDPOINT": "http://minio.storage:9000",
         "KUBETRAIN_S3_ALLOW_INSECURE_ENDPOINT": "true",
         "KUBETRAIN_S3_SECRET_NAME": "s3-credentials",
+        "KUBETRAIN_GPU_MEMORY": "80Gi",
     }
     assert set(values) == set(CLUSTER_ENV.values())
     for name, value in values.items():
@@ -56,6 +57,7 @@ def test_every_cluster_default_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
     assert defaults.s3_endpoint == "http://minio.storage:9000"
     assert defaults.s3_allow_insecure_endpoint is True
     assert defaults.s3_secret_name == "s3-credentials"
+    assert defaults.gpu_memory == "80Gi"
 
 
 @pytest.mark.parametrize(

@@ -20,9 +20,18 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    ValidationError,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
+from kubetrain_contract import memory
 from kubetrain_contract.configs import STAGE_API_VERSION
 from kubetrain_contract.limits import MAX_STEPS
 from kubetrain_contract.methods import DataFormat, Method
@@ -129,6 +138,45 @@ class Architecture(_Config):
     """Share input and output embeddings."""
 
 
+def _setup(value: dict[str, Any]) -> dict[str, Any]:
+    """A memory.Setup as the plan wrote it: every field, nothing else."""
+    try:
+        memory.Setup.from_dict(value)
+    except TypeError as error:
+        raise ValueError(f"not a memory setup: {error}") from None
+    return value
+
+
+SetupDict = Annotated[dict[str, Any], AfterValidator(_setup)]
+
+
+class MemoryPlan(_Config):
+    """The stage's memory setup (the plan's), checked against the real device before loading."""
+
+    setup: SetupDict
+    """memory.Setup.to_dict() of this stage's processes."""
+    gpu_memory_bytes: int | None = Field(ge=1)
+    """The GPU memory the plan checked against; None: the run declares none."""
+    gpu_memory_source: str | None
+    """Where that figure came from (resources.gpuMemory, a node label, the cluster default)."""
+
+
+class FitRequest(_Config):
+    """Size the model from its config.json (or the tokenizer) and check every stage before
+    tokenizing: the plan could not (docs/fit.md)."""
+
+    gpu_memory_bytes: int = Field(ge=1)
+    """One GPU's memory."""
+    gpu_memory_source: str
+    """Where that figure came from."""
+    model_uri: Uri | None
+    """The model whose config.json sizes it (local, pvc, s3:// or hf://); None: architecture."""
+    architecture: Architecture | None
+    """A model built from scratch, sized with the tokenizer's vocabulary."""
+    setups: list[SetupDict] = Field(min_length=1)
+    """memory.Setup of every sanity, train and merge stage."""
+
+
 class PreprocessConfig(_Config):
     """Read, validate, tokenize and pack the data into a content-addressed Arrow dataset."""
 
@@ -176,6 +224,9 @@ class PreprocessConfig(_Config):
     """Prometheus port (0: none)."""
     s3: S3Settings
     """S3 settings for s3:// URIs."""
+    fit: FitRequest | None
+    """Check that every stage fits its GPU before tokenizing; None: the plan did (or no GPU
+    memory is known)."""
 
 
 class AdapterConfig(_Config):
@@ -202,6 +253,8 @@ class DPOConfig(_Config):
     """DPO loss variant."""
     max_prompt_length: PositiveInt | None
     """Longest prompt kept (tokens); None: no limit of its own."""
+    precompute_reference_log_probs: bool
+    """Reference log-probabilities computed once before training; the reference model is freed."""
 
 
 class ModelSource(_Config):
@@ -248,6 +301,12 @@ class Optimization(_Config):
     """Gradient clipping norm (0 disables)."""
     gradient_checkpointing: bool
     """Recompute activations in the backward pass."""
+    weight_precision: Literal["fp32", "bf16"]
+    """The dtype a full fine-tune loads its weights in."""
+    attention: Literal["sdpa", "eager", "flash_attention_2"]
+    """transformers' attn_implementation."""
+    compile: bool
+    """torch.compile the model."""
     seed: int
     """Seed for weights, data order and dropout."""
     logging_steps: Steps
@@ -328,6 +387,8 @@ class TrainConfig(_Config):
     """Prometheus port of rank 0 (0: none)."""
     s3: S3Settings
     """S3 settings for s3:// URIs."""
+    memory: MemoryPlan
+    """The memory setup the plan estimated; re-checked against the device before loading."""
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
@@ -367,6 +428,10 @@ class MergeConfig(_Config):
     """Precision of the evaluation."""
     micro_batch_size: PositiveInt
     """Sequences per evaluation batch."""
+    attention: Literal["sdpa", "eager", "flash_attention_2"]
+    """transformers' attn_implementation for the evaluation."""
+    memory: MemoryPlan
+    """The evaluation's memory setup, re-checked against the device before loading."""
     max_perplexity: float | None = Field(gt=0)
     """Validation perplexity above this fails the stage (exit 3); None: not checked."""
     metrics_port: int = Field(ge=0, le=65535)
