@@ -289,7 +289,8 @@ class Estimate:
 
 
 def gib(n: float) -> str:
-    return f"{n / GIB:.1f} GiB"
+    """Bytes for people: GiB with one decimal, MiB below one GiB."""
+    return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / 1024**2:.1f} MiB"
 
 
 # ------------------------------------------------------------------------------------ the model
@@ -604,12 +605,19 @@ def _fixes(setup: Setup) -> list[Fix]:
                 )
             )
     if not setup.offload and setup.adapter != "qlora":
+        # DeepSpeed offloads its own CPU Adam's state, not a bitsandbytes optimizer's.
         stage = max(setup.zero_stage, 2)
-        optimizer = setup.optimizer if setup.world_size == 1 else "adamw_torch"
+        swap = setup.optimizer in QUANTIZED_OPTIMIZERS
         out.append(
             Fix(
-                f"{p['offload']}: cpu with {p['zero_stage']}: {stage}",
-                replace(setup, offload=True, zero_stage=stage, optimizer=optimizer),
+                f"{p['offload']}: cpu with {p['zero_stage']}: {stage}"
+                + (f" and {p['optimizer']}: adamw_torch" if swap else ""),
+                replace(
+                    setup,
+                    offload=True,
+                    zero_stage=stage,
+                    optimizer="adamw_torch" if swap else setup.optimizer,
+                ),
             )
         )
     return out

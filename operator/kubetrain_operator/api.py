@@ -410,7 +410,8 @@ class TrainingSpec(_Model):
     memory; under DeepSpeed ZeRO the fp32 master copy lives in DeepSpeed's optimizer anyway, but
     without DeepSpeed the optimizer updates bf16 weights directly, and updates smaller than about
     1/256 of a weight round away (fine for a sanity rung, lossy at small learning rates). Needs
-    precision bf16; adapters load their base in training.precision regardless."""
+    precision bf16. Adapters ignore it: their frozen base loads in training.precision (qlora: 4
+    bits)."""
     attention: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """Attention kernel: sdpa (PyTorch's fused kernels), eager (materialises the heads × block²
     scores: memory grows with the square of blockSize), flash_attention_2 (needs GPUs, 16-bit

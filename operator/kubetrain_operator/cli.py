@@ -4,6 +4,7 @@
     kubetrain render examples/tulu-dpo.yaml -n ml | kubectl apply -f -
     kubetrain render -f - -o json < run.yaml            # `-` (or -f -) reads stdin
     kubetrain crd | kubectl apply -f -
+    kubetrain fit examples/tulu-sft.yaml --model-config examples/models/llama-3.1-8b.json
     kubetrain run examples/tinystories-cpu.yaml         # the whole plan locally (trainer extra)
     kubetrain operator [--namespace NS]                 # the operator (operator extra: Kopf)
 
@@ -22,16 +23,26 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from kubetrain_operator import __version__
+from kubetrain_contract import memory
+from kubetrain_operator import __version__, fit
 from kubetrain_operator import exit_codes as codes
 from kubetrain_operator.api import SpecError, SpecErrors, TrainingRun
 from kubetrain_operator.cluster_defaults import NO_DEFAULTS, ClusterDefaults
-from kubetrain_operator.documents import STDIN, Loaded, load_runs, resolve_upstream
+from kubetrain_operator.documents import (
+    STDIN,
+    Loaded,
+    ModelConfigError,
+    load_runs,
+    local_model_dir,
+    read_model_shape,
+    resolve_upstream,
+)
 from kubetrain_operator.plan import Plan, Target, plan_run
 from kubetrain_operator.render import render_all
 
@@ -59,7 +70,13 @@ def _usage(args: argparse.Namespace, message: str) -> int:
 
 
 def plan_document(
-    item: Loaded, loaded: list[Loaded], target: Target, defaults: ClusterDefaults = NO_DEFAULTS
+    item: Loaded,
+    loaded: list[Loaded],
+    target: Target,
+    defaults: ClusterDefaults = NO_DEFAULTS,
+    *,
+    model_shape: memory.ModelShape | None = None,
+    check_fit: bool = True,
 ) -> Plan | None:
     """The item's plan for a target, or None after printing why there is none."""
     for text in item.problems:
@@ -68,7 +85,14 @@ def plan_document(
         return None
     try:
         upstream = resolve_upstream(item.run, item.file, loaded)
-        return plan_run(item.run, target=target, upstream_model=upstream, defaults=defaults)
+        return plan_run(
+            item.run,
+            target=target,
+            upstream_model=upstream,
+            defaults=defaults,
+            model_shape=model_shape,
+            check_fit=check_fit,
+        )
     except SpecError as error:
         for each in error.errors if isinstance(error, SpecErrors) else [error]:
             problem(item.file, each)
@@ -109,17 +133,53 @@ def _defaults(args: argparse.Namespace) -> ClusterDefaults:
         raise SystemExit(_usage(args, f"{flag}: {message}")) from None
 
 
-def _plans(args: argparse.Namespace) -> tuple[list[tuple[TrainingRun, Plan]], bool]:
+@dataclass(frozen=True)
+class Planned:
+    """A run file's run, its plan, and the model size the plan was given (None: unknown)."""
+
+    file: Path
+    run: TrainingRun
+    plan: Plan
+    shape: memory.ModelShape | None
+
+
+def _plans(args: argparse.Namespace, *, check_fit: bool = True) -> tuple[list[Planned], bool]:
     loaded = [item for file in _files(args) for item in load_runs(file)]
     defaults = _defaults(args)
     plans, failed = [], False
     for item in loaded:
-        plan = plan_document(item, loaded, args.target, defaults)
+        try:
+            shape = _model_shape(item, args)
+        except ModelConfigError as error:
+            problem(item.file, error)
+            failed = True
+            continue
+        plan = plan_document(
+            item, loaded, args.target, defaults, model_shape=shape, check_fit=check_fit
+        )
         if plan is None or item.run is None:
             failed = True
             continue
-        plans.append((item.run, plan))
+        plans.append(Planned(item.file, item.run, plan, shape))
     return plans, failed
+
+
+def _model_shape(item: Loaded, args: argparse.Namespace) -> memory.ModelShape | None:
+    """The size of the run's model where this machine can read it: --model-config [RUN=]PATH, or
+    the config.json of a local model directory (`kubetrain run`'s). None: the preprocess stage
+    sizes it (or the architecture does)."""
+    if item.run is None:
+        return None
+    for entry in getattr(args, "model_config", None) or []:
+        name, named, path = entry.partition("=")
+        if not named:
+            return read_model_shape(Path(entry))
+        if name == item.run.name:
+            return read_model_shape(Path(path))
+    local = local_model_dir(item.run.spec.model.uri, Path.cwd())
+    if local is not None and args.target == "local":
+        return read_model_shape(local)
+    return None
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -127,9 +187,51 @@ def cmd_validate(args: argparse.Namespace) -> int:
     plans, failed = _plans(args)
     if failed:
         return EXIT_INVALID
+    unchecked = [p.run.name for p in plans if _unchecked(p.plan)]
+    if unchecked:
+        print(
+            f"note: no fit check for {', '.join(unchecked)}: no GPU memory is known — set "
+            "resources.gpuMemory (e.g. 80Gi), a GPU Feature Discovery label in "
+            "resources.nodeSelector, or --gpu-memory (the chart's trainer.gpuMemory)",
+            file=sys.stderr,
+        )
     where = "a cluster" if args.target == "cluster" else "`kubetrain run`"
     print(f"{len(plans)} TrainingRun(s) valid for {where}", file=sys.stderr)
     return EXIT_OK
+
+
+def _unchecked(plan: Plan) -> bool:
+    """A GPU run whose GPU memory nobody states: the plan wrote no capacity anywhere."""
+    gpu_stages = [s for s in plan.stages if s.role != "preprocess" and s.gpus_per_node > 0]
+    return bool(gpu_stages) and all(
+        s.config["memory"]["gpuMemoryBytes"] is None for s in gpu_stages
+    )
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    """The memory estimate of every stage and rung; exit 1 when one does not fit."""
+    plans, failed = _plans(args, check_fit=False)
+    for p in plans:
+        report, run = p.plan.fit_report, p.run
+        print(f"{run.name}:")
+        if report is None:
+            print(
+                f"  {_unsized(run)} — give it: --model-config {run.name}=PATH (in a cluster, the "
+                "preprocess stage reads it and checks)"
+            )
+            continue
+        for line in fit.table(report):
+            print(f"  {line}")
+        for path, message in report.refusals:
+            problem(p.file, f"{path}: {message}")
+            failed = True
+    return EXIT_INVALID if failed else EXIT_OK
+
+
+def _unsized(run: TrainingRun) -> str:
+    if run.spec.model.architecture is not None:
+        return "the vocabulary is the tokenizer's (tokenizer.uri): unknown before preprocessing"
+    return f"the model's size is in its config.json ({run.spec.model.uri or 'model.fromRun'})"
 
 
 def cmd_render(args: argparse.Namespace) -> int:
@@ -137,8 +239,8 @@ def cmd_render(args: argparse.Namespace) -> int:
     if failed:
         return EXIT_INVALID
     objects: list[dict[str, Any]] = []
-    for run, plan in plans:
-        objects += render_all(run, plan, args.namespace)
+    for p in plans:
+        objects += render_all(p.run, p.plan, args.namespace)
     sys.stdout.write(dump(objects, args.output))
     return EXIT_OK
 
@@ -249,6 +351,24 @@ def _add_cluster_defaults(p: argparse.ArgumentParser) -> None:
             group.add_argument(flag, dest=dest[flag], default=None, help=text)
 
 
+def _add_fit_inputs(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model-config",
+        action="append",
+        default=[],
+        metavar="[RUN=]PATH",
+        help="the model's config.json (or its directory), for runs whose model is not local "
+        "(s3://, pvc://, hf://, fromRun); RUN= applies it to one run (repeatable)",
+    )
+    p.add_argument(
+        "--gpu-memory",
+        dest="gpu_memory",
+        default=None,
+        help="memory of one GPU (e.g. 80Gi) where neither resources.gpuMemory nor a GPU label "
+        "of the nodeSelector says it (the chart's trainer.gpuMemory)",
+    )
+
+
 def _add_output(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", choices=["yaml", "json"], default="yaml")
 
@@ -272,7 +392,20 @@ def build_parser() -> argparse.ArgumentParser:
         default="cluster",
         help="validate for a cluster (render, the operator) or for `kubetrain run`",
     )
+    _add_fit_inputs(p)
     p.set_defaults(func=cmd_validate, parser=p)
+    p = sub.add_parser(
+        "fit", help="print each stage's and rung's memory per GPU; exit 1 when one does not fit"
+    )
+    _add_files(p)
+    p.add_argument(
+        "--target",
+        choices=["cluster", "local"],
+        default="cluster",
+        help="plan for a cluster or for `kubetrain run` (local model directories are read)",
+    )
+    _add_fit_inputs(p)
+    p.set_defaults(func=cmd_fit, parser=p)
     p = sub.add_parser("render", help="print every Kubernetes object of every stage")
     _add_files(p)
     p.add_argument(

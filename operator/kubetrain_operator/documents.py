@@ -6,6 +6,7 @@ how a run is executed. A problem is reported per file and line, never raised pas
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from kubetrain_contract import memory
 from kubetrain_operator.api import KIND, InvalidRun, Problem, SpecError, TrainingRun, parse_run
 from kubetrain_operator.plan import upstream_model_uri
 
@@ -142,3 +144,47 @@ def resolve_upstream(run: TrainingRun, file: Path, others: list[Loaded]) -> str 
         f"run {name!r} is not in the given files nor in {folder}/",
         "pass its file too",
     )
+
+
+#: A config.json is a few kilobytes; anything larger is not one.
+MAX_MODEL_CONFIG_BYTES = 1024 * 1024
+
+
+class ModelConfigError(ValueError):
+    """A model config.json that cannot size the model: names the file and what to do."""
+
+
+def read_model_shape(path: Path) -> memory.ModelShape:
+    """The shape of the model whose config.json is `path` (or a directory holding one)."""
+    if path.is_dir():
+        path = path / "config.json"
+    try:
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_MODEL_CONFIG_BYTES + 1)
+    except OSError as error:
+        raise ModelConfigError(
+            f"{path}: cannot read the model's config.json ({error.strerror}) — point at the "
+            "model directory or its config.json"
+        ) from None
+    if len(raw) > MAX_MODEL_CONFIG_BYTES:
+        raise ModelConfigError(f"{path}: over 1 MiB: not a model config.json — check the path")
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ModelConfigError(
+            f"{path}: not JSON ({error}) — give the model's config.json"
+        ) from None
+    if not isinstance(data, dict):
+        raise ModelConfigError(f"{path}: expected a JSON object — give the model's config.json")
+    try:
+        return memory.ModelShape.from_hf_config(data, str(path))
+    except memory.ShapeError as error:
+        raise ModelConfigError(str(error)) from None
+
+
+def local_model_dir(uri: str | None, base_dir: Path) -> Path | None:
+    """The directory of a model.uri on this machine (a path or file://), else None."""
+    if uri is None or "://" in uri.removeprefix("file://"):
+        return None
+    local = Path(uri.removeprefix("file://"))
+    return local if local.is_absolute() else base_dir / local

@@ -15,8 +15,13 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from kubetrain_contract import memory
-from kubetrain_operator.api import SanityRung, TrainingRunSpec
+from kubetrain_operator.api import SanityRung, SpecErrors, TrainingRunSpec
 from kubetrain_operator.cluster_defaults import ClusterDefaults
+
+
+class DoesNotFit(SpecErrors):
+    """Stages whose estimate exceeds their GPU (or whose offload exceeds the pod's memory): the
+    operator reports them with reason DoesNotFit, `kubetrain validate` like any spec problem."""
 
 
 @dataclass(frozen=True)
@@ -153,14 +158,51 @@ class FitReport:
     refusals: tuple[tuple[str, str], ...]
     """(spec path, message) of each stage over the GPU's memory."""
     capacity: Capacity | None
+    shape: memory.ModelShape
 
 
-def report(setups: list[memory.Setup], shape: memory.ModelShape, cap: Capacity | None) -> FitReport:
-    """Estimate each setup; refuse those on GPUs over the capacity."""
+def report(
+    setups: list[memory.Setup],
+    shape: memory.ModelShape,
+    cap: Capacity | None,
+    pod_memory: Capacity | None = None,
+) -> FitReport:
+    """Estimate each setup; refuse those on GPUs over the capacity, and those whose offloaded
+    state (per process, times the processes of a pod) exceeds the training pod's memory."""
     rows, refusals = [], []
     for s in setups:
         estimate = memory.estimate(shape, s)
         rows.append(memory.row(estimate, cap.bytes if cap else None))
         if cap is not None and s.gpu and estimate.total > cap.bytes:
             refusals.append((s.where, memory.refusal(estimate, shape, cap.bytes, cap.source)))
-    return FitReport(rows=tuple(rows), refusals=tuple(refusals), capacity=cap)
+        offloaded = estimate.host_total * s.procs_per_node
+        if pod_memory is not None and s.mode == "train" and offloaded > pod_memory.bytes:
+            refusals.append(
+                (
+                    s.where,
+                    f"{s.stage} offloads about {memory.gib(offloaded)} per pod to RAM "
+                    f"({memory.gib(estimate.host_total)} per process × {s.procs_per_node}), the "
+                    f"pod has {memory.gib(pod_memory.bytes)} ({pod_memory.source}) — raise "
+                    "resources.memory, or offload less (more GPUs, or offload: none)",
+                )
+            )
+    return FitReport(rows=tuple(rows), refusals=tuple(refusals), capacity=cap, shape=shape)
+
+
+def table(rep: FitReport) -> list[str]:
+    """`kubetrain fit`'s table: one line per stage, the largest terms, fits or not."""
+    cap, shape = rep.capacity, rep.shape
+    head = f"model: {shape.parameters / 1e9:.2f}B parameters; GPU: " + (
+        f"{memory.gib(cap.bytes)} ({cap.source})" if cap else "unknown (no fit check)"
+    )
+    lines = [head, f"{'STAGE':<10} {'PROCS':>5} {'PER PROCESS':>12}  {'FITS':<4}  LARGEST TERMS"]
+    for r in rep.rows:
+        fits = {True: "yes", False: "NO", None: "-"}[r["fits"]]
+        where = "" if r["device"] == "gpu" else " (CPU)"
+        largest = ", ".join(f"{name} {memory.gib(n)}" for name, n in r["largest"])
+        host = f"; offloaded {memory.gib(r['hostBytes'])}" if r["hostBytes"] else ""
+        lines.append(
+            f"{r['stage']:<10} {r['worldSize']:>5} {memory.gib(r['estimateBytes']):>12}  "
+            f"{fits:<4}  {largest}{host}{where}"
+        )
+    return lines

@@ -230,7 +230,12 @@ def plan_run(
     env = _env(spec, target, s3_secret)
     res = spec.resources
     deadline = int(duration_seconds(spec.stage_deadline))
-    gauge = _Gauge(fit.capacity(spec, defaults))
+    pod_memory = (
+        None
+        if res.memory is None
+        else fit.Capacity(memory.quantity_bytes(res.memory), "resources.memory")
+    )
+    gauge = _Gauge(fit.capacity(spec, defaults), pod_memory)
     stages = [
         Stage(
             "preprocess",
@@ -348,8 +353,7 @@ def plan_run(
         sized = fit.architecture_shape(model["architecture"], vocabulary)
     report = gauge.report(sized)
     if report is not None and report.refusals and check_fit:
-        errors = [SpecError(path, message) for path, message in report.refusals]
-        raise SpecErrors(errors) if len(errors) > 1 else errors[0]
+        raise fit.DoesNotFit([SpecError(path, message) for path, message in report.refusals])
     if sized is None and gauge.capacity is not None and gauge.setups:
         # Only the model's config.json (or the tokenizer) knows the size: the preprocess stage
         # reads it on CPU and refuses before it tokenizes anything.
@@ -384,8 +388,8 @@ def plan_run(
 class _Gauge:
     """Collects the stages' memory setups while planning, and writes each stage's `memory`."""
 
-    def __init__(self, capacity: fit.Capacity | None) -> None:
-        self.capacity = capacity
+    def __init__(self, capacity: fit.Capacity | None, pod_memory: fit.Capacity | None) -> None:
+        self.capacity, self.pod_memory = capacity, pod_memory
         self.setups: list[memory.Setup] = []
 
     def section(self, setup: memory.Setup) -> dict[str, Any]:
@@ -398,7 +402,9 @@ class _Gauge:
         }
 
     def report(self, shape: memory.ModelShape | None) -> fit.FitReport | None:
-        return fit.report(self.setups, shape, self.capacity) if shape is not None else None
+        if shape is None:
+            return None
+        return fit.report(self.setups, shape, self.capacity, self.pod_memory)
 
 
 def upstream_model_uri(upstream: TrainingRun) -> str:

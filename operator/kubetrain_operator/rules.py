@@ -620,16 +620,6 @@ RULES: tuple[Rule, ...] = (
         "set precision: bf16, or weightPrecision: fp32",
     ),
     Rule(
-        "weight-precision-full-only",
-        "spec",
-        "training.weightPrecision",
-        lambda s: s.training.weight_precision == "fp32" or s.method.adapter.type == "none",
-        "self.training.weightPrecision == 'fp32' || self.method.adapter.type == 'none'",
-        "applies to a full fine-tune; an adapter's base loads in training.precision "
-        "(qlora: 4 bits)",
-        "remove weightPrecision",
-    ),
-    Rule(
         "flash-attention-needs-16-bit-gpu",
         "spec",
         "training.attention",

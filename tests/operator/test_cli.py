@@ -277,6 +277,8 @@ def test_render_the_dpo_chain_into_a_namespace() -> None:
         ("Service", None),
         ("Job", "preprocess"),
         ("PyTorchJob", "sanity-1"),
+        ("PyTorchJob", "sanity-2"),
+        ("PyTorchJob", "sanity-3"),
         ("PyTorchJob", "train"),
         ("Job", "merge"),
     ]
@@ -289,7 +291,7 @@ def test_render_the_dpo_chain_into_a_namespace() -> None:
     assert dpo["spec"]["model"]["fromRun"] == sft["metadata"]["name"]
     expected = sft["spec"]["output"]["uri"].rstrip("/") + "/final"
     configs = {k: json.loads(v) for k, v in objects[0]["data"].items()}
-    for name in ("sanity-1.json", "train.json", "merge.json"):
+    for name in ("sanity-1.json", "sanity-3.json", "train.json", "merge.json"):
         assert configs[name]["model"]["uri"] == expected
         assert configs[name]["method"] == "dpo"
 
@@ -298,11 +300,11 @@ def test_render_without_a_namespace_and_both_runs_of_a_chain() -> None:
     proc = kubetrain("render", "examples/tulu-sft.yaml", "examples/tulu-dpo.yaml")
     assert proc.returncode == 0, proc.stderr
     objects = list(yaml.safe_load_all(proc.stdout))
-    rungs = len(example("tulu-sft")["spec"]["sanity"]["rungs"])
-    assert len(objects) == (5 + rungs) + 6
+    sft, dpo = (len(example(n)["spec"]["sanity"]["rungs"]) for n in ("tulu-sft", "tulu-dpo"))
+    assert len(objects) == (5 + sft) + (5 + dpo)
     assert all("namespace" not in o["metadata"] for o in objects)
     runs = [o["metadata"]["labels"]["kubetrain.dev/run"] for o in objects]
-    assert runs == ["llama31-tulu-sft"] * (5 + rungs) + ["llama31-tulu-dpo"] * 6
+    assert runs == ["llama31-tulu-sft"] * (5 + sft) + ["llama31-tulu-dpo"] * (5 + dpo)
 
 
 def test_render_refuses_a_chain_without_its_upstream(tmp_path: Path) -> None:

@@ -360,6 +360,7 @@ def deepspeed_doc(stage: int, offload: str, precision: str) -> dict[str, Any]:
             "spec.training.gradientAccumulationSteps": ACCUM,
             "spec.training.maxGradNorm": CLIP,
             "spec.training.precision": precision,
+            "spec.training.weightPrecision": "fp32",
         },
     )
 
@@ -660,6 +661,7 @@ def upstream(adapter: str, merge: bool, output: str = "s3://llm-runs/up/") -> di
             "spec.output": {"uri": output, "merge": merge},
             "spec.distributed": {"zeroStage": 0},
             "spec.training.precision": "bf16",
+            "spec.sanity": {"steps": 10, "gpus": 1},
         },
     )
 

@@ -31,6 +31,7 @@ from kubetrain_operator.api import (
     parse_run,
 )
 from kubetrain_operator.cluster_defaults import NO_DEFAULTS, ClusterDefaults
+from kubetrain_operator.fit import DoesNotFit
 from kubetrain_operator.plan import Plan, plan_run
 from kubetrain_operator.status.actions import Action
 from kubetrain_operator.status.builder import StatusBuilder
@@ -40,6 +41,7 @@ from kubetrain_operator.status.timing import DEFAULT_TIMING, Timing
 from kubetrain_operator.status.vocabulary import (
     P_FAILED,
     P_PENDING,
+    R_DOES_NOT_FIT,
     R_INVALID_SPEC,
     R_UPSTREAM_FAILED,
     R_WAITING_FOR_UPSTREAM,
@@ -82,6 +84,9 @@ def derive_status(
             return builder.build(), builder.actions
     try:
         plan = _planned(document, upstream_model, defaults)
+    except DoesNotFit as error:
+        builder.summary(P_FAILED, ("False", R_DOES_NOT_FIT, str(error)), "failed")
+        return builder.build(), builder.actions
     except SpecError as error:
         builder.summary(P_FAILED, ("False", R_INVALID_SPEC, str(error)), "failed")
         return builder.build(), builder.actions

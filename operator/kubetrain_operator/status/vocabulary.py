@@ -17,6 +17,7 @@ CONDITION_TYPES = (READY, RECONCILING, STALLED, DATA_READY, SANITY_PASSED, SUCCE
 # ----------------------------------------------------------------------------------------- reasons
 R_PENDING = "Pending"
 R_INVALID_SPEC = "InvalidSpec"
+R_DOES_NOT_FIT = "DoesNotFit"  # a stage's memory estimate exceeds its GPU (docs/fit.md)
 R_WAITING_FOR_UPSTREAM = "WaitingForUpstream"
 R_UPSTREAM_FAILED = "UpstreamFailed"
 R_PREPROCESSING = "Preprocessing"
@@ -53,6 +54,7 @@ AttemptReason = Literal["initial", "failure", "stall"]
 WARNING_REASONS = frozenset(
     {
         R_INVALID_SPEC,
+        R_DOES_NOT_FIT,
         R_UPSTREAM_FAILED,
         R_SANITY_FAILED,
         R_INVALID_INPUT,
