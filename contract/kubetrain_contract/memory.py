@@ -38,8 +38,8 @@ ADAM_8BIT_BYTES: Final = 2 * (1 + 4 / 256)
 CUDA_CONTEXT_BYTES: Final = 1 * GIB
 NCCL_BUFFER_BYTES: Final = GIB // 2
 #: Reserved-but-unallocated memory of PyTorch's caching allocator under a training loop's
-#: varying shapes: 5–15% of what is allocated and freed every step (PyTorch "CUDA memory management" notes; less
-#: with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True).
+#: varying shapes: 5–15% of what is allocated and freed every step (PyTorch "CUDA memory
+#: management" notes; less with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True).
 FRAGMENTATION: Final = 0.10
 #: Terms allocated and freed every step: the ones the fragmentation margin applies to.
 DYNAMIC_TERMS: Final = (
@@ -143,9 +143,7 @@ class ModelShape:
         name this model does not know counts as the widest linear (an upper bound)."""
         dims, counts = self.module_dims(), self._linear_counts()
         widest = max(a + b for a, b in dims.values())
-        per_layer = sum(
-            r * (sum(dims[t]) * counts[t] if t in dims else widest) for t in targets
-        )
+        per_layer = sum(r * (sum(dims[t]) * counts[t] if t in dims else widest) for t in targets)
         return self.layers * per_layer
 
     def lora_matrices(self, r: int, targets: tuple[str, ...]) -> list[tuple[int, int]]:
@@ -273,9 +271,7 @@ class Estimate:
     @property
     def allocated(self) -> int:
         """What the caching allocator hands out at the peak: torch.cuda.max_memory_allocated."""
-        return sum(
-            t.bytes for t in self.terms if t.name not in ("CUDA context", "fragmentation")
-        )
+        return sum(t.bytes for t in self.terms if t.name not in ("CUDA context", "fragmentation"))
 
     @property
     def total(self) -> int:
@@ -334,7 +330,7 @@ def _with_overheads(setup: Setup, gpu: list[Term], host: list[Term]) -> Estimate
     return Estimate(setup=setup, terms=tuple(gpu), host=tuple(host))
 
 
-def _OFFLOADED(setup: Setup) -> tuple[str, ...]:  # noqa: N802 (a table, computed)
+def _OFFLOADED(setup: Setup) -> tuple[str, ...]:
     if not (setup.offload and setup.zero_stage >= 2):
         return ()
     moved = ("optimizer state", "fp32 master weights", "fp32 gradients", "gradients")
@@ -358,7 +354,9 @@ def _weight_terms(shape: ModelShape, setup: Setup) -> list[Term]:
         base = shape.linear_parameters * NF4_BYTES + others * 4
         return [Term("weights", int(base / n), "4-bit NF4 linears, fp32 embeddings and norms")]
     if setup.adapter == "lora":
-        return [Term("weights", shape.parameters * compute // n, f"frozen base in {setup.precision}")]
+        return [
+            Term("weights", shape.parameters * compute // n, f"frozen base in {setup.precision}")
+        ]
     if setup.deepspeed and setup.precision != "fp32":
         # DeepSpeed runs the module in 16 bits and keeps the fp32 copy in its optimizer.
         return [Term("weights", shape.parameters * 2 // n, "16-bit module under DeepSpeed")]
@@ -377,13 +375,15 @@ def _optimizer_bytes(shape: ModelShape, setup: Setup, trainable: int, state: int
         return 0  # transformers' sgd: torch.optim.SGD without momentum
     if name == "adafactor":
         # Factored second moment (a row and a column vector per matrix), no first moment
-        # (transformers' Adafactor: beta1=None); vectors keep a full second moment.
+        # (transformers' Adafactor: beta1=None); vectors keep a full second moment. Always fp32:
+        # Adafactor upcasts a 16-bit gradient and allocates its state like it (measured:
+        # tests/trainer/test_memory_measured.py).
         if setup.adapter == "none":
             matrices = shape.matrices()
             vectors = shape.norm_parameters
         else:
             matrices, vectors = shape.lora_matrices(setup.lora_r, setup.target_modules), 0
-        return (sum(r + c for r, c in matrices) + vectors) * state
+        return (sum(r + c for r, c in matrices) + vectors) * 4
     return 2 * trainable * state  # AdamW: exp_avg and exp_avg_sq
 
 
@@ -495,7 +495,9 @@ def _activation_terms(shape: ModelShape, setup: Setup) -> list[Term]:
     else:
         terms = [Term("activations", int(shape.layers * layer), "every layer's saved tensors")]
     terms.append(
-        Term("logits", tokens * shape.vocab_size * LOGIT_BYTES[setup.precision], "loss and its grad")
+        Term(
+            "logits", tokens * shape.vocab_size * LOGIT_BYTES[setup.precision], "loss and its grad"
+        )
     )
     if setup.adapter == "qlora":
         widest = max(a * b for a, b in shape.module_dims().values())
@@ -513,7 +515,9 @@ def _reference_term(shape: ModelShape, setup: Setup) -> Term:
         n = setup.world_size if setup.zero_stage == 3 else 1
         return Term("reference model", shape.parameters * 2 // n, "frozen 16-bit copy")
     wb = DTYPE_BYTES[setup.weight_precision]
-    return Term("reference model", shape.parameters * wb, f"frozen copy in {setup.weight_precision}")
+    return Term(
+        "reference model", shape.parameters * wb, f"frozen copy in {setup.weight_precision}"
+    )
 
 
 def _estimate_eval(shape: ModelShape, setup: Setup) -> Estimate:
@@ -526,7 +530,9 @@ def _estimate_eval(shape: ModelShape, setup: Setup) -> Estimate:
         Term("logits", tokens * shape.vocab_size * (a + 4), "16-bit logits and the fp32 loss"),
     ]
     if setup.adapter != "none":
-        terms.append(Term("adapter weights", shape.lora_parameters(setup.lora_r, setup.target_modules) * 4))
+        terms.append(
+            Term("adapter weights", shape.lora_parameters(setup.lora_r, setup.target_modules) * 4)
+        )
     return _with_overheads(setup, terms, [])
 
 
@@ -591,7 +597,11 @@ def _fixes(setup: Setup) -> list[Fix]:
             out.append(
                 Fix(
                     f"{p['zero_stage']}: {stage}"
-                    + (f" with {p['optimizer']}: adamw_torch" if optimizer != setup.optimizer else ""),
+                    + (
+                        f" with {p['optimizer']}: adamw_torch"
+                        if optimizer != setup.optimizer
+                        else ""
+                    ),
                     replace(setup, zero_stage=stage, optimizer=optimizer),
                 )
             )
@@ -619,7 +629,10 @@ def fixes(shape: ModelShape, setup: Setup, capacity: int, most: int = 3) -> list
         step = next(iter(_fixes(combined)), None)
         if step is None:
             return []
-        combined, texts = step.setup, [*texts, step.text]
+        # A later step on the same field replaces the earlier one (microBatchSize 2, then 1).
+        name = step.text.split(":")[0]
+        combined = step.setup
+        texts = [*(t for t in texts if t.split(":")[0] != name), step.text]
         if estimate(shape, combined).total <= capacity:
             return [" and ".join(texts)]
     return []

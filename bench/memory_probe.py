@@ -1,0 +1,295 @@
+"""Measured beside estimated: what bench/gpu.py and the memory tests share.
+
+The memory model (kubetrain_contract.memory) predicts bytes by name; this module builds the same
+models the trainer builds (transformers' Llama from a config, PEFT through kubetrain_trainer.model,
+the optimizer through transformers' Trainer) and measures the tensors a real step leaves behind.
+Nothing here re-derives the model's numbers: estimates come from `memory.estimate` only.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from kubetrain_contract.layout import HUB_KERNELS_ENV
+from kubetrain_contract.memory import ModelShape, Setup, estimate
+
+# As the trainer's entry point does: no kernel code from the Hub (bitsandbytes would try).
+os.environ.setdefault(HUB_KERNELS_ENV, "NO")
+
+#: Llama-3.1-8B (config.json of meta-llama/Llama-3.1-8B): untied embeddings.
+LLAMA_8B = ModelShape(
+    hidden_size=4096,
+    layers=32,
+    heads=32,
+    kv_heads=8,
+    intermediate_size=14336,
+    vocab_size=128256,
+    tie_word_embeddings=False,
+)
+#: Llama-3.2-1B (config.json of meta-llama/Llama-3.2-1B): tied embeddings.
+LLAMA_1B = ModelShape(
+    hidden_size=2048,
+    layers=16,
+    heads=32,
+    kv_heads=8,
+    intermediate_size=8192,
+    vocab_size=128256,
+    tie_word_embeddings=True,
+)
+#: Parameter counts as published on the models' Hub pages (safetensors metadata).
+PUBLISHED_PARAMETERS = {LLAMA_8B: 8_030_261_248, LLAMA_1B: 1_235_814_400}
+#: The spec paths a refusal names (what the plan writes into Setup.paths).
+PATHS = {
+    "micro_batch_size": "spec.training.microBatchSize",
+    "attention": "spec.training.attention",
+    "reference": "spec.method.dpo.precomputeReferenceLogProbs",
+    "weight_precision": "spec.training.weightPrecision",
+    "gradient_checkpointing": "spec.training.gradientCheckpointing",
+    "optimizer": "spec.training.optimizer",
+    "zero_stage": "spec.distributed.zeroStage",
+    "offload": "spec.distributed.offload",
+}
+#: The spec's default LoRA targets (operator api.DEFAULT_TARGET_MODULES) and rank.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+LORA_R = 16
+#: The model-state terms (what DeepSpeed's estimators count).
+MODEL_STATE_TERMS = (
+    "weights",
+    "adapter weights",
+    "gradients",
+    "fp32 gradients",
+    "fp32 master weights",
+    "optimizer state",
+    "ZeRO-3 gathered layer",
+)
+
+
+def setup(**changes: Any) -> Setup:
+    """One train stage on one GPU, bf16, LoRA off, GC on, block 2048: change what differs."""
+    base = Setup(
+        stage="train",
+        where="spec",
+        mode="train",
+        method="sft",
+        adapter="none",
+        lora_r=LORA_R,
+        target_modules=LORA_TARGETS,
+        precision="bf16",
+        weight_precision="bf16",
+        optimizer="adamw_torch",
+        zero_stage=0,
+        offload=False,
+        world_size=1,
+        procs_per_node=1,
+        micro_batch_size=1,
+        block_size=2048,
+        gradient_checkpointing=True,
+        attention="sdpa",
+        compile=False,
+        reference="none",
+        gpu=True,
+        paths=PATHS,
+    )
+    return replace(base, **changes)
+
+
+def model_states(shape: ModelShape, s: Setup) -> int:
+    """The estimate's model-state bytes on the device (what DeepSpeed's estimators count)."""
+    e = estimate(shape, s)
+    return sum(e.term(name) for name in MODEL_STATE_TERMS)
+
+
+# ------------------------------------------------------------------------ building as the trainer
+
+
+def hf_config(shape: ModelShape, context: int = 131072, attention: str = "sdpa") -> Any:
+    """transformers' LlamaConfig with the shape's numbers (random weights: no download)."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=shape.vocab_size,
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        max_position_embeddings=context,
+        tie_word_embeddings=shape.tie_word_embeddings,
+    )
+    config._attn_implementation = attention
+    return config
+
+
+def dtype_of(name: str) -> Any:
+    from kubetrain_trainer.model import DTYPES
+
+    return DTYPES[name]
+
+
+def build_model(shape: ModelShape, s: Setup, device: str, scratch: Path | None = None) -> Any:
+    """The model a train stage holds: full (weights in weight_precision), LoRA on a base in the
+    compute dtype, or QLoRA through from_pretrained with the trainer's BitsAndBytesConfig on a
+    random bf16 model saved under `scratch` (the trainer's own load path); the adapter attached
+    by kubetrain_trainer.model.attach_adapter, checkpointing enabled as Trainer enables it."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from kubetrain_trainer.config import AdapterConfig
+    from kubetrain_trainer.model import attach_adapter, load_pretrained
+
+    config = hf_config(shape, context=max(s.block_size, 64), attention=s.attention)
+    if s.adapter == "qlora":
+        scratch = scratch or Path(tempfile.mkdtemp(prefix="kubetrain-qlora-"))
+        with torch.device(device):
+            LlamaForCausalLM._from_config(config, dtype=torch.bfloat16).save_pretrained(scratch)
+        model = load_pretrained(
+            scratch, dtype=dtype_of(s.precision), quantize=s.precision, device=device
+        )
+    else:
+        dtype = s.precision if s.adapter == "lora" else s.weight_precision
+        with torch.device(device):
+            model = LlamaForCausalLM._from_config(config, dtype=dtype_of(dtype))
+    if s.adapter != "none":
+        adapter = AdapterConfig(
+            type=s.adapter,  # type: ignore[arg-type]
+            r=s.lora_r,
+            alpha=2.0 * s.lora_r,
+            dropout=0.0,
+            target_modules=list(s.target_modules),
+        )
+        model = attach_adapter(model, adapter, s.gradient_checkpointing)
+    if s.gradient_checkpointing:
+        model.activation_checkpointing_enable()
+    model.train()
+    return model
+
+
+def build_optimizer(model: Any, optim: str) -> Any:
+    """The optimizer transformers' Trainer builds for `optim` (its own class and kwargs)."""
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(
+        output_dir=tempfile.gettempdir(), optim=optim, use_cpu=True, report_to="none"
+    )
+    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
+    return cls([p for p in model.parameters() if p.requires_grad], **kwargs)
+
+
+def train_step(model: Any, optimizer: Any, s: Setup, device: str, vocab: int) -> float:
+    """One real step on random token ids: forward (autocast in the compute dtype, as Trainer's
+    bf16/fp16 does), the causal LM loss, backward, optimizer step; returns the loss."""
+    import torch
+
+    ids = torch.randint(0, vocab, (s.micro_batch_size, s.block_size), device=device)
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    autocast = s.precision != "fp32"
+    with torch.autocast(kind, dtype=dtype_of(s.precision), enabled=autocast):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=False)  # gradients stay allocated, as between steps
+    return float(loss)
+
+
+# ------------------------------------------------------------------------------- tensor bytes
+
+
+def _storage_bytes(tensors: Iterable[Any]) -> int:
+    """Bytes of distinct storages (tied weights and bnb's shared quantization maps once)."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+def _quant_state_tensors(p: Any) -> list[Any]:
+    """bitsandbytes' 4-bit quantization state beside a packed weight: absmax, its own
+    quantization (double quantization) and the code books."""
+    state = getattr(p, "quant_state", None)
+    out: list[Any] = []
+    while state is not None:
+        out += [t for t in (state.absmax, state.code) if t is not None]
+        state = getattr(state, "state2", None)
+    return out
+
+
+def tensor_bytes(model: Any, optimizer: Any) -> dict[str, int]:
+    """What the step left behind, by the memory model's term names: frozen weights (with a
+    4-bit base's quantization state), trainable weights (the adapter for LoRA), gradients, and
+    optimizer state; 0-d state tensors (step counters, Adafactor's RMS) apart as "scalars"."""
+    params = list(model.parameters())
+    frozen = [p for p in params if not p.requires_grad]
+    trainable = [p for p in params if p.requires_grad]
+    quant = [t for p in frozen for t in _quant_state_tensors(p)]
+    state = [v for s in optimizer.state.values() for v in s.values() if hasattr(v, "nbytes")]
+    adapter = any("lora_" in name for name, _ in model.named_parameters())
+    out = {
+        "gradients": _storage_bytes(p.grad for p in trainable if p.grad is not None),
+        "optimizer state": _storage_bytes(t for t in state if t.dim() > 0),
+        "scalars": sum(t.nbytes for t in state if t.dim() == 0),
+    }
+    if adapter:
+        out["weights"] = _storage_bytes(frozen + quant)
+        out["adapter weights"] = _storage_bytes(trainable)
+    else:
+        out["weights"] = _storage_bytes(params)
+    return out
+
+
+def small_state_bytes(model: Any, s: Setup) -> int:
+    """bitsandbytes keeps 32-bit Adam states for tensors under its min_8bit_size (4096
+    elements): the bytes that adds over the 8-bit layout the model counts (tiny models only;
+    a real model's smallest trainable tensor, a norm of hidden_size, is 2048 or more)."""
+    if s.optimizer not in ("adamw_8bit", "paged_adamw_8bit"):
+        return 0
+    small = sum(p.numel() for p in model.parameters() if p.requires_grad and p.numel() < 4096)
+    return 8 * small
+
+
+#: Tiny shapes for the CPU measurements: a tied and an untied vocabulary, GQA.
+TINY = ModelShape(
+    hidden_size=64,
+    layers=2,
+    heads=4,
+    kv_heads=2,
+    intermediate_size=128,
+    vocab_size=512,
+    tie_word_embeddings=False,
+)
+TINY_TIED = replace(TINY, tie_word_embeddings=True)
+#: The CPU validation cases: (name, shape, setup) for gpu=False, ZeRO 0, one process.
+CPU_CASES: tuple[tuple[str, ModelShape, Setup], ...] = tuple(
+    (name, shape, setup(gpu=False, block_size=32, micro_batch_size=2, **changes))
+    for name, shape, changes in (
+        ("full fp32 adamw_torch", TINY, {"weight_precision": "fp32"}),
+        ("full bf16 adamw_torch", TINY, {}),
+        ("full bf16 adamw_torch tied", TINY_TIED, {}),
+        ("full bf16 adafactor", TINY, {"optimizer": "adafactor"}),
+        ("full fp32 sgd", TINY, {"weight_precision": "fp32", "optimizer": "sgd"}),
+        ("full bf16 adamw_8bit", TINY, {"optimizer": "adamw_8bit"}),
+        ("lora bf16 adamw_torch", TINY, {"adapter": "lora"}),
+        ("lora bf16 adafactor", TINY, {"adapter": "lora", "optimizer": "adafactor"}),
+        ("lora bf16 paged_adamw_8bit", TINY, {"adapter": "lora", "optimizer": "paged_adamw_8bit"}),
+        ("qlora bf16 adamw_torch", TINY, {"adapter": "qlora"}),
+    )
+)
+
+
+def measure(shape: ModelShape, s: Setup) -> tuple[dict[str, int], dict[str, int], Any]:
+    """(estimated terms, measured terms, the model) after one real step on CPU."""
+    import torch
+
+    torch.manual_seed(0)
+    model = build_model(shape, s, "cpu")
+    optimizer = build_optimizer(model, s.optimizer)
+    train_step(model, optimizer, s, "cpu", shape.vocab_size)
+    measured = tensor_bytes(model, optimizer)
+    e = estimate(shape, s)
+    estimated = {name: e.term(name) for name in measured if name != "scalars"}
+    return estimated, measured, model
