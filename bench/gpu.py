@@ -23,14 +23,11 @@ Prints one markdown table (docs/fit.md keeps every run's):
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import re
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,63 +135,42 @@ def gpu_tests(dry: bool, budget: float) -> Row:
 
 
 def peak(part: str, name: str, shape: ModelShape, device: str, speed: bool, **changes: Any) -> Row:
-    """Build, step STEPS times, and set the peaks beside the estimate (and the speed)."""
+    """STEPS real steps (memory_probe.run_steps): the peaks beside the estimate, and the speed."""
     import torch
 
     from kubetrain_trainer.callbacks import flops_per_token, peak_flops
 
     cuda = device.startswith("cuda")
     s = probe.setup(gpu=cuda, **changes)
+    e = estimate(shape, s)
+    row = Row(part, name, estimated=e.allocated)
+    row.estimated_reserved = e.total - e.term("CUDA context") if cuda else None
     start = time.monotonic()
-    scratch = Path(tempfile.mkdtemp(prefix="kubetrain-gpu-proof-"))
-    note = ""
     try:
-        torch.manual_seed(0)
-        model = probe.build_model(shape, s, device, scratch)
-        optimizer = probe.build_optimizer(model, s.optimizer)
-        loaded = time.monotonic() - start
-        if s.adapter == "qlora":
-            note = f"built, saved and 4-bit loaded in {loaded:.0f} s; "
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        times = []
-        for _ in range(STEPS):
-            t = time.perf_counter()
-            probe.train_step(model, optimizer, s, device, shape.vocab_size)
-            if cuda:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t)
-        e = estimate(shape, s)
-        row = Row(part, name, estimated=e.allocated, seconds=0.0)
-        row.estimated_reserved = e.total - e.term("CUDA context") if cuda else None
-        if cuda:
-            row.allocated = torch.cuda.max_memory_allocated()
-            row.reserved = torch.cuda.max_memory_reserved()
-            within = abs(row.allocated / row.estimated - 1) <= 0.15
-            note += "allocated within ±15%" if within else "allocated OUTSIDE ±15%"
-        else:
-            note += "no CUDA allocator on CPU: estimate only"
-        if speed:
-            tokens = s.micro_batch_size * s.block_size
-            row.tokens_per_s = tokens / statistics.median(times[1:])
-            per_token = flops_per_token(model.config, s.block_size, adapter=s.adapter != "none")
-            device_name = torch.cuda.get_device_name() if cuda else "cpu"
-            top = peak_flops(device_name, s.precision)
-            if per_token is not None and top is not None:
-                row.mfu = per_token * row.tokens_per_s / top
-        del model, optimizer
+        seen = probe.run_steps(shape, s, device, STEPS)
     except torch.cuda.OutOfMemoryError as error:
-        row = Row(part, name, estimated=estimate(shape, s).allocated)
-        note += f"out of memory: {str(error).splitlines()[0][:100]}"
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-        gc.collect()
-        if cuda:
-            torch.cuda.empty_cache()
+        row.seconds = time.monotonic() - start
+        row.note = f"out of memory: {str(error).splitlines()[0][:100]}"
+        return row
     row.seconds = time.monotonic() - start
-    row.note = note
+    notes = [f"built, saved and 4-bit loaded in {seen.build_seconds:.0f} s"] * (
+        s.adapter == "qlora"
+    )
+    row.allocated, row.reserved = seen.allocated, seen.reserved
+    if row.allocated is None:
+        notes.append("no CUDA allocator on CPU: estimate only")
+    else:
+        within = abs(row.allocated / e.allocated - 1) <= 0.15
+        notes.append("allocated within ±15%" if within else "allocated OUTSIDE ±15%")
+    if speed:
+        row.tokens_per_s = (
+            s.micro_batch_size * s.block_size / statistics.median(seen.step_seconds[1:])
+        )
+        per_token = flops_per_token(seen.config, s.block_size, adapter=s.adapter != "none")
+        top = peak_flops(torch.cuda.get_device_name() if cuda else "cpu", s.precision)
+        if per_token is not None and top is not None:
+            row.mfu = per_token * row.tokens_per_s / top
+    row.note = "; ".join(notes)
     return row
 
 

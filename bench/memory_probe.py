@@ -8,10 +8,13 @@ Nothing here re-derives the model's numbers: estimates come from `memory.estimat
 
 from __future__ import annotations
 
+import gc
 import os
+import shutil
 import tempfile
+import time
 from collections.abc import Iterable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -131,7 +134,7 @@ def dtype_of(name: str) -> Any:
     return DTYPES[name]
 
 
-def build_model(shape: ModelShape, s: Setup, device: str, scratch: Path | None = None) -> Any:
+def build_model(shape: ModelShape, s: Setup, device: str, scratch: Path) -> Any:
     """The model a train stage holds: full (weights in weight_precision), LoRA on a base in the
     compute dtype, or QLoRA through from_pretrained with the trainer's BitsAndBytesConfig on a
     random bf16 model saved under `scratch` (the trainer's own load path); the adapter attached
@@ -144,9 +147,13 @@ def build_model(shape: ModelShape, s: Setup, device: str, scratch: Path | None =
 
     config = hf_config(shape, context=max(s.block_size, 64), attention=s.attention)
     if s.adapter == "qlora":
-        scratch = scratch or Path(tempfile.mkdtemp(prefix="kubetrain-qlora-"))
         with torch.device(device):
-            LlamaForCausalLM._from_config(config, dtype=torch.bfloat16).save_pretrained(scratch)
+            random = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
+        random.save_pretrained(scratch)
+        del random  # gone before the 4-bit load: its bf16 weights must not count in the peak
+        gc.collect()
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
         model = load_pretrained(
             scratch, dtype=dtype_of(s.precision), quantize=s.precision, device=device
         )
@@ -196,6 +203,57 @@ def train_step(model: Any, optimizer: Any, s: Setup, device: str, vocab: int) ->
     loss.backward()
     optimizer.step()
     return float(loss.detach())
+
+
+@dataclass
+class Steps:
+    """What `run_steps` saw: the model's config, timings, and the CUDA peaks over the steps."""
+
+    config: Any
+    build_seconds: float
+    step_seconds: list[float]
+    allocated: int | None
+    reserved: int | None
+
+
+def run_steps(shape: ModelShape, s: Setup, device: str, steps: int) -> Steps:
+    """Build as the trainer does, then `steps` real steps. The CUDA peak statistics are reset
+    once the model and optimizer are built (loading is not training) and read after the last
+    step: the peak over steps 1..n, what a run sees."""
+    import torch
+
+    cuda = device.startswith("cuda")
+    scratch = Path(tempfile.mkdtemp(prefix="kubetrain-memory-"))
+    start = time.monotonic()
+    try:
+        torch.manual_seed(0)
+        model = build_model(shape, s, device, scratch)
+        optimizer = build_optimizer(model, s.optimizer)
+        built = time.monotonic() - start
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(steps):
+            t = time.perf_counter()
+            train_step(model, optimizer, s, device, shape.vocab_size)
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        peaks = (
+            (torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved())
+            if cuda
+            else (None, None)
+        )
+        config = model.config
+        del model, optimizer
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+    return Steps(config, built, times, *peaks)
 
 
 # ------------------------------------------------------------------------------- tensor bytes
@@ -325,7 +383,8 @@ def measure(shape: ModelShape, s: Setup) -> tuple[dict[str, int], dict[str, int]
     import torch
 
     torch.manual_seed(0)
-    model = build_model(shape, s, "cpu")
+    with tempfile.TemporaryDirectory(prefix="kubetrain-memory-") as scratch:
+        model = build_model(shape, s, "cpu", Path(scratch))
     optimizer = build_optimizer(model, s.optimizer)
     train_step(model, optimizer, s, "cpu", shape.vocab_size)
     measured = tensor_bytes(model, optimizer)
