@@ -624,7 +624,8 @@ def fixes(shape: ModelShape, setup: Setup, capacity: int, most: int = 3) -> list
     fitting = [f.text for f in singles if estimate(shape, f.setup).total <= capacity]
     if fitting:
         return fitting[:most]
-    combined, texts = setup, []
+    combined = setup
+    texts: list[str] = []
     for _ in range(8):
         step = next(iter(_fixes(combined)), None)
         if step is None:
