@@ -38,7 +38,7 @@ ADAM_8BIT_BYTES: Final = 2 * (1 + 4 / 256)
 CUDA_CONTEXT_BYTES: Final = 1 * GIB
 NCCL_BUFFER_BYTES: Final = GIB // 2
 #: Reserved-but-unallocated memory of PyTorch's caching allocator under a training loop's
-#: varying shapes: 5–15% of what is allocated and freed every step (PyTorch's "CUDA memory
+#: varying shapes: 5–15% of what is allocated and freed every step (PyTorch "CUDA memory
 #: management" notes; less with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True).
 FRAGMENTATION: Final = 0.10
 #: Terms allocated and freed every step: the ones the fragmentation margin applies to.
@@ -376,13 +376,15 @@ def _optimizer_bytes(shape: ModelShape, setup: Setup, trainable: int, state: int
         return 0  # transformers' sgd: torch.optim.SGD without momentum
     if name == "adafactor":
         # Factored second moment (a row and a column vector per matrix), no first moment
-        # (transformers' Adafactor: beta1=None); vectors keep a full second moment.
+        # (transformers' Adafactor: beta1=None); vectors keep a full second moment. Always fp32:
+        # Adafactor upcasts a 16-bit gradient and allocates its state like it (measured:
+        # tests/trainer/test_memory_measured.py).
         if setup.adapter == "none":
             matrices = shape.matrices()
             vectors = shape.norm_parameters
         else:
             matrices, vectors = shape.lora_matrices(setup.lora_r, setup.target_modules), 0
-        return (sum(r + c for r, c in matrices) + vectors) * state
+        return (sum(r + c for r, c in matrices) + vectors) * 4
     return 2 * trainable * state  # AdamW: exp_avg and exp_avg_sq
 
 
@@ -630,12 +632,16 @@ def fixes(shape: ModelShape, setup: Setup, capacity: int, most: int = 3) -> list
     fitting = [f.text for f in singles if estimate(shape, f.setup).total <= capacity]
     if fitting:
         return fitting[:most]
-    combined, texts = setup, list[str]()
+    combined = setup
+    texts: list[str] = []
     for _ in range(8):
         step = next(iter(_fixes(combined)), None)
         if step is None:
             return []
-        combined, texts = step.setup, [*texts, step.text]
+        # A later step on the same field replaces the earlier one (microBatchSize 2, then 1).
+        name = step.text.split(":")[0]
+        combined = step.setup
+        texts = [*(t for t in texts if t.split(":")[0] != name), step.text]
         if estimate(shape, combined).total <= capacity:
             return [" and ".join(texts)]
     return []
