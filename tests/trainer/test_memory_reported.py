@@ -59,9 +59,7 @@ def test_a_cpu_sanity_rung_reports_peak_rss_beside_the_estimate(
     session = train.prepare(config, tmp_path / "work")
     shape = memory.ModelShape.from_hf_config(session.trainer.model.config.to_dict())
     session.memory_estimate = memory.estimate(shape, setup_of(config, session.dataset.block_size))
-    parameter_bytes = sum(
-        p.numel() * p.element_size() for p in session.trainer.model.parameters()
-    )
+    parameter_bytes = sum(p.numel() * p.element_size() for p in session.trainer.model.parameters())
     result = session.train()
 
     # The process holds at least its weights; no process here holds more than the machine has.
@@ -91,6 +89,6 @@ def test_a_run_without_an_estimate_reports_null_and_exports_none(
     session = train.prepare(config, tmp_path / "work")
     result = session.train()
     assert result["memoryEstimateBytes"] is None and result["memoryPeakRssBytes"] > 0
-    assert session.metrics.registry.get_sample_value(
-        names.TRAIN_MEMORY_ESTIMATE, {"run": "t"}
-    ) is None
+    assert (
+        session.metrics.registry.get_sample_value(names.TRAIN_MEMORY_ESTIMATE, {"run": "t"}) is None
+    )
