@@ -16,7 +16,6 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-
 #: Rows of status.fit: every stage of a run (8 sanity rungs, train, merge) with room to spare.
 FIT_ROWS = 16
 
