@@ -36,7 +36,7 @@ def measured(peak_gib: float, device_gib: int | None = 80, **more: Any) -> dict[
         "memoryPeakAllocatedBytes": int(peak_gib * GIB) if gpu else None,
         "memoryPeakReservedBytes": int((peak_gib + 1) * GIB) if gpu else None,
         "memoryPeakRssBytes": 9 * GIB,
-        "deviceMemoryBytes": device_gib * GIB if gpu else None,
+        "deviceMemoryBytes": None if device_gib is None else device_gib * GIB,
         "memoryEstimateBytes": 58 * GIB,
         "tokensPerSecond": 5432.44,
         **more,

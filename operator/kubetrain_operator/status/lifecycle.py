@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 from pydantic import ValidationError
 
@@ -615,7 +615,7 @@ def _measured(result: Mapping[str, Any]) -> dict[str, Any]:
     return measured
 
 
-def _count(value: Any) -> bool:
+def _count(value: object) -> TypeGuard[int]:
     """A byte count: a non-negative int (bool and floats are not)."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
