@@ -114,6 +114,27 @@ def training_row() -> list[Any]:
             (f"max by (run) (kubetrain_gpu_memory_allocated_bytes{{{RUN}}})", "allocated {{run}}"),
             (f"max by (run) (kubetrain_gpu_memory_peak_bytes{{{RUN}}})", "peak {{run}}"),
         ),
+        series(
+            "GPU memory: peak vs estimate",
+            "bytes",
+            (
+                f'max by (run) (kubetrain_train_memory_peak_bytes{{{RUN}, kind="allocated"}})',
+                "peak allocated {{run}}",
+            ),
+            (
+                f'max by (run) (kubetrain_train_memory_peak_bytes{{{RUN}, kind="reserved"}})',
+                "peak reserved {{run}}",
+            ),
+            (
+                f"max by (run) (kubetrain_train_memory_estimate_bytes{{{RUN}}})",
+                "estimate {{run}}",
+            ),
+            (f"max by (run) (kubetrain_train_device_memory_bytes{{{RUN}}})", "GPU total {{run}}"),
+            description="Rank 0's peaks so far against the memory model's estimate per process "
+            "(docs/fit.md) and the GPU's total; a sanity rung past 95% of the GPU warns in "
+            "its SanityPassed condition. CUDA runs only (CPU runs export their peak RSS, "
+            'kind="rss").',
+        ),
         heatmap.Panel()
         .title("Step time histogram")
         .datasource(DATASOURCE)

@@ -37,6 +37,12 @@ TRAIN_NONFINITE_LOSS: Final = "kubetrain_train_nonfinite_loss_total"
 TRAIN_DATALOADER_WAIT: Final = "kubetrain_train_dataloader_wait_seconds_total"
 GPU_MEMORY_ALLOCATED: Final = "kubetrain_gpu_memory_allocated_bytes"
 GPU_MEMORY_PEAK: Final = "kubetrain_gpu_memory_peak_bytes"
+TRAIN_MEMORY_PEAK: Final = "kubetrain_train_memory_peak_bytes"
+TRAIN_MEMORY_ESTIMATE: Final = "kubetrain_train_memory_estimate_bytes"
+TRAIN_DEVICE_MEMORY: Final = "kubetrain_train_device_memory_bytes"
+#: The `kind` label of TRAIN_MEMORY_PEAK: torch.cuda's max allocated and max reserved bytes of the
+#: GPU (CUDA only), and the process's peak resident set size (every process).
+MEMORY_PEAK_KINDS: Final = ("allocated", "reserved", "rss")
 CHECKPOINT_SAVES: Final = "kubetrain_checkpoint_saves_total"
 CHECKPOINT_LAST_STEP: Final = "kubetrain_checkpoint_last_step"
 CHECKPOINT_LAST_TIMESTAMP: Final = "kubetrain_checkpoint_last_timestamp_seconds"
@@ -52,12 +58,21 @@ PROGRESS: Final = (
     TRAIN_TOKENS_PER_SECOND,
     TRAIN_ETA,
     TRAIN_LAST_STEP_TIMESTAMP,
+    TRAIN_MEMORY_PEAK,
+    TRAIN_MEMORY_ESTIMATE,
+    TRAIN_DEVICE_MEMORY,
     CHECKPOINT_LAST_STEP,
     PREPROCESS_LAST_PROGRESS_TIMESTAMP,
 )
 """What the operator scrapes: into status.progress and status.checkpoint (training's), and the
 preprocess heartbeat its stall check reads (a run's metrics Service is read for these and
 nothing else)."""
+
+
+def memory_peak_key(kind: str) -> str:
+    """The key a scrape gives one `kind` of TRAIN_MEMORY_PEAK (one name, three series)."""
+    return f"{TRAIN_MEMORY_PEAK}:{kind}"
+
 
 ALL: Final = (
     PREPROCESS_ROWS,
@@ -85,6 +100,9 @@ ALL: Final = (
     TRAIN_DATALOADER_WAIT,
     GPU_MEMORY_ALLOCATED,
     GPU_MEMORY_PEAK,
+    TRAIN_MEMORY_PEAK,
+    TRAIN_MEMORY_ESTIMATE,
+    TRAIN_DEVICE_MEMORY,
     CHECKPOINT_SAVES,
     CHECKPOINT_LAST_STEP,
     CHECKPOINT_LAST_TIMESTAMP,

@@ -55,12 +55,17 @@ class Endpoints:
 
 
 def parse_samples(text: str) -> dict[str, float]:
-    """The progress series by name (first sample of each; every series carries `run`)."""
+    """The progress series by name (first sample of each; every series carries `run`); the
+    memory peak by `metrics.memory_peak_key(kind)`, one key per kind."""
     samples: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name in metrics.PROGRESS and sample.name not in samples:
-                samples[sample.name] = float(sample.value)
+            if sample.name not in metrics.PROGRESS:
+                continue
+            key = sample.name
+            if key == metrics.TRAIN_MEMORY_PEAK:
+                key = metrics.memory_peak_key(sample.labels.get("kind", ""))
+            samples.setdefault(key, float(sample.value))
     return samples
 
 

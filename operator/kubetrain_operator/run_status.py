@@ -16,6 +16,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+#: Rows of status.fit: every stage of a run (8 sanity rungs, train, merge) with room to spare.
+FIT_ROWS = 16
+
 
 class _Status(BaseModel):
     """camelCase like the spec; descriptions from docstrings, as in api.py."""
@@ -63,6 +66,13 @@ class Progress(_Status):
     """When the last step completed; no change for spec.stallTimeout restarts the attempt."""
     scrape_time: datetime | None = None
     """When the operator last read the trainer's metrics."""
+    peak_memory_bytes: int | None = Field(default=None, ge=0)
+    """Measured peak memory of one process: GPU memory allocated (rank 0's while it runs, the
+    busiest rank's once it succeeded), or the peak resident set size on CPU."""
+    memory_estimate_bytes: int | None = Field(default=None, ge=0)
+    """The memory model's estimate for one process of the stage (docs/fit.md)."""
+    device_memory_bytes: int | None = Field(default=None, ge=0)
+    """Total memory of the GPU the stage runs on (absent on CPU)."""
 
 
 class DatasetStatus(_Status):
@@ -105,6 +115,48 @@ class SanityRung(_Status):
     """Largest gradient norm seen on the rung, compared with maxGradNorm."""
     steps: int | None = Field(default=None, ge=0)
     """Optimizer steps the rung ran."""
+    peak_memory_bytes: int | None = Field(default=None, ge=0)
+    """Measured peak memory of the rung's busiest process: GPU memory allocated
+    (torch.cuda.max_memory_allocated), or the peak resident set size on CPU."""
+    peak_reserved_bytes: int | None = Field(default=None, ge=0)
+    """Peak GPU memory reserved by PyTorch's caching allocator (what the GPU had to hold)."""
+    memory_estimate_bytes: int | None = Field(default=None, ge=0)
+    """The memory model's estimate for one process of the rung (docs/fit.md)."""
+    device_memory_bytes: int | None = Field(default=None, ge=0)
+    """Total memory of the rung's GPU (absent on CPU)."""
+    tokens_per_second: float | None = Field(default=None, ge=0)
+    """The rung's throughput over all its processes."""
+
+
+class MemoryTerm(_Status):
+    """One term of the memory model's estimate (docs/fit.md)."""
+
+    name: str = Field(max_length=64)
+    """The term, e.g. weights, optimizer states, activations."""
+    bytes: int = Field(ge=0)
+    """Its bytes per process."""
+
+
+class FitRow(_Status):
+    """One stage's line of the fit table: the memory model's estimate per process against the
+    GPU, computed by the preprocess stage from the model's config.json (docs/fit.md)."""
+
+    stage: str = Field(max_length=64)
+    """The stage: sanity-<n>, train or merge."""
+    world_size: int = Field(ge=1)
+    """Processes of the stage."""
+    device: Literal["gpu", "cpu"]
+    """Where its processes compute."""
+    estimate_bytes: int = Field(ge=0)
+    """Estimated peak memory of one process, CUDA context and fragmentation margin included."""
+    allocated_bytes: int = Field(ge=0)
+    """The part torch.cuda.max_memory_allocated would show."""
+    host_bytes: int = Field(ge=0)
+    """Host memory per process for what DeepSpeed offloads to the CPU."""
+    largest: list[MemoryTerm] = Field(default_factory=list, max_length=8)
+    """The largest terms of the estimate, largest first."""
+    fits: bool | None = None
+    """Whether the estimate fits the GPU (absent: no GPU memory known, or a CPU stage)."""
 
 
 class CheckpointStatus(_Status):
@@ -196,6 +248,9 @@ class TrainingRunStatus(_Status):
     """The tokenized dataset."""
     sanity: list[SanityRung] = Field(default_factory=list)
     """The sanity rungs that have finished, in order."""
+    fit: list[FitRow] = Field(default_factory=list, max_length=FIT_ROWS)
+    """The fit table of every GPU stage, when only the model's config.json knew its size (the
+    preprocess stage's result)."""
     progress: Progress | None = None
     """Step, loss, throughput and ETA of the current attempt."""
     checkpoint: CheckpointStatus | None = None

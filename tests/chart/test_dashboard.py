@@ -7,7 +7,8 @@ real process serving its real registry) and evaluating the chart's rendered aler
 
 Forced, because a healthy tiny CPU run never produces them (each with its real registry class,
 served over HTTP to the same Prometheus):
-- MFU, GPU memory and the DPO rewards exist only on GPUs / in DPO runs: a TrainerMetrics registry
+- MFU, GPU memory (the allocator's peaks, the GPU's total and the estimate shown beside them)
+  and the DPO rewards exist only on GPUs / in DPO runs: a TrainerMetrics registry
   (kubetrain_trainer.metrics) for run "tiny-gpu" sets them, labelled as the PodMonitor would.
 - The operator series come from the operator, which `kubetrain run` does not start: an
   OperatorMetrics registry (kubetrain_operator.operator_metrics) records phases (one run Failed),
@@ -56,6 +57,7 @@ PANELS = {
     "Tokens per second",
     "Model FLOPs utilisation",
     "GPU memory (max over ranks)",
+    "GPU memory: peak vs estimate",
     "Step time histogram",
     "Step time p50 / p95",
     "ETA",
@@ -67,7 +69,15 @@ PANELS = {
     "Reconcile errors",
 }
 #: Queries whose series only the forced exporters produce (see the module docstring).
-GPU_OR_DPO = ("kubetrain_train_mfu_ratio", "kubetrain_gpu_memory_", "kubetrain_dpo_")
+GPU_OR_DPO = (
+    "kubetrain_train_mfu_ratio",
+    "kubetrain_gpu_memory_",
+    'kind="allocated"',
+    'kind="reserved"',
+    "kubetrain_train_memory_estimate_bytes",
+    "kubetrain_train_device_memory_bytes",
+    "kubetrain_dpo_",
+)
 #: Each alert's inner expressions: what must return data from the real run (or the forced
 #: exporters) even when the alert itself is quiet. Each must occur in the alert's expression.
 ALERT_PROBES = {
@@ -262,6 +272,10 @@ def forced_exporters(trainer_port: int, operator_port: int) -> list[Any]:
     gpu.mfu.labels(run=FORCED_RUN).set(0.41)
     gpu.gpu_memory_allocated.labels(run=FORCED_RUN, rank="0").set(52e9)
     gpu.gpu_memory_peak.labels(run=FORCED_RUN, rank="0").set(61e9)
+    gpu.memory_peak.labels(run=FORCED_RUN, kind="allocated").set(61e9)
+    gpu.memory_peak.labels(run=FORCED_RUN, kind="reserved").set(63e9)
+    gpu.memory_estimate.labels(run=FORCED_RUN).set(58e9)
+    gpu.device_memory.labels(run=FORCED_RUN).set(85e9)
     gpu.dpo_reward_margin.labels(run=FORCED_RUN).set(0.8)
     gpu.dpo_reward_accuracy.labels(run=FORCED_RUN).set(0.7)
     operator = OperatorMetrics()

@@ -390,3 +390,22 @@ def test_run_summary_headline_comes_from_the_stage_results() -> None:
         "validation perplexity 1.000, 5,432 tokens/s"
     )
     assert headline({"preprocess": {"ok": True}}) == ""
+
+
+def test_run_summary_shows_each_rungs_peak_beside_its_estimate() -> None:
+    from kubetrain_operator.local import measured
+
+    gib = 1024**3
+    gpu = {
+        "memoryPeakAllocatedBytes": int(61.3 * gib),
+        "memoryPeakRssBytes": 9 * gib,
+        "deviceMemoryBytes": 80 * gib,
+        "memoryEstimateBytes": int(58.9 * gib),
+        "tokensPerSecond": 5432.4,
+    }
+    assert measured(gpu) == (
+        "peak 61.3 GiB of the GPU's 80.0 GiB, estimate 58.9 GiB, 5,432 tokens/s"
+    )
+    cpu = {**gpu, "memoryPeakAllocatedBytes": None, "deviceMemoryBytes": None}
+    assert measured({**cpu, "memoryEstimateBytes": None}) == "peak 9.0 GiB RSS, 5,432 tokens/s"
+    assert measured({"ok": True, "cacheHit": True}) == ""  # preprocess: no figures

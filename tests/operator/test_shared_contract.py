@@ -56,9 +56,16 @@ def test_the_operator_reads_only_contract_series_and_all_of_its_progress_ones() 
     trainer.eta.labels(run="r").set(42.7)
     trainer.checkpoint_last_step.labels(run="r").set(5)
     trainer.eval_loss.labels(run="r").set(9.9)  # exposed, not a progress series: left out
+    for kind, value in zip(metrics.MEMORY_PEAK_KINDS, (3.0, 4.0, 5.0), strict=True):
+        trainer.memory_peak.labels(run="r", kind=kind).set(value)
+    trainer.memory_estimate.labels(run="r").set(6.0)
+    trainer.device_memory.labels(run="r").set(80.0)
     samples = parse_samples(generate_latest(trainer.registry).decode())
     assert set(metrics.PROGRESS) <= set(metrics.ALL)
-    assert set(samples) <= set(metrics.PROGRESS)
+    # the memory peak's kinds are one series each: keyed by memory_peak_key
+    peak_keys = {metrics.memory_peak_key(kind) for kind in metrics.MEMORY_PEAK_KINDS}
+    assert set(samples) <= set(metrics.PROGRESS) - {metrics.TRAIN_MEMORY_PEAK} | peak_keys
+    assert {samples[key] for key in peak_keys} == {3.0, 4.0, 5.0}
     assert metrics.EVAL_LOSS not in samples and samples[metrics.TRAIN_STEP] == 10
 
     world = World(run_doc())
@@ -68,6 +75,8 @@ def test_the_operator_reads_only_contract_series_and_all_of_its_progress_ones() 
     shown = world.status["progress"]
     assert (shown["step"], shown["totalSteps"], shown["loss"]) == (10, 100, 2.5)
     assert shown["tokensPerSecond"] == 2140.0
+    assert (shown["peakMemoryBytes"], shown["memoryEstimateBytes"]) == (3, 6)  # allocated
+    assert shown["deviceMemoryBytes"] == 80
     assert world.status["checkpoint"]["uri"].endswith(f"/{layout.checkpoint_path(5)}")
 
 

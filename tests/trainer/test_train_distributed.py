@@ -28,6 +28,7 @@ from trainer_support import (
     Assets,
     losses,
     operator_deepspeed,
+    result,
     torchrun,
     train_config,
     write_config,
@@ -142,6 +143,7 @@ def test_an_s3_model_is_fetched_once_per_node(
     assert done.returncode == 0, done.stderr[-4000:]
     assert sorted(losses(work)) == [1, 2, 3]
     assert (tmp_path / "out" / "final" / "adapter_model.safetensors").exists()
+    assert result(work)["memoryPeakRssBytes"] > 0  # both ranks took the peak's all-reduce
 
     # storage.download_dir logs one line per call; model.uri and tokenizerUri share it.
     downloads = re.findall(rf"{re.escape(uri)}: \d+ files in (\S+)", done.stdout + done.stderr)

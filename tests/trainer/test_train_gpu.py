@@ -26,7 +26,11 @@ def test_bf16_training_reports_mfu_and_memory(assets: Assets, tmp_path: Path) ->
         assets.text(), tmp_path / "out", training={"maxSteps": 30, "precision": "bf16"}
     )
     session = train.prepare(config, tmp_path / "work")
-    session.train()
+    result = session.train()
+    total = torch.cuda.get_device_properties(session.trainer.args.device).total_memory
+    assert result["deviceMemoryBytes"] == total
+    assert 0 < result["memoryPeakAllocatedBytes"] <= result["memoryPeakReservedBytes"] < total
+    assert result["memoryPeakRssBytes"] > 0
     got = losses(tmp_path / "work")
     assert got[30] < got[1]
     registry = session.metrics.registry
@@ -37,6 +41,13 @@ def test_bf16_training_reports_mfu_and_memory(assets: Assets, tmp_path: Path) ->
         "kubetrain_gpu_memory_allocated_bytes", {"run": "t", "rank": "0"}
     )
     assert allocated is not None and allocated > 0
+    for kind in ("allocated", "reserved"):
+        peak = registry.get_sample_value(
+            "kubetrain_train_memory_peak_bytes", {"run": "t", "kind": kind}
+        )
+        assert peak is not None and 0 < peak <= result[f"memoryPeak{kind.title()}Bytes"]
+    device = registry.get_sample_value("kubetrain_train_device_memory_bytes", {"run": "t"})
+    assert device == total
 
 
 def test_qlora_trains_with_cuda_kernels(assets: Assets, tmp_path: Path) -> None:

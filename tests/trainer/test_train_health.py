@@ -83,7 +83,9 @@ def test_sanity_gate_passes_with_its_numbers(
 ) -> None:
     code, output = launcher.run("train", _sanity(assets, tmp_path, 0.05, 100.0), tmp_path / "work")
     assert code == 0, output[-3000:]
-    gate = result(tmp_path / "work", "sanity")["sanity"]
+    done = result(tmp_path / "work", "sanity")
+    assert done["memoryPeakRssBytes"] > 0 and done["deviceMemoryBytes"] is None
+    gate = done["sanity"]
     assert gate["lossDrop"] >= 0.05 and gate["steps"] == 30
     assert gate["firstLoss"] > gate["lastLoss"] and math.isfinite(gate["maxGradNorm"])
     assert (tmp_path / "out" / "sanity" / "metrics.json").exists()
@@ -109,3 +111,4 @@ def test_sanity_gate_fails_with_its_numbers(
     assert failed["reason"] == reason
     assert "sanity gate failed" in failed["error"]
     assert {"firstLoss", "lastLoss", "lossDrop", "maxGradNorm"} <= set(failed["sanity"])
+    assert failed["memoryPeakRssBytes"] > 0 and "tokensPerSecond" in failed  # a failed rung too

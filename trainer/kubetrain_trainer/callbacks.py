@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import resource
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -127,6 +128,52 @@ class StepAccounting:
         return int(values[0]), int(values[1]), values[2]
 
 
+@dataclass(frozen=True)
+class MemoryPeaks:
+    """The peak memory of a process — after `max_over_ranks`, of the busiest rank — measured
+    beside the memory model's estimate (docs/fit.md): the GPU's allocated and reserved peaks
+    (CUDA only), the process's peak resident set size, and the GPU's total memory."""
+
+    allocated: int | None
+    reserved: int | None
+    rss: int
+    device: int | None
+
+    @classmethod
+    def measure(cls, device: torch.device) -> MemoryPeaks:
+        """This process, since it started (the load of the weights included)."""
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        if device.type != "cuda":
+            return cls(allocated=None, reserved=None, rss=rss, device=None)
+        return cls(
+            allocated=torch.cuda.max_memory_allocated(device),
+            reserved=torch.cuda.max_memory_reserved(device),
+            rss=rss,
+            device=torch.cuda.get_device_properties(device).total_memory,
+        )
+
+    def max_over_ranks(self, device: torch.device, world_size: int) -> MemoryPeaks:
+        """Each figure's maximum over the ranks: a collective, which every rank must take."""
+        if world_size <= 1 or not torch.distributed.is_initialized():
+            return self
+        figures = (self.allocated, self.reserved, self.rss, self.device)
+        tensor = torch.tensor([-1 if v is None else v for v in figures], device=device)
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+        allocated, reserved, rss, total = (None if v < 0 else int(v) for v in tensor.tolist())
+        assert rss is not None
+        return MemoryPeaks(allocated=allocated, reserved=reserved, rss=rss, device=total)
+
+    def result(self, estimate: int | None) -> dict[str, int | None]:
+        """The train/sanity result's flat keys (they survive the termination-message trim)."""
+        return {
+            "memoryPeakAllocatedBytes": self.allocated,
+            "memoryPeakReservedBytes": self.reserved,
+            "memoryPeakRssBytes": self.rss,
+            "deviceMemoryBytes": self.device,
+            "memoryEstimateBytes": estimate,
+        }
+
+
 class StepClock(TrainerCallback):
     """Every rank, first in line: the per-step all-reduce of the accounting (which also decides a
     pending stop, see `checkpoint.SignalStop`), the step's duration and the smoothed step time
@@ -231,6 +278,7 @@ class PrometheusCallback(TrainerCallback):
         self.metrics, self.clock, self.rank, self.world_size = metrics, clock, rank, world_size
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self._cuda = torch.cuda.is_available()
+        self._device = torch.device("cpu")
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         for series in (  # counters and histograms exist from the start, at zero
             metrics.tokens,
@@ -259,6 +307,21 @@ class PrometheusCallback(TrainerCallback):
         self._labels(m.total_steps).set(state.max_steps)
         self._labels(m.step).set(state.global_step)
         self._labels(m.epoch).set(self.clock.epoch_at(state.global_step))
+        self._device = args.device
+        self.export_memory()
+
+    def export_memory(self) -> None:
+        """Rank 0's peaks so far and the GPU's total (the all-rank maximum is in the result)."""
+        peaks = MemoryPeaks.measure(self._device)
+        for kind, value in (
+            ("allocated", peaks.allocated),
+            ("reserved", peaks.reserved),
+            ("rss", peaks.rss),
+        ):
+            if value is not None:
+                self._labels(self.metrics.memory_peak, kind=kind).set(value)
+        if peaks.device is not None:
+            self._labels(self.metrics.device_memory).set(peaks.device)
 
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -303,6 +366,7 @@ class PrometheusCallback(TrainerCallback):
     def on_interval(self, mean: dict[str, float]) -> None:
         """A logging interval closed (called by TrainLogCallback with its window means)."""
         self._labels(self.metrics.loss).set(mean["loss"])
+        self.export_memory()
         if "rewards/accuracies" in mean:
             self._labels(self.metrics.dpo_reward_accuracy).set(mean["rewards/accuracies"])
             self._labels(self.metrics.dpo_reward_margin).set(mean["rewards/margins"])

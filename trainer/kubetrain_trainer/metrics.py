@@ -115,6 +115,15 @@ class TrainerMetrics:
             names.GPU_MEMORY_ALLOCATED, "GPU memory allocated", ("rank",)
         )
         self.gpu_memory_peak = gauge(names.GPU_MEMORY_PEAK, "Peak GPU memory", ("rank",))
+        self.memory_peak = gauge(
+            names.TRAIN_MEMORY_PEAK,
+            "Peak memory of rank 0's process so far: GPU allocated and reserved (CUDA), RSS",
+            ("kind",),
+        )
+        self.memory_estimate = gauge(
+            names.TRAIN_MEMORY_ESTIMATE, "The memory model's estimate per process (docs/fit.md)"
+        )
+        self.device_memory = gauge(names.TRAIN_DEVICE_MEMORY, "Total memory of the GPU")
         self.checkpoint_saves = counter(names.CHECKPOINT_SAVES, "Complete checkpoints written")
         self.checkpoint_last_step = gauge(
             names.CHECKPOINT_LAST_STEP, "Step of the newest complete checkpoint"

@@ -24,10 +24,12 @@ import torch
 
 from kubetrain_contract.exit_codes import EXIT_TERMINATED
 from kubetrain_contract.layout import CHECKPOINTS_DIR, checkpoint_name
+from kubetrain_contract.memory import Estimate
 from kubetrain_contract.methods import METHOD_FORMATS
 from kubetrain_trainer import card, checkpoint, data, lifetime, model, storage
 from kubetrain_trainer.callbacks import (
     HealthCallback,
+    MemoryPeaks,
     PrometheusCallback,
     SampleLedgerCallback,
     StepAccounting,
@@ -39,7 +41,7 @@ from kubetrain_trainer.callbacks import (
 from kubetrain_trainer.config import TrainConfig
 from kubetrain_trainer.distributed import DistEnv
 from kubetrain_trainer.metrics import TrainerMetrics, serve
-from kubetrain_trainer.stage import InvalidInput, StageFailure
+from kubetrain_trainer.stage import InvalidInput, StageFailure, Unhealthy
 
 log = logging.getLogger(__name__)
 
@@ -240,6 +242,8 @@ class Session:
     position: data.StreamPosition
     resumed: bool
     callbacks: Callbacks
+    memory_estimate: Estimate | None = None
+    """The memory model's estimate of one process of this stage, from the device check."""
 
     @property
     def health(self) -> HealthCallback:
@@ -269,28 +273,35 @@ class Session:
     def _train(self) -> dict[str, Any]:
         config, trainer = self.config, self.trainer
         started = time.monotonic()
+        estimate = self.memory_estimate.total if self.memory_estimate is not None else None
+        if self.metrics is not None and estimate is not None:
+            self.metrics.memory_estimate.labels(run=config.run).set(estimate)
         try:
             with lifetime.stop_on_signals(self.callbacks.clock.accounting):
                 trainer.train(resume_from_checkpoint=self.resume_dir)
                 eval_loss = None
                 if self.dataset.rows("validation") and not self.stop.stopped:
                     eval_loss = trainer.evaluate().get("eval_loss")
+        except Unhealthy as failed:  # raised by every rank at the same step (HealthCallback)
+            failed.details.update(self.measured(estimate))
+            raise
         finally:
             self.callbacks.ledger.close()
             self.callbacks.log.close()
             if self.saver.uploader is not None:
                 self.saver.uploader.drain()
+        measured = self.measured(estimate)
         result: dict[str, Any] = {
             "method": config.method,
             "step": trainer.state.global_step,
             "totalSteps": trainer.state.max_steps,
             "firstLoss": self.callbacks.log.first_loss,
             "loss": self.callbacks.log.last_loss,
-            "tokensPerSecond": self.callbacks.log.tokens_per_second,
             "evalLoss": eval_loss,
             "resumedFrom": self.position.start_step if self.resumed else None,
             "trainSeconds": round(time.monotonic() - started, 3),
             "checkpoint": self.last_checkpoint(),
+            **measured,
         }
         if self.stop.stopped:
             raise StageFailure(
@@ -300,7 +311,11 @@ class Session:
                 result,
             )
         if config.sanity is not None:
-            result["sanity"] = self.health.judge_gate()
+            try:
+                result["sanity"] = self.health.judge_gate()
+            except Unhealthy as failed:  # a failed rung's figures are reported too
+                failed.details.update(measured)
+                raise
             if self.env.rank == 0:
                 storage.write_text(
                     storage.join(config.output_uri, "metrics.json"),
@@ -310,6 +325,13 @@ class Session:
             return result
         result["outputs"] = {"final": self.save_final()}
         return result
+
+    def measured(self, estimate: int | None) -> dict[str, Any]:
+        """The result's peak memory (each figure's maximum over the ranks: a collective, which
+        every rank must take) beside the estimate, and the throughput at the end."""
+        device = self.trainer.args.device
+        peaks = MemoryPeaks.measure(device).max_over_ranks(device, self.env.world_size)
+        return {**peaks.result(estimate), "tokensPerSecond": self.callbacks.log.tokens_per_second}
 
     @property
     def resume_dir(self) -> str | None:

@@ -10,14 +10,18 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
+
+from pydantic import ValidationError
 
 from kubetrain_contract import layout, metrics
 from kubetrain_contract.durations import duration_seconds, format_duration
 from kubetrain_contract.exit_codes import EXIT_INVALID, EXIT_UNHEALTHY, NON_RETRYABLE
+from kubetrain_contract.memory import gib
 from kubetrain_operator.api import TrainingRun
 from kubetrain_operator.plan import Plan, Stage, StageRole
 from kubetrain_operator.render import render_shared, render_stage, stage_object_name
+from kubetrain_operator.run_status import FIT_ROWS, FitRow
 from kubetrain_operator.status.actions import (
     DeleteObject,
     EnsureObject,
@@ -271,6 +275,8 @@ class Lifecycle:
     def preprocess_succeeded(self, stage: Stage, result: Mapping[str, Any]) -> None:
         del stage
         self.status.fields["dataset"] = _dataset(result, self.plan)
+        if result.get("fit"):
+            self.status.fields["fit"] = _fit(result["fit"])
         hit = bool(result.get("cacheHit"))
         tokens = result.get("trainTokens")
         detail = f"{tokens} training tokens" if tokens is not None else "dataset ready"
@@ -296,6 +302,7 @@ class Lifecycle:
     def sanity_succeeded(self, stage: Stage, result: Mapping[str, Any]) -> None:
         index = self.record_rung(stage, result, passed=True)
         message = f"rung {index}/{len(self.rungs)}: " + _gate_text(result.get("sanity") or {})
+        message += memory_warning(result, self.rung_path(index))
         last = index == len(self.rungs)
         self.status.condition(
             SANITY_PASSED,
@@ -306,17 +313,28 @@ class Lifecycle:
 
     def sanity_failed(self, stage: Stage, child: ChildState, message: str) -> tuple[str, str]:
         index = self.record_rung(stage, child.result or {}, passed=False)
+        warning = memory_warning(child.result or {}, self.rung_path(index))
         self.status.condition(
-            SANITY_PASSED, "False", R_SANITY_FAILED, f"rung {index}/{len(self.rungs)}: {message}"
+            SANITY_PASSED,
+            "False",
+            R_SANITY_FAILED,
+            f"rung {index}/{len(self.rungs)}: {message}{warning}",
         )
         return R_SANITY_FAILED, message
+
+    def rung_path(self, index: int) -> str:
+        """The spec path of rung `index` (from 1): a ladder's entry, or the single gate."""
+        sanity = self.spec.sanity
+        if sanity is not None and sanity.rungs is not None:
+            return f"spec.sanity.rungs[{index - 1}]"
+        return "spec.sanity"
 
     def record_rung(self, stage: Stage, result: Mapping[str, Any], passed: bool) -> int:
         """status.sanity: the rung's gate numbers, one entry per rung; returns its index."""
         index = self.rungs.index(stage) + 1
         report = dict(result.get("sanity") or {})
         rungs = [r for r in self.status.fields.get("sanity") or [] if r.get("rung") != index]
-        rungs.append({"rung": index, "passed": passed, **_numbers(report)})
+        rungs.append({"rung": index, "passed": passed, **_numbers(report), **_measured(result)})
         self.status.fields["sanity"] = sorted(rungs, key=lambda r: r["rung"])
         return index
 
@@ -475,6 +493,10 @@ class Lifecycle:
                 progress[key] = value
         if result.get("loss") is not None:
             progress["loss"] = result["loss"]
+        measured = _measured(result)  # the busiest rank's peak, where the scrape saw rank 0's
+        for key in ("peakMemoryBytes", "memoryEstimateBytes", "deviceMemoryBytes"):
+            if key in measured:
+                progress[key] = measured[key]
         progress["eta"] = "0s"
         self.status.fields["progress"] = progress
 
@@ -497,6 +519,16 @@ class Lifecycle:
             progress["eta"] = format_duration(samples[metrics.TRAIN_ETA])
         if samples.get(metrics.TRAIN_LAST_STEP_TIMESTAMP):
             progress["lastStepTime"] = format_time(samples[metrics.TRAIN_LAST_STEP_TIMESTAMP])
+        peak = samples.get(metrics.memory_peak_key("allocated"))  # CPU: none, the RSS
+        if peak is None:
+            peak = samples.get(metrics.memory_peak_key("rss"))
+        for key, value in (
+            ("peakMemoryBytes", peak),
+            ("memoryEstimateBytes", samples.get(metrics.TRAIN_MEMORY_ESTIMATE)),
+            ("deviceMemoryBytes", samples.get(metrics.TRAIN_DEVICE_MEMORY)),
+        ):
+            if value is not None and math.isfinite(value) and value >= 0:
+                progress[key] = int(value)
         progress["scrapeTime"] = format_time(self.progress.scraped_at)
         self.status.fields["progress"] = progress
         if samples.get(metrics.CHECKPOINT_LAST_STEP):
@@ -558,6 +590,78 @@ def _numbers(report: Mapping[str, Any]) -> dict[str, Any]:
         for k in keys
         if isinstance(report.get(k), int | float) and math.isfinite(report[k])
     }
+
+
+#: A rung whose measured peak exceeds this share of its GPU warns in its condition message.
+MEMORY_WARNING_SHARE = 0.95
+
+
+def _measured(result: Mapping[str, Any]) -> dict[str, Any]:
+    """A train or sanity result's measured figures, as status.sanity[] and status.progress name
+    them: the peak is the GPU's allocated peak, or the process's peak RSS on CPU."""
+    peak = result.get("memoryPeakAllocatedBytes")
+    if not _count(peak):
+        peak = result.get("memoryPeakRssBytes")
+    figures = {
+        "peakMemoryBytes": peak,
+        "peakReservedBytes": result.get("memoryPeakReservedBytes"),
+        "memoryEstimateBytes": result.get("memoryEstimateBytes"),
+        "deviceMemoryBytes": result.get("deviceMemoryBytes"),
+    }
+    measured: dict[str, Any] = {k: v for k, v in figures.items() if _count(v)}
+    speed = result.get("tokensPerSecond")
+    if isinstance(speed, int | float) and math.isfinite(speed) and speed >= 0:
+        measured["tokensPerSecond"] = round(float(speed), 1)
+    return measured
+
+
+def _count(value: object) -> TypeGuard[int]:
+    """A byte count: a non-negative int (bool and floats are not)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def memory_warning(result: Mapping[str, Any], rung_path: str) -> str:
+    """The warning of a rung whose peak (what the GPU had to hold: reserved, else allocated)
+    passed MEMORY_WARNING_SHARE of its GPU, with the figures and the way out; else ""."""
+    device, allocated = result.get("deviceMemoryBytes"), result.get("memoryPeakAllocatedBytes")
+    reserved = result.get("memoryPeakReservedBytes")
+    peak = reserved if _count(reserved) else allocated
+    if not (_count(device) and device > 0 and _count(peak)):
+        return ""
+    if peak <= MEMORY_WARNING_SHARE * device:
+        return ""
+    held = f"peak {gib(peak)}" + (
+        f" reserved ({gib(allocated)} allocated)" if peak is reserved and _count(allocated) else ""
+    )
+    estimate = result.get("memoryEstimateBytes")
+    estimated = f", estimated {gib(estimate)}" if _count(estimate) else ""
+    return (
+        f" — warning: {held} of the GPU's {gib(device)} ({peak / device:.0%}){estimated}: the "
+        "full run may run out of memory on a longer batch — set "
+        "spec.training.gradientCheckpointing: true, or lower spec.training.microBatchSize "
+        f"(this rung: {rung_path}.microBatchSize)"
+    )
+
+
+def _fit(rows: Any) -> list[dict[str, Any]]:
+    """status.fit from the preprocess result's fit table (memory.row lines), FIT_ROWS at most,
+    `largest` as named terms. A row the status model refuses is left out rather than making
+    the whole status patch invalid: the result is only the trainer's word."""
+    fit = []
+    for row in rows[:FIT_ROWS] if isinstance(rows, list) else []:
+        if not isinstance(row, Mapping):
+            continue
+        largest = [
+            {"name": term[0], "bytes": term[1]}
+            for term in row.get("largest") or []
+            if isinstance(term, list | tuple) and len(term) == 2
+        ]
+        try:
+            valid = FitRow.model_validate({**row, "largest": largest})
+        except ValidationError:
+            continue
+        fit.append(valid.model_dump(mode="json", by_alias=True, exclude_none=True))
+    return fit
 
 
 def _gate_text(report: Mapping[str, Any]) -> str:
