@@ -157,7 +157,7 @@ def build_llama(
     # Built outside deepspeed.zero.Init on purpose: transformers 5.23 crashes initialising the
     # padding row of a partitioned embedding; DeepSpeed shards the built model instead.
     built = LlamaForCausalLM(config)
-    return built if dtype == torch.float32 else built.to(dtype)  # type: ignore[call-arg]
+    return built if dtype == torch.float32 else built.to(dtype)  # type: ignore[arg-type]
 
 
 def bnb_config(precision: str) -> Any:
