@@ -177,3 +177,30 @@ def _request(uri: str) -> Any:
     from kubetrain_trainer.config import FitRequest
 
     return FitRequest.model_validate(fit_request(uri), by_alias=True)
+
+
+@pytest.mark.slow
+def test_an_s3_model_is_sized_from_its_config_object_alone(
+    tmp_path: Path, moto_endpoint: str
+) -> None:
+    """Only config.json is read: the weights beside it are not (here: not even there)."""
+    import uuid
+
+    from kubetrain_trainer import storage
+    from kubetrain_trainer.config import S3Settings
+
+    s3 = S3Settings(endpoint=moto_endpoint, region="us-east-1", allow_insecure_endpoint=True)
+    bucket = f"fit-{uuid.uuid4().hex[:10]}"
+    storage.client(s3).create_bucket(Bucket=bucket)
+    storage.upload_file(model_dir(tmp_path) / "config.json", f"s3://{bucket}/m/config.json", s3)
+    wire = s3.model_dump(by_alias=True)
+    request = fit_request(f"s3://{bucket}/m", weight_precision="fp32")
+    cfg = config(tmp_path, [texts(tmp_path)], fit=request, s3=wire)
+    with pytest.raises(InvalidInput, match=r"^spec\.training: train on 1 process\(es\) needs"):
+        run_stage(cfg, tmp_path / "work")
+    assert not Path(cfg["datasetPointer"]).exists()
+    lora = fit_request(f"s3://{bucket}/m", adapter="lora")
+    result = run_stage(config(tmp_path, [texts(tmp_path)], fit=lora, s3=wire), tmp_path / "w2")
+    assert [r["fits"] for r in result["fit"]] == [True, True]
+    with pytest.raises(InvalidInput, match=r"model\.uri: .*s3://.*/absent.* save_pretrained"):
+        fit.read_model_config(f"s3://{bucket}/absent", s3, tmp_path, "model.uri")
