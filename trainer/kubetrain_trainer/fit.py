@@ -1,4 +1,5 @@
-"""Does the model fit the GPU? The trainer's side of the memory model (docs/fit.md).
+"""Does the model fit the GPU? The trainer's side of the memory model (docs/trainer.md, "The
+device check"; docs/preprocessing.md, "The fit check").
 
 Two checks, both before a single weight is loaded, with the numbers of
 `kubetrain_contract.memory` (the one memory model; nothing here re-derives it):

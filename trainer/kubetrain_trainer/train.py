@@ -433,6 +433,14 @@ def load_policy(config: TrainConfig, model_dir: Path | None, tokenizer: Any, dev
     from transformers import set_seed
 
     set_seed(config.training.seed)
+    if config.distributed.zero_stage == 3 and torch.distributed.is_initialized():
+        # from_pretrained loads into shards under deepspeed.zero.Init, whose config counts the
+        # processes of DeepSpeed's own comm layer: on CPU (gloo) Accelerate started only
+        # torch.distributed, so DeepSpeed saw one process and refused the batch arithmetic.
+        # init_distributed adopts the existing process group.
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
     return model.load_base(
         config.model,
         model_dir,
