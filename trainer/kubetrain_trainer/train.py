@@ -438,7 +438,7 @@ def load_policy(config: TrainConfig, model_dir: Path | None, tokenizer: Any, dev
         # processes of DeepSpeed's own comm layer: on CPU (gloo) Accelerate started only
         # torch.distributed, so DeepSpeed saw one process and refused the batch arithmetic.
         # init_distributed adopts the existing process group.
-        import deepspeed
+        import deepspeed  # type: ignore[import-untyped]
 
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
     return model.load_base(
