@@ -157,3 +157,33 @@ def test_without_the_token_the_error_names_the_secret_field(
     error = json.loads((tmp_path / "w" / "result-preprocess.json").read_text())["error"]
     assert error.startswith(f"tokenizer.uri: hf://{REPO} (Hub at http://127.0.0.1:")
     assert "storage.hf.secretName" in error and TOKEN not in error
+
+
+def test_the_fit_check_fetches_only_config_json_from_the_hub(hub: HubRepo, tmp_path: Path) -> None:
+    from kubetrain_contract import memory
+    from stage_base import base_config
+
+    planned = {**base_config("train")["memory"]["setup"], "gpu": True}
+    request = {
+        "gpuMemoryBytes": 1024**3 // 1024,  # 1 MiB: even the tiny model cannot fit
+        "gpuMemorySource": "resources.gpuMemory",
+        "modelUri": f"hf://{REPO}@main",
+        "architecture": None,
+        "setups": [planned],
+    }
+    cfg = config(tmp_path, [str(_texts(tmp_path))], fit=request)
+    path = tmp_path / "preprocess.json"
+    path.write_text(json.dumps(cfg))
+    assert main(["preprocess", "--config", str(path), "--workdir", str(tmp_path / "w")]) == (
+        EXIT_INVALID
+    )
+    result = json.loads((tmp_path / "w" / "result-preprocess.json").read_text())
+    shape = memory.ModelShape.from_hf_config(json.loads(hub.files["config.json"]))
+    estimate = memory.estimate(shape, memory.Setup.from_dict(planned))
+    assert result["error"].startswith(
+        "spec.training: " + memory.refusal(estimate, shape, 1024**2, "resources.gpuMemory")
+    )
+    downloads = {p for method, p, _ in hub.requests if method == "GET" and "/resolve/" in p}
+    assert f"/{REPO}/resolve/{COMMIT}/config.json" in downloads
+    assert not [p for p in downloads if p.endswith(".safetensors")]
+    assert not (tmp_path / "out" / "dataset.json").exists()

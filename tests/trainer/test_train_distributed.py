@@ -13,6 +13,7 @@ DeepSpeed JIT-builds its shm_comm op once (~35 s) into .cache/torch_extensions, 
 from __future__ import annotations
 
 import json
+import math
 import re
 import uuid
 from pathlib import Path
@@ -22,10 +23,11 @@ import pytest
 from safetensors.torch import load_file
 
 from kubetrain_trainer import storage
-from kubetrain_trainer.config import S3Settings
+from kubetrain_trainer.config import Distributed, S3Settings
 from trainer_support import (
     PROBE,
     Assets,
+    dpo_config,
     losses,
     operator_deepspeed,
     result,
@@ -33,6 +35,14 @@ from trainer_support import (
     train_config,
     write_config,
 )
+
+
+def parse_distributed(changes: dict[str, Any]) -> Distributed:
+    """The planned `distributed` block with `changes` (wire names)."""
+    return Distributed.model_validate(
+        {"zeroStage": 0, "deepspeed": None, "worldSize": 1, **changes}, by_alias=True
+    )
+
 
 pytestmark = pytest.mark.slow
 
@@ -151,3 +161,41 @@ def test_an_s3_model_is_fetched_once_per_node(
     fetched = [p for p in (work / "models").iterdir()]
     assert [str(p) for p in fetched] == downloads
     assert not [p for p in fetched[0].rglob("*.part")]
+
+
+def test_dpo_under_zero3_on_two_processes_matches_one_process(
+    assets: Assets, tmp_path: Path
+) -> None:
+    """Full DPO with its frozen reference copy, which TRL prepares with DeepSpeed itself
+    (`prepare_deepspeed`: ZeRO-3 inference, partitioned like the policy): two processes with
+    half the micro-batch each train exactly like one process with the whole batch."""
+    runs = {
+        "one": ({"worldSize": 1}, 4, 1),
+        "zero3": ({"zeroStage": 3, "worldSize": 2, "deepspeed": operator_deepspeed(3)}, 2, 2),
+    }
+    for name, (distributed, micro, nproc) in runs.items():
+        config = write_config(
+            tmp_path / f"{name}.json",
+            dpo_config(
+                assets,
+                tmp_path / name,
+                "none",
+                training={
+                    "maxSteps": 4,
+                    "microBatchSize": micro,
+                    "learningRate": 1e-3,
+                    "lrScheduler": "constant",
+                    "warmupRatio": 0.0,
+                    "precision": "fp32",
+                },
+            ).model_copy(
+                update={"distributed": parse_distributed(distributed)},
+            ),
+        )
+        done = torchrun(config, tmp_path / f"{name}-work", nproc=nproc)
+        assert done.returncode == 0, done.stderr[-4000:]
+    one, zero3 = losses(tmp_path / "one-work"), losses(tmp_path / "zero3-work")
+    assert sorted(one) == sorted(zero3) == [1, 2, 3, 4]
+    assert abs(one[1] - math.log(2)) < 1e-4  # step 1: the policy is its reference
+    assert max(abs(one[s] - zero3[s]) for s in one) <= 1e-5, (one, zero3)
+    assert (tmp_path / "zero3" / "final" / "model.safetensors").exists()

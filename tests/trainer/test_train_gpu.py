@@ -79,3 +79,45 @@ def test_nccl_ddp_on_two_gpus(assets: Assets, tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-4000:]
     got = losses(tmp_path / "work")
     assert sorted(got) == list(range(1, 11)) and got[10] < got[1]
+
+
+def test_the_device_check_refuses_what_cannot_fit_before_building_it(
+    assets: Assets, tmp_path: Path
+) -> None:
+    """A 70B-shaped architecture: over any single GPU, refused with the operator's message
+    before a single weight is built (building it would take minutes and run out of memory)."""
+    from kubetrain_contract import memory
+    from kubetrain_trainer.stage import InvalidInput
+
+    huge = {"hiddenSize": 8192, "layers": 80, "heads": 64, "kvHeads": 8}
+    huge |= {"intermediateSize": 28672, "contextLength": 128}
+    config = train_config(
+        assets.text(),
+        tmp_path / "out",
+        model={"architecture": huge},
+        training={"maxSteps": 2, "precision": "bf16"},
+        memory={"setup": {"gpu": True, "precision": "bf16"}},
+    )
+    with pytest.raises(InvalidInput) as refused:
+        train.prepare(config, tmp_path / "work")
+    setup = memory.Setup.from_dict(config.memory.setup)
+    device = torch.cuda.get_device_properties(0)
+    message = refused.value.message
+    assert message.startswith(f"{setup.where}: {setup.stage} on 1 process(es) needs about")
+    assert f"the GPU has {memory.gib(device.total_memory)} (the device: {device.name})" in message
+    assert " — largest: " in message
+    assert torch.cuda.memory_allocated() == 0  # nothing was put on the device
+
+
+def test_the_device_check_lets_what_fits_load(assets: Assets, tmp_path: Path) -> None:
+    config = train_config(
+        assets.text(),
+        tmp_path / "out",
+        training={"maxSteps": 2, "precision": "bf16"},
+        memory={"setup": {"gpu": True, "precision": "bf16"}},
+    )
+    session = train.prepare(config, tmp_path / "work")
+    estimate = session.memory_estimate
+    assert estimate is not None
+    assert estimate.total <= torch.cuda.get_device_properties(0).total_memory
+    assert session.train()["step"] == 2

@@ -28,7 +28,8 @@ from typing import Any
 
 import torch
 
-from kubetrain_trainer import card, checkpoint, data, lifetime, model, storage
+from kubetrain_contract import memory
+from kubetrain_trainer import card, checkpoint, data, fit, lifetime, model, storage
 from kubetrain_trainer.config import MergeConfig
 from kubetrain_trainer.stage import InvalidInput, Unhealthy
 
@@ -94,6 +95,13 @@ def _batches(dataset: data.PackedDataset, batch_size: int) -> Iterator[Batch]:
         yield batch["input_ids"], batch["labels"], batch.get("position_ids")
 
 
+def check_memory(config: MergeConfig, model_dir: Path) -> memory.Estimate | None:
+    """The device check before the evaluated model is loaded (fit.py): its config.json against
+    the GPU's total memory; exit 2 with the operator's message when it cannot fit."""
+    shape = fit.shape_of_dir(model_dir, "model.uri")
+    return fit.check_device(memory.Setup.from_dict(config.memory.setup), shape, 0)
+
+
 def refuse_quantized_base(config: MergeConfig, base_dir: Path) -> None:
     uri = config.model.uri
     if config.model.quantized:
@@ -144,6 +152,7 @@ def _run(config: MergeConfig, workdir: Path) -> dict[str, Any]:
 
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     workdir.mkdir(parents=True, exist_ok=True)
+    attention = model.attention(config.attention, "attention (training.attention in the run)")
     final_uri = storage.join(config.output_uri, "final")
     final_dir = model.local_dir(final_uri, workdir, config.s3, "final model")
     final_meta = checkpoint.read_marker(final_dir)
@@ -172,19 +181,26 @@ def _run(config: MergeConfig, workdir: Path) -> dict[str, Any]:
 
         assert config.model.uri is not None, "adapters are trained on a model from uri"
         base_dir = model.local_dir(config.model.uri, workdir, config.s3, "model.uri")
+        check_memory(config, base_dir)
         if config.merge:
             refuse_quantized_base(config, base_dir)
             # The adapter is folded into fp32 weights in host memory (a few small matmuls per
             # layer); only the merged model, in the run's precision, goes to the GPU.
-            base = model.load_pretrained(base_dir, dtype=torch.float32)
+            base = model.load_pretrained(
+                base_dir, dtype=torch.float32, attn_implementation=attention
+            )
             network = PeftModel.from_pretrained(base, str(final_dir)).merge_and_unload()
         else:
-            base = model.load_pretrained(base_dir, dtype=dtype, device=device)
+            base = model.load_pretrained(
+                base_dir, dtype=dtype, attn_implementation=attention, device=device
+            )
             network = PeftModel.from_pretrained(base, str(final_dir))
     else:
+        check_memory(config, final_dir)
         network = model.load_pretrained(
             final_dir,
             dtype=dtype,
+            attn_implementation=attention,
             device=device,
             what="final model",
             fix=f"{final_uri} is incomplete: run the train stage again",

@@ -13,6 +13,7 @@ than tensors: transformers loads it `weights_only`, so its payload never runs), 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import pickle
@@ -33,6 +34,19 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def attention(name: str, field: str) -> str:
+    """transformers' `attn_implementation` for `name`, refused (exit 2) when it needs a kernel
+    the image lacks: flash_attention_2 needs the flash-attn package, which transformers would
+    otherwise report only once the model loads (after the download)."""
+    if name == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise InvalidInput(
+            f"{field}: flash_attention_2 needs the flash-attn package, which this trainer image "
+            "does not have — install flash-attn (built for the image's torch and CUDA) in the "
+            "trainer image, or use sdpa (PyTorch's fused attention, always available)"
+        )
+    return name
 
 
 def local_dir(uri: str, workdir: Path, s3: S3Settings, what: str, *, fetch: bool = True) -> Path:
@@ -108,8 +122,15 @@ def quantization_of(model_dir: Path) -> str | None:
     return str(quant.get("quant_method", "unknown")) if isinstance(quant, dict) else None
 
 
-def build_llama(arch: Architecture, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-    """A randomly initialised Llama whose vocabulary is the tokenizer's (or larger, if asked)."""
+def build_llama(
+    arch: Architecture,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+) -> PreTrainedModel:
+    """A randomly initialised Llama whose vocabulary is the tokenizer's (or larger, if asked),
+    initialised in fp32 and then cast to `dtype` (the weight precision of a full fine-tune)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     vocab = len(tokenizer)
@@ -118,7 +139,7 @@ def build_llama(arch: Architecture, tokenizer: PreTrainedTokenizerBase) -> PreTr
             f"model.architecture.vocabSize: {arch.vocab_size} is smaller than the tokenizer's "
             f"{vocab} tokens — leave it unset to use the tokenizer's size"
         )
-    config = LlamaConfig(
+    config = LlamaConfig(  # type: ignore[call-arg]  # attn_implementation: PreTrainedConfig's
         vocab_size=arch.vocab_size or vocab,
         hidden_size=arch.hidden_size,
         intermediate_size=arch.intermediate_size,
@@ -131,10 +152,12 @@ def build_llama(arch: Architecture, tokenizer: PreTrainedTokenizerBase) -> PreTr
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        attn_implementation=attn_implementation,
     )
     # Built outside deepspeed.zero.Init on purpose: transformers 5.23 crashes initialising the
     # padding row of a partitioned embedding; DeepSpeed shards the built model instead.
-    return LlamaForCausalLM(config)
+    built = LlamaForCausalLM(config)
+    return built if dtype == torch.float32 else built.to(dtype)  # type: ignore[arg-type]
 
 
 def bnb_config(precision: str) -> Any:
@@ -153,6 +176,7 @@ def load_pretrained(
     model_dir: Path,
     *,
     dtype: torch.dtype,
+    attn_implementation: str = "sdpa",
     quantize: str | None = None,
     device: str = "cpu",
     what: str = "model.uri",
@@ -178,7 +202,11 @@ def load_pretrained(
             "expected config.json and model.safetensors (or sharded model-*.safetensors with "
             f"model.safetensors.index.json) — {fix}"
         )
-    kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": True}
+    kwargs: dict[str, Any] = {
+        "dtype": dtype,
+        "attn_implementation": attn_implementation,
+        "local_files_only": True,
+    }
     if quantize is not None:
         kwargs.update(quantization_config=bnb_config(quantize), device_map={"": device})
     elif device != "cpu":
@@ -219,14 +247,20 @@ def load_base(
     *,
     adapter: AdapterConfig,
     precision: str,
+    weight_precision: str,
+    attn_implementation: str,
     device: str,
 ) -> PreTrainedModel:
     """The model a run starts from: built from the architecture, or loaded from `model_dir` (the
-    local copy of `model.uri`): fp32 for full training (mixed precision keeps fp32 masters), the
+    local copy of `model.uri`): in `weight_precision` for full training (fp32: mixed precision
+    keeps fp32 masters; bf16: half the memory, see docs/trainer.md for what it costs), the
     compute dtype for a frozen LoRA base, 4-bit NF4 for QLoRA. The refusals of
     `train.refuse_broken_combinations` (adapters on an architecture) have run before."""
+    full = DTYPES[weight_precision]
     if source.architecture is not None:
-        return build_llama(source.architecture, tokenizer)
+        return build_llama(
+            source.architecture, tokenizer, attn_implementation=attn_implementation, dtype=full
+        )
     assert source.uri is not None and model_dir is not None
     declared = quantization_of(model_dir)
     if declared is not None and adapter.type == "none":
@@ -236,10 +270,14 @@ def load_base(
         )
     if adapter.type == "qlora":
         return load_pretrained(
-            model_dir, dtype=DTYPES[precision], quantize=precision, device=device
+            model_dir,
+            dtype=DTYPES[precision],
+            attn_implementation=attn_implementation,
+            quantize=precision,
+            device=device,
         )
-    dtype = DTYPES[precision] if adapter.type == "lora" else torch.float32
-    return load_pretrained(model_dir, dtype=dtype)
+    dtype = DTYPES[precision] if adapter.type == "lora" else full
+    return load_pretrained(model_dir, dtype=dtype, attn_implementation=attn_implementation)
 
 
 def check_compatible(

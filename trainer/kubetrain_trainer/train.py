@@ -22,11 +22,11 @@ from typing import Any
 
 import torch
 
+from kubetrain_contract import memory
 from kubetrain_contract.exit_codes import EXIT_TERMINATED
 from kubetrain_contract.layout import CHECKPOINTS_DIR, checkpoint_name
-from kubetrain_contract.memory import Estimate
 from kubetrain_contract.methods import METHOD_FORMATS
-from kubetrain_trainer import card, checkpoint, data, lifetime, model, storage
+from kubetrain_trainer import card, checkpoint, data, fit, lifetime, model, storage
 from kubetrain_trainer.callbacks import (
     HealthCallback,
     MemoryPeaks,
@@ -122,6 +122,7 @@ def refuse_broken_combinations(config: TrainConfig, env: DistEnv, cuda: bool) ->
             )
     if t.precision == "fp16" and not cuda:
         raise InvalidInput("training.precision: fp16 needs a GPU — use bf16 or fp32 on CPU")
+    model.attention(t.attention, "training.attention")
 
 
 def quantized_optimizer(name: str) -> bool:
@@ -157,6 +158,7 @@ def training_arguments(config: TrainConfig, staging: Path, env: DistEnv, cuda: b
         "ddp_find_unused_parameters": False,
         "deepspeed": config.distributed.deepspeed if config.distributed.zero_stage else None,
         "activation_checkpointing": t.gradient_checkpointing,
+        "torch_compile": t.compile,
         # Every step is logged to the callbacks (health checks see every loss); users get one line
         # per loggingSteps from TrainLogCallback.
         "logging_steps": 1,
@@ -178,7 +180,11 @@ def training_arguments(config: TrainConfig, staging: Path, env: DistEnv, cuda: b
 
         assert config.dpo is not None
         return DPOConfig(
-            **kwargs, beta=config.dpo.beta, loss_type=[config.dpo.loss_type], max_length=None
+            **kwargs,
+            beta=config.dpo.beta,
+            loss_type=[config.dpo.loss_type],
+            max_length=None,
+            precompute_ref_log_probs=config.dpo.precompute_reference_log_probs,
         )
     from transformers import TrainingArguments
 
@@ -242,8 +248,8 @@ class Session:
     position: data.StreamPosition
     resumed: bool
     callbacks: Callbacks
-    memory_estimate: Estimate | None = None
-    """The memory model's estimate of one process of this stage, from the device check."""
+    memory_estimate: memory.Estimate | None = None
+    """The estimate the device check made (None: the model could not be counted)."""
 
     @property
     def health(self) -> HealthCallback:
@@ -446,12 +452,22 @@ def load_policy(config: TrainConfig, model_dir: Path | None, tokenizer: Any, dev
     from transformers import set_seed
 
     set_seed(config.training.seed)
+    if config.distributed.zero_stage == 3 and torch.distributed.is_initialized():
+        # from_pretrained loads into shards under deepspeed.zero.Init, whose config counts the
+        # processes of DeepSpeed's own comm layer: on CPU (gloo) Accelerate started only
+        # torch.distributed, so DeepSpeed saw one process and refused the batch arithmetic.
+        # init_distributed adopts the existing process group.
+        import deepspeed  # type: ignore[import-untyped]
+
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
     return model.load_base(
         config.model,
         model_dir,
         tokenizer,
         adapter=config.adapter,
         precision=config.training.precision,
+        weight_precision=config.training.weight_precision,
+        attn_implementation=config.training.attention,
         device=device,
     )
 
@@ -475,15 +491,35 @@ def make_trainer(
         from trl.trainer.dpo_trainer import DataCollatorForPreference, DPOTrainer
 
         class KubetrainDPOTrainer(KubetrainTrainerMixin, DPOTrainer):
+            """DPOTrainer on kubetrain's dataset. With precomputeReferenceLogProbs and no
+            adapter, no reference copy is ever loaded: TRL 1.16 (`ref_model=None`) computes the
+            reference log-probabilities with the policy itself in `__init__`, before its first
+            step, and keeps no reference (`ref_model` stays None). Under DeepSpeed it wraps the
+            policy in an inference engine for that pass and keeps it for later `evaluate`
+            datasets; kubetrain evaluates only the datasets given here (precomputed too), so the
+            engine is dropped once they are done. A resumed run precomputes again: the policy
+            still holds the starting weights until `train` loads the checkpoint, and the
+            log-probabilities live in this process's temporary cache only."""
+
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(*args, **kwargs)
+                self._precompute_engine = None
+
             def _prepare_dataset(self, dataset: Any, *args: Any, **kwargs: Any) -> Any:
                 return dataset  # tokenized by the preprocess stage
 
+            def compute_ref_log_probs(self, model: Any, inputs: dict[str, Any]) -> Any:
+                inputs.pop(data.STATS_KEY, None)  # the precompute pass: not a training batch
+                return super().compute_ref_log_probs(model, inputs)  # type: ignore[no-untyped-call]
+
         assert config.dpo is not None
+        own_reference = not adapter and not config.dpo.precompute_reference_log_probs
         trainer = KubetrainDPOTrainer(
             model=policy,
-            # Full DPO: a frozen copy of the starting policy. Adapters: the base with the adapter
-            # disabled, which is TRL's default with peft_config.
-            ref_model=None if adapter else load_policy(config, model_dir, tokenizer, device),
+            # Full DPO: a frozen copy of the starting policy (in the same dtype), unless its
+            # log-probabilities are precomputed. Adapters: the base with the adapter disabled,
+            # which is TRL's default with peft_config.
+            ref_model=load_policy(config, model_dir, tokenizer, device) if own_reference else None,
             peft_config=model.lora_config(config.adapter) if adapter else None,
             args=args,
             train_dataset=dataset.preference_split("train"),
@@ -651,6 +687,7 @@ def prepare(config: TrainConfig, workdir: Path) -> Session:
     layout = checkpoint.CheckpointLayout.of(config, workdir, env)
     args = training_arguments(config, layout.staging, env, cuda)
     dataset, inputs, tokenizer = open_inputs(config, workdir, args)
+    estimate = check_memory(config, inputs, tokenizer, env)
     meta_now = checkpoint.run_meta(config, env, dataset.key)
     position, resumed = checkpoint.find_resume_point(config, layout, env, meta_now, args)
     rows = dataset.rows("train")
@@ -693,7 +730,23 @@ def prepare(config: TrainConfig, workdir: Path) -> Session:
         position=position,
         resumed=resumed,
         callbacks=callbacks,
+        memory_estimate=estimate,
     )
+
+
+def check_memory(
+    config: TrainConfig, inputs: Inputs, tokenizer: Any, env: DistEnv
+) -> memory.Estimate | None:
+    """The device check, before any weight is loaded: the model's shape from its config.json
+    (or the architecture with the tokenizer's size) against this process's GPU (fit.py)."""
+    arch = config.model.architecture
+    if arch is not None:
+        shape: memory.ModelShape | None = fit.architecture_shape(arch, len(tokenizer))
+    else:
+        assert inputs.model_dir is not None
+        shape = fit.shape_of_dir(inputs.model_dir, "model.uri")
+    setup = memory.Setup.from_dict(config.memory.setup)
+    return fit.check_device(setup, shape, env.local_rank)
 
 
 def run(config: TrainConfig, workdir: Path) -> dict[str, Any]:

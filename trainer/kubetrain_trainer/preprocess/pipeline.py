@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from kubetrain_contract import metrics as series
 from kubetrain_contract.exit_codes import EXIT_TERMINATED
-from kubetrain_trainer import lifetime, storage
+from kubetrain_trainer import fit, lifetime, storage
 from kubetrain_trainer.config import PreprocessConfig
 from kubetrain_trainer.metrics import PreprocessMetrics, serve
 from kubetrain_trainer.preprocess import dataset, pack, parallel, readers, tokenizer, writer
@@ -82,6 +82,7 @@ def run(
         metrics.beat()
         serve(metrics.registry, config.metrics_port)
         where = locate(config, workdir)
+        fit_rows = check_fit(config, workdir, where)
         metrics.input_bytes.labels(config.run).set(sum(i.identity.size for i in where.inputs))
         manifest = _cached(where.uri, config)
         hit = manifest is not None
@@ -98,7 +99,19 @@ def run(
         storage.write_text(
             config.dataset_pointer, json.dumps(pointer, sort_keys=True) + "\n", config.s3
         )
-    return _result(manifest, pointer, time.monotonic() - started)
+    result = _result(manifest, pointer, time.monotonic() - started)
+    return result if fit_rows is None else {**result, "fit": fit_rows}
+
+
+def check_fit(
+    config: PreprocessConfig, workdir: Path, where: Located
+) -> list[dict[str, Any]] | None:
+    """The fit table the plan could not make (config.fit), before any row is tokenized: exit 2
+    when a GPU stage cannot fit, so that the run never asks for a GPU (fit.check_request)."""
+    if config.fit is None:
+        return None
+    size = tokenizer.size(where.plan) if config.fit.architecture is not None else None
+    return fit.check_request(config.fit, config.s3, workdir, size)
 
 
 @contextlib.contextmanager

@@ -177,6 +177,18 @@ def plan(config: PreprocessConfig, cache_dir: Path) -> TokenizerPlan:
     )
 
 
+def size(plan: TokenizerPlan) -> int:
+    """Tokens in the planned tokenizer, added tokens included (what `len(tokenizer)` says and
+    what a model built from an architecture sizes its embeddings by): the loaded tokenizer's, or
+    a trained one's declared vocabulary (training yields at most that many)."""
+    if plan.source_dir is None:
+        return plan.vocab_size
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_file(str(plan.source_dir / "tokenizer.json"))
+    return int(backend.get_vocab_size(with_added_tokens=True))
+
+
 def _check_files(uri: str, directory: Path) -> None:
     """Exit 2 naming the file unless every tokenizer file of a local directory is a regular
     file inside its claim or directory: a `merges.txt` linked to `/proc/self/environ` would be
