@@ -169,6 +169,21 @@ class ModelShape:
         return cls(**data)
 
     @classmethod
+    def from_architecture(cls, arch: dict[str, Any], vocab: int) -> ModelShape:
+        """A model built from the stage contract's resolved architecture (camelCase, as the plan
+        writes it) with a tokenizer of `vocab` tokens: the larger of the two vocabularies, as the
+        trainer builds it."""
+        return cls(
+            hidden_size=arch["hiddenSize"],
+            layers=arch["layers"],
+            heads=arch["heads"],
+            kv_heads=arch["kvHeads"],
+            intermediate_size=arch["intermediateSize"],
+            vocab_size=max(arch.get("vocabSize") or 0, vocab),
+            tie_word_embeddings=arch["tieWordEmbeddings"],
+        )
+
+    @classmethod
     def from_hf_config(cls, config: dict[str, Any], source: str = "config.json") -> ModelShape:
         """The shape of a transformers config.json (Llama, Mistral, Qwen2, Mixtral and kin)."""
         config = config.get("text_config", config) if "hidden_size" not in config else config

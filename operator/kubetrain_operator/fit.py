@@ -57,19 +57,6 @@ def known_vocabulary(spec: TrainingRunSpec) -> int | None:
     return trained.vocab_size if trained is not None else None
 
 
-def architecture_shape(arch: dict[str, Any], vocab: int) -> memory.ModelShape:
-    """The shape of a resolved architecture (plan.resolved_architecture) with its vocabulary."""
-    return memory.ModelShape(
-        hidden_size=arch["hiddenSize"],
-        layers=arch["layers"],
-        heads=arch["heads"],
-        kv_heads=arch["kvHeads"],
-        intermediate_size=arch["intermediateSize"],
-        vocab_size=arch["vocabSize"] or vocab,
-        tie_word_embeddings=arch["tieWordEmbeddings"],
-    )
-
-
 def setup(
     spec: TrainingRunSpec,
     *,

@@ -37,12 +37,18 @@ from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
-from kubetrain_contract import metrics
+from kubetrain_contract import memory, metrics
 from kubetrain_contract.durations import format_duration
 from kubetrain_contract.memory import gib
 from kubetrain_operator import exit_codes as codes
-from kubetrain_operator.api import SpecError
-from kubetrain_operator.documents import load_runs, resolve_upstream
+from kubetrain_operator.api import SpecError, TrainingRun
+from kubetrain_operator.documents import (
+    ModelConfigError,
+    load_runs,
+    local_model_dir,
+    read_model_shape,
+    resolve_upstream,
+)
 from kubetrain_operator.plan import Plan, Stage, plan_run, stage_config_json
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -87,6 +93,18 @@ class LocalStage:
         ]
 
 
+def _local_model_shape(run: TrainingRun) -> memory.ModelShape | None:
+    """The size of a model directory on this machine, so the plan checks the fit before any
+    stage runs; None when there is none to read (the stages say what is wrong with it)."""
+    local = local_model_dir(run.spec.model.uri, Path.cwd())
+    if local is None:
+        return None
+    try:
+        return read_model_shape(local)
+    except ModelConfigError:
+        return None
+
+
 def run_locally(args: argparse.Namespace) -> int:
     """Entry point of `kubetrain run` (argparse namespace from cli.py); returns a CLI exit code."""
     loaded = list(load_runs(args.file))
@@ -106,6 +124,7 @@ def run_locally(args: argparse.Namespace) -> int:
             cache_root=str(args.cache_dir.resolve()) if args.cache_dir else None,
             metrics_port=args.metrics_port or _free_port(),
             local_procs=args.nproc,
+            model_shape=_local_model_shape(run),
         )
     except SpecError as error:
         console.print(f"{args.file}: {error}", markup=False)

@@ -350,7 +350,7 @@ def plan_run(
     sized = model_shape
     vocabulary = fit.known_vocabulary(spec)
     if model["architecture"] is not None and vocabulary is not None:
-        sized = fit.architecture_shape(model["architecture"], vocabulary)
+        sized = memory.ModelShape.from_architecture(model["architecture"], vocabulary)
     report = gauge.report(sized)
     if report is not None and report.refusals and check_fit:
         raise fit.DoesNotFit([SpecError(path, message) for path, message in report.refusals])

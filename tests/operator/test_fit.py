@@ -153,7 +153,7 @@ def test_a_model_built_here_is_sized_by_the_plan_and_refused_there() -> None:
     with pytest.raises(fit.DoesNotFit) as refused:
         plan_example(doc, None)
     assert {e.path for e in refused.value.errors} == {"spec.sanity", "spec.training"}
-    assert "microBatchSize: 16" in str(refused.value)  # the cheapest fix: a smaller micro-batch
+    assert "fits with: spec.training.microBatchSize: 8" in str(refused.value)  # the cheapest
 
 
 def test_a_model_only_its_config_json_knows_is_checked_by_the_preprocess_stage() -> None:

@@ -182,7 +182,7 @@ def test_a_refusal_names_the_path_the_largest_terms_and_a_fix_that_fits(case: st
     e = estimate(LLAMA_8B, s)
     assert e.total > capacity
     message = refusal(e, LLAMA_8B, capacity, "resources.gpuMemory=80Gi")
-    assert message.startswith(f"{s.where} ({s.stage}, {s.world_size} process(es))")
+    assert message.startswith(f"{s.stage} on {s.world_size} process(es) needs about")
     assert "resources.gpuMemory=80Gi" in message
     largest = message.split("largest: ")[1].split(" — ")[0]
     assert [part.rsplit(" ", 2)[0] for part in largest.split(", ")] == [t.name for t in e.largest()]

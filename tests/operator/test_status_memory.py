@@ -268,3 +268,47 @@ def test_the_crd_schema_types_the_new_fields() -> None:
     for status in wrong:
         assert status_schema_errors(status), status
     assert names.TRAIN_MEMORY_PEAK in names.PROGRESS
+
+
+def test_a_preprocess_fit_refusal_fails_the_run_with_does_not_fit_before_any_gpu() -> None:
+    """The preprocess stage sized the model from its config.json and refused (exit 2, the rows in
+    its result): the run fails with reason DoesNotFit and the table, and no sanity or training
+    job is ever created."""
+    rows = fit_rows()
+    world = World(run_doc(sanity={"steps": 10}))
+    world.step()
+    name = world.child("preprocess")["metadata"]["name"]
+    world.set_state(name, "running")
+    world.step()
+    refusal = "spec.sanity: sanity-1 on 1 process(es) needs about 120.0 GiB per GPU"
+    world.set_state(
+        name,
+        "failed",
+        message=result("preprocess", False, error=refusal, fit=rows),
+        exit_code=2,
+    )
+    world.step()
+    conditions = {c["type"]: c for c in world.status["conditions"]}
+    assert world.status["phase"] == "Failed"
+    assert conditions["Stalled"]["reason"] == "DoesNotFit"
+    assert refusal in conditions["Stalled"]["message"]
+    assert [r["fits"] for r in world.status["fit"]] == [False, True]
+    assert not [n for n in world.children if "sanity" in n or "train" in n]
+
+
+def test_a_model_the_plan_sizes_has_its_fit_table_in_status_from_the_start() -> None:
+    spec = {
+        "model": {
+            "architecture": {"hiddenSize": 64, "layers": 2, "heads": 4, "contextLength": 128}
+        },
+        "tokenizer": {"train": {"vocabSize": 1024}},
+        "method": {"stage": "pretrain"},
+        "resources": {"gpusPerNode": 1, "gpuMemory": "24Gi"},
+        "training": {"maxSteps": 100, "precision": "bf16"},
+        "output": {"uri": "s3://out/scratch"},
+    }
+    world = World(run_doc(**spec))
+    world.step()
+    fit = world.status["fit"]
+    assert [r["stage"] for r in fit] == ["train", "merge"]
+    assert all(r["fits"] is True and r["device"] == "gpu" for r in fit)

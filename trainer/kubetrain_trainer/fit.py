@@ -24,7 +24,7 @@ import torch
 
 from kubetrain_contract import memory
 from kubetrain_trainer import storage
-from kubetrain_trainer.config import Architecture, FitRequest, S3Settings
+from kubetrain_trainer.config import FitRequest, S3Settings
 from kubetrain_trainer.stage import InvalidInput, failure
 
 log = logging.getLogger(__name__)
@@ -33,20 +33,6 @@ CONFIG_FILE = "config.json"
 #: A transformers config.json is a few KiB (large multimodal ones under 100 KiB): anything far
 #: larger is not one, and is refused unread rather than held in memory.
 CONFIG_LIMIT = 1 << 20
-
-
-def architecture_shape(arch: Architecture, vocab: int) -> memory.ModelShape:
-    """The shape of a model built from `arch` with a tokenizer of `vocab` tokens (the larger
-    of the two when the architecture declares its own vocabulary, as `model.build_llama` does)."""
-    return memory.ModelShape(
-        hidden_size=arch.hidden_size,
-        layers=arch.layers,
-        heads=arch.heads,
-        kv_heads=arch.kv_heads,
-        intermediate_size=arch.intermediate_size,
-        vocab_size=max(arch.vocab_size or 0, vocab),
-        tie_word_embeddings=arch.tie_word_embeddings,
-    )
 
 
 def parse_config(text: bytes, source: str, what: str) -> memory.ModelShape:
@@ -129,7 +115,9 @@ def check_request(
         shape = parse_config(text, storage.join(request.model_uri, CONFIG_FILE), "model.uri")
     else:
         assert request.architecture is not None and tokenizer_size is not None
-        shape = architecture_shape(request.architecture, tokenizer_size)
+        shape = memory.ModelShape.from_architecture(
+            request.architecture.model_dump(by_alias=True), tokenizer_size
+        )
     capacity, rows, refusals = request.gpu_memory_bytes, [], []
     for setup in (memory.Setup.from_dict(s) for s in request.setups):
         estimate = memory.estimate(shape, setup)

@@ -73,8 +73,13 @@ def termination_message(result: dict[str, Any]) -> str:
     text = _compact(result)
     if len(text.encode()) <= RESULT_LIMIT:
         return text
-    trimmed: dict[str, Any] = {k: v for k, v in result.items() if not isinstance(v, dict | list)}
-    trimmed["truncated"] = True
+    # Nested details go largest first, so small tables (the fit table) survive when they can.
+    trimmed: dict[str, Any] = {**result, "truncated": True}
+    nested = [k for k, v in result.items() if isinstance(v, dict | list)]
+    for key in sorted(nested, key=lambda k: -len(_compact({k: result[k]}))):
+        if len(_compact(trimmed).encode()) <= RESULT_LIMIT:
+            break
+        del trimmed[key]
     error = str(trimmed.pop("error", ""))
     while error not in ("", "…"):
         over = len(_compact({**trimmed, "error": error}).encode()) - RESULT_LIMIT

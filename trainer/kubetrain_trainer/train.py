@@ -741,7 +741,9 @@ def check_memory(
     (or the architecture with the tokenizer's size) against this process's GPU (fit.py)."""
     arch = config.model.architecture
     if arch is not None:
-        shape: memory.ModelShape | None = fit.architecture_shape(arch, len(tokenizer))
+        shape: memory.ModelShape | None = memory.ModelShape.from_architecture(
+            arch.model_dump(by_alias=True), len(tokenizer)
+        )
     else:
         assert inputs.model_dir is not None
         shape = fit.shape_of_dir(inputs.model_dir, "model.uri")

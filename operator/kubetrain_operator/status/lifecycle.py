@@ -51,6 +51,7 @@ from kubetrain_operator.status.vocabulary import (
     R_CACHE_HIT,
     R_CACHE_MISS,
     R_DEADLINE_EXCEEDED,
+    R_DOES_NOT_FIT,
     R_INVALID_INPUT,
     R_LOSS_DROPPED,
     R_MERGING,
@@ -98,6 +99,8 @@ class Lifecycle:
 
     # ------------------------------------------------------------------------------- walking
     def run(self) -> None:
+        if self.plan.fit_report is not None:  # sized while planning: the table is known now
+            self.status.fields["fit"] = _fit(list(self.plan.fit_report.rows))
         if not self.rungs:
             self.status.condition(SANITY_PASSED, "True", R_NO_SANITY_GATE, "no sanity gate")
         for stage in self.plan.stages:
@@ -289,6 +292,13 @@ class Lifecycle:
 
     def preprocess_failed(self, stage: Stage, child: ChildState, message: str) -> tuple[str, str]:
         reason, message = self.exit_failure(stage, child, message)
+        rows = (child.result or {}).get("fit")
+        if reason == R_INVALID_INPUT and isinstance(rows, list):
+            # The stage sized the model from its config.json and a stage does not fit: refused
+            # before any tokenizing, and before any GPU is asked for.
+            self.status.fields["fit"] = _fit(rows)
+            if any(isinstance(r, Mapping) and r.get("fits") is False for r in rows):
+                reason = R_DOES_NOT_FIT
         self.status.condition(DATA_READY, "False", reason, message)
         return reason, message
 
