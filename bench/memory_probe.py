@@ -9,6 +9,7 @@ Nothing here re-derives the model's numbers: estimates come from `memory.estimat
 from __future__ import annotations
 
 import gc
+import json
 import os
 import shutil
 import tempfile
@@ -24,26 +25,17 @@ from kubetrain_contract.memory import ModelShape, Setup, estimate
 # As the trainer's entry point does: no kernel code from the Hub (bitsandbytes would try).
 os.environ.setdefault(HUB_KERNELS_ENV, "NO")
 
-#: Llama-3.1-8B (config.json of meta-llama/Llama-3.1-8B): untied embeddings.
-LLAMA_8B = ModelShape(
-    hidden_size=4096,
-    layers=32,
-    heads=32,
-    kv_heads=8,
-    intermediate_size=14336,
-    vocab_size=128256,
-    tie_word_embeddings=False,
-)
-#: Llama-3.2-1B (config.json of meta-llama/Llama-3.2-1B): tied embeddings.
-LLAMA_1B = ModelShape(
-    hidden_size=2048,
-    layers=16,
-    heads=32,
-    kv_heads=8,
-    intermediate_size=8192,
-    vocab_size=128256,
-    tie_word_embeddings=True,
-)
+MODELS = Path(__file__).resolve().parents[1] / "examples" / "models"
+
+
+def model_shape(name: str) -> ModelShape:
+    """A shape from the real config.json the examples ship (examples/models/NAME.json)."""
+    return ModelShape.from_hf_config(json.loads((MODELS / f"{name}.json").read_text()))
+
+
+#: Llama-3.1-8B: untied embeddings. Llama-3.2-1B: tied.
+LLAMA_8B = model_shape("llama-3.1-8b")
+LLAMA_1B = model_shape("llama-3.2-1b")
 #: Parameter counts as published on the models' Hub pages (safetensors metadata).
 PUBLISHED_PARAMETERS = {LLAMA_8B: 8_030_261_248, LLAMA_1B: 1_235_814_400}
 #: The spec paths a refusal names (what the plan writes into Setup.paths).

@@ -211,7 +211,10 @@ class ModelShape:
             intermediate_size=need("intermediate_size"),
             vocab_size=need("vocab_size"),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-            head_dim=int(head_dim) if isinstance(head_dim, int) and head_dim > 0 else None,
+            # The default head size (hidden ÷ heads) is left implicit: one shape, one spelling.
+            head_dim=head_dim
+            if isinstance(head_dim, int) and 0 < head_dim != config["hidden_size"] // heads
+            else None,
             experts=int(experts),
             experts_per_token=int(config.get("num_experts_per_tok") or 1),
         )

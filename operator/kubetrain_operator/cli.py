@@ -351,6 +351,10 @@ def _add_cluster_defaults(p: argparse.ArgumentParser) -> None:
             group.add_argument(flag, dest=dest[flag], default=None, help=text)
 
 
+def _add_target(p: argparse.ArgumentParser, text: str) -> None:
+    p.add_argument("--target", choices=["cluster", "local"], default="cluster", help=text)
+
+
 def _add_fit_inputs(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model-config",
@@ -386,24 +390,14 @@ def build_parser() -> argparse.ArgumentParser:
         "validate", help="check TrainingRun files and build their plans; exit 1 on any problem"
     )
     _add_files(p)
-    p.add_argument(
-        "--target",
-        choices=["cluster", "local"],
-        default="cluster",
-        help="validate for a cluster (render, the operator) or for `kubetrain run`",
-    )
+    _add_target(p, "validate for a cluster (render, the operator) or for `kubetrain run`")
     _add_fit_inputs(p)
     p.set_defaults(func=cmd_validate, parser=p)
     p = sub.add_parser(
         "fit", help="print each stage's and rung's memory per GPU; exit 1 when one does not fit"
     )
     _add_files(p)
-    p.add_argument(
-        "--target",
-        choices=["cluster", "local"],
-        default="cluster",
-        help="plan for a cluster or for `kubetrain run` (local model directories are read)",
-    )
+    _add_target(p, "plan for a cluster or for `kubetrain run` (local model directories are read)")
     _add_fit_inputs(p)
     p.set_defaults(func=cmd_fit, parser=p)
     p = sub.add_parser("render", help="print every Kubernetes object of every stage")

@@ -250,6 +250,17 @@ def plan_run(
             deadline_seconds=deadline,
         )
     ]
+
+    def training_config(
+        name: str, procs: int, gpus: int, world: int, rung: tuple[int, SanityRung] | None = None
+    ) -> dict[str, Any]:
+        """A sanity rung's or the training stage's config, with its memory setup."""
+        setup = fit.setup(spec, stage=name, world=world, procs_per_node=procs, gpus=gpus, rung=rung)
+        section = gauge.section(setup)
+        return _train_config(
+            spec, model, pointer, output, common, world, rung=rung, memory_section=section
+        )
+
     for index, rung in enumerate(spec.sanity.ladder if spec.sanity else (), start=1):
         gpus = rung.gpus if rung.gpus is not None else min(1, res.total_gpus)
         nodes, procs, gpn, world = shape.rung(gpus)
@@ -258,25 +269,7 @@ def plan_run(
                 f"sanity-{index}",
                 "sanity",
                 "PyTorchJob",
-                _train_config(
-                    spec,
-                    model,
-                    pointer,
-                    output,
-                    common,
-                    world,
-                    rung=(index, rung),
-                    memory_section=gauge.section(
-                        fit.setup(
-                            spec,
-                            stage=f"sanity-{index}",
-                            world=world,
-                            procs_per_node=procs,
-                            gpus=gpn,
-                            rung=(index, rung),
-                        )
-                    ),
-                ),
+                training_config(f"sanity-{index}", procs, gpn, world, (index, rung)),
                 nodes,
                 procs,
                 gpn,
@@ -294,17 +287,7 @@ def plan_run(
             "train",
             "train",
             "PyTorchJob",
-            _train_config(
-                spec,
-                model,
-                pointer,
-                output,
-                common,
-                world,
-                memory_section=gauge.section(
-                    fit.setup(spec, stage="train", world=world, procs_per_node=procs, gpus=gpn)
-                ),
-            ),
+            training_config("train", procs, gpn, world),
             nodes,
             procs,
             gpn,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from bench.memory_probe import LLAMA_8B
 from prometheus_client import generate_latest
 
 from kubetrain_contract import memory
@@ -179,14 +180,7 @@ def test_a_finished_attempt_shows_the_busiest_ranks_peak_from_its_result() -> No
 def fit_rows() -> list[dict[str, Any]]:
     """The memory model's own rows for a Llama-3.1-8B shape, as the preprocess stage writes
     them: a full fine-tune on one GPU (does not fit) and on eight with ZeRO-3 (fits)."""
-    shape = memory.ModelShape(
-        hidden_size=4096,
-        layers=32,
-        heads=32,
-        kv_heads=8,
-        intermediate_size=14336,
-        vocab_size=128256,
-    )
+    shape = LLAMA_8B
     setups = {
         "sanity-1": dict(world_size=1, zero_stage=0),
         "train": dict(world_size=8, zero_stage=3),
