@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from hub_standin import HubRepo, HubStandin
+from hub_standin import Hub, HubRepo, HubStandin
 from kubetrain_contract.exit_codes import EXIT_INVALID
 from kubetrain_trainer import train
 from kubetrain_trainer.__main__ import main
@@ -28,16 +28,16 @@ COMMIT = hashlib.sha1(b"kubetrain-test").hexdigest()
 
 
 @pytest.fixture
-def hub(assets: Assets, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubRepo]:
+def hub(assets: Assets, monkeypatch: pytest.MonkeyPatch) -> Iterator[Hub]:
     """The tiny base model as a private Hub repository; HF_ENDPOINT and HF_TOKEN point at it."""
     base = assets.base_model()
     files = {p.name: p.read_bytes() for p in base.iterdir() if p.is_file() and p.name != "COMPLETE"}
-    repo = HubRepo(name=REPO, commit=COMMIT, files=files, token=TOKEN)
-    server = HubStandin(repo).start()
+    repo = HubRepo(name=REPO, commits={COMMIT: files}, refs={"main": COMMIT}, token=TOKEN)
+    server = HubStandin(Hub(repos={("models", REPO): repo}, token=TOKEN)).start()
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    yield repo
+    yield server.hub
     server.stop()
 
 
@@ -46,7 +46,7 @@ def _texts(tmp_path: Path) -> Path:
 
 
 def test_a_hub_tokenizer_and_model_are_fetched_into_the_stage_cache(
-    hub: HubRepo, assets: Assets, tmp_path: Path
+    hub: Hub, assets: Assets, tmp_path: Path
 ) -> None:
     cfg = config(tmp_path, [str(_texts(tmp_path))], tokenizer={"uri": f"hf://{REPO}@main"})
     result = run_stage(cfg, tmp_path / "pre")
@@ -67,13 +67,15 @@ def test_a_hub_tokenizer_and_model_are_fetched_into_the_stage_cache(
     assert outcome["step"] == 3
     models = list((tmp_path / "work" / "models").iterdir())
     assert len(models) == 1
-    assert (models[0] / "model.safetensors").read_bytes() == hub.files["model.safetensors"]
+    assert (models[0] / "model.safetensors").read_bytes() == hub.repos[("models", REPO)].files[
+        "model.safetensors"
+    ]
     downloads = [p for method, p, _ in hub.requests if method == "GET" and "/resolve/" in p]
     assert f"/{REPO}/resolve/{COMMIT}/model.safetensors" in downloads
 
 
 def test_without_the_token_the_error_names_the_secret_field(
-    hub: HubRepo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    hub: Hub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("HF_TOKEN")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no token stored on disk either
@@ -88,7 +90,7 @@ def test_without_the_token_the_error_names_the_secret_field(
     assert "storage.hf.secretName" in error and TOKEN not in error
 
 
-def test_the_fit_check_fetches_only_config_json_from_the_hub(hub: HubRepo, tmp_path: Path) -> None:
+def test_the_fit_check_fetches_only_config_json_from_the_hub(hub: Hub, tmp_path: Path) -> None:
     from kubetrain_contract import memory
     from stage_base import base_config
 
@@ -107,7 +109,9 @@ def test_the_fit_check_fetches_only_config_json_from_the_hub(hub: HubRepo, tmp_p
         EXIT_INVALID
     )
     result = json.loads((tmp_path / "w" / "result-preprocess.json").read_text())
-    shape = memory.ModelShape.from_hf_config(json.loads(hub.files["config.json"]))
+    shape = memory.ModelShape.from_hf_config(
+        json.loads(hub.repos[("models", REPO)].files["config.json"])
+    )
     estimate = memory.estimate(shape, memory.Setup.from_dict(planned))
     assert result["error"].startswith(
         "spec.training: " + memory.refusal(estimate, shape, 1024**2, "resources.gpuMemory")
