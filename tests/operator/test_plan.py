@@ -734,3 +734,14 @@ def test_from_run_on_a_pvc_is_mounted() -> None:
     assert "runs" in plan.pvc_claims
     train = plan.stage("train")
     assert train is not None and train.config["model"]["uri"] == "/mnt/pvc/runs/up/merged"
+
+
+def test_preprocess_key_ignores_the_order_of_sources_but_not_their_terms() -> None:
+    doc = VARIANTS["sources-mixture"]
+    listed = doc["spec"]["data"]["sources"]
+    key = preprocess_key(doc)
+    assert preprocess_key(changed(doc, {"spec.data.sources": listed[::-1]})) == key
+    refracted = [{**listed[0], "fraction": 0.6}, *listed[1:]]
+    assert preprocess_key(changed(doc, {"spec.data.sources": refracted})) != key
+    uncapped = [*listed[:2], {k: v for k, v in listed[2].items() if k != "maxRows"}]
+    assert preprocess_key(changed(doc, {"spec.data.sources": uncapped})) != key

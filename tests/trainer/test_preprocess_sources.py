@@ -12,12 +12,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from preprocess_support import config, docs, file_hashes, run_stage, source, write_jsonl
 
 from kubetrain_trainer.config import SourceConfig
 from kubetrain_trainer.metrics import PreprocessMetrics
 from kubetrain_trainer.preprocess import mixture
 from kubetrain_trainer.stage import InvalidInput
+from preprocess_support import config, docs, file_hashes, run_stage, source, write_jsonl
 
 ROWS = 40
 

@@ -179,10 +179,10 @@ def sources(config: PreprocessConfig, workdir: Path) -> list[Listed]:
             files = [source(uri, split, where, src.name) for uri in kept]
             listed.append(Listed(src, files, len(found) - len(kept), commit))
     if config.format != "text":
-        for src in (f for item in listed for f in item.files):
-            if src.kind == "txt":
+        for file in (f for item in listed for f in item.files):
+            if file.kind == "txt":
                 raise InvalidInput(
-                    f"{src.uri}: .txt files hold plain documents; format {config.format} needs "
+                    f"{file.uri}: .txt files hold plain documents; format {config.format} needs "
                     "rows with fields — use .jsonl, .json or .parquet"
                 )
     return listed
