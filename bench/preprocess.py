@@ -184,7 +184,7 @@ def method_kubetrain(
             base_config("preprocess"),  # the planned config: the API's defaults
             {
                 "run": "bench",
-                "train": [str(corpus)],
+                "sources": [{**base_config("preprocess")["sources"][0], "uri": str(corpus)}],
                 "blockSize": block,
                 "tokenizer": {"uri": str(tokenizer_dir)},
                 "cacheRoot": str(work / "cache"),

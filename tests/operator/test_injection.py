@@ -128,7 +128,27 @@ BASES: dict[str, dict[str, Any]] = {
             "tokenizer": {"train": {"vocabSize": 1024, "specialTokens": ["<|endoftext|>", "<p>"]}},
             "data": {
                 "format": "text",
-                "train": ["s3://corpus/train.txt"],
+                "sources": [
+                    {"name": "corpus", "uri": "s3://corpus/", "exclude": ["*/old/*"]},
+                    {
+                        "name": "hub",
+                        "uri": "hf://datasets/org/name@main",
+                        "config": "default",
+                        "split": "train",
+                        "files": ["data/*.parquet"],
+                        "fraction": 0.5,
+                    },
+                ],
+                "validationSources": [
+                    {
+                        "name": "held",
+                        "uri": "hf://datasets/org/held",
+                        "exclude": ["*/old/*"],
+                        "config": "default",
+                        "split": "validation",
+                        "files": ["data/*.jsonl"],
+                    }
+                ],
                 "documentSeparator": "<|endoftext|>",
                 "blockSize": 128,
             },
