@@ -445,7 +445,7 @@ class MergeConfig(_Config):
     """The evaluation's memory setup, re-checked against the device before loading."""
     max_perplexity: float | None = Field(gt=0)
     """Validation perplexity above this fails the stage (exit 3); None: not checked."""
-    push: PushConfig | None = None
+    push: PushConfig | None
     """Upload the final model to a Hub repository after evaluation; None: no push."""
     metrics_port: int = Field(ge=0, le=65535)
     """Prometheus port (0: none)."""
