@@ -14,6 +14,10 @@ Evaluation runs where the pod's accelerator is: on the GPU (CUDA) in the run's `
 there is one, on the CPU otherwise (`evalDevice` in metrics.json says which). The merge itself
 is done in fp32 in host memory — cheap next to the evaluation, and the GPU never has to hold an
 fp32 copy of the base — and the merged model is then cast and moved to the GPU.
+
+With `push` (output.push) the exported model and its card go to a Hub repository in one commit
+after evaluation (storage/hub_push.py); evaluation.json records a complete evaluation so a rerun
+after a failed push only pushes.
 """
 
 from __future__ import annotations
@@ -183,7 +187,7 @@ def _evaluated(config: MergeConfig, identity: str) -> dict[str, Any] | None:
     if not storage.exists(uri, config.s3):
         return None
     record = json.loads(storage.read_text(uri, config.s3))
-    return record["result"] if record.get("final") == identity else None  # type: ignore[no-any-return]
+    return record["result"] if record.get("final") == identity else None
 
 
 def push(
