@@ -688,6 +688,22 @@ class OutputSpec(_Model):
     """Merge the adapter into the full-precision base and export merged/ (adapter runs only)."""
     max_perplexity: float | None = Field(default=None, gt=0)
     """Fail the merge stage (exit 3) when the validation perplexity exceeds this."""
+    push: PushSpec | None = None
+    """Upload the final model (merged/ with output.merge, else final/) and its model card to a
+    Hub model repository in one commit, after evaluation; needs storage.hf.secretName."""
+
+
+class PushSpec(_Model):
+    """A Hub model repository the merge stage pushes the final model to."""
+
+    hub: Annotated[str, Field(max_length=192, pattern=rf"^{rules.HF_NAME}/{rules.HF_NAME}$")]
+    """The repository, ORG/NAME; created when missing."""
+    private: bool = True
+    """Create the repository private (an existing repository keeps its visibility)."""
+    revision: Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._/-]+$")] = (
+        "main"
+    )
+    """The branch the commit goes to."""
 
 
 class S3Spec(_Model):
@@ -774,9 +790,12 @@ class TrainingRunSpec(_Model):
     """Pause: running jobs are stopped after a checkpoint; resume by setting false."""
 
     def uses_hub(self) -> bool:
-        """True when a model, tokenizer or data source comes from the Hugging Face Hub (hf://)."""
+        """True when a model, tokenizer or data source comes from the Hugging Face Hub (hf://),
+        or the final model goes to it (output.push)."""
         uris = (self.model.uri, self.tokenizer.uri, *self.data.uris())
-        return any(u is not None and u.startswith("hf://") for u in uris)
+        return self.output.push is not None or any(
+            u is not None and u.startswith("hf://") for u in uris
+        )
 
 
 class ObjectMeta(BaseModel):

@@ -750,6 +750,7 @@ def _merge_config(
         "adapter": _adapter(spec),
         "merge": spec.output.merge,
         "maxPerplexity": spec.output.max_perplexity,
+        "push": _push(spec),
         "datasetPointer": pointer,
         "outputUri": output,
         "precision": spec.training.precision,
@@ -757,6 +758,13 @@ def _merge_config(
         "attention": spec.training.attention,
         "memory": memory_section,
     }
+
+
+def _push(spec: TrainingRunSpec) -> dict[str, Any] | None:
+    push = spec.output.push
+    if push is None:
+        return None
+    return {"repo": push.hub, "private": push.private, "revision": push.revision}
 
 
 def _adapter(spec: TrainingRunSpec) -> dict[str, Any]:

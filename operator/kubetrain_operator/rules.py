@@ -78,7 +78,7 @@ def _cel_string(pattern: str) -> str:
 
 _SCHEME = r"^[A-Za-z][A-Za-z0-9+.-]*://"
 _PVC_CLAIM = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
-_HF_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+HF_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 #: The start of a URI parameter's name, up to where a credential word may appear: after `?`, `&`,
 #: `;` or `#` (query, path parameters, fragment), as the trainer splits them.
 _PARAMETER = r"[?&;#][^?&;#=]*"
@@ -149,7 +149,7 @@ def _uri_rules(schemes: tuple[str, ...], hub_datasets: bool = False) -> tuple[Fi
             FieldRule(
                 "uri-hf-repo",
                 r"^hf://",
-                rf"^hf://{_HF_NAME}/{_HF_NAME}(@[A-Za-z0-9._/-]+)?$",
+                rf"^hf://{HF_NAME}/{HF_NAME}(@[A-Za-z0-9._/-]+)?$",
                 "hf:// names a Hub repository: hf://ORG/NAME, optionally @REVISION",
                 "write e.g. hf://meta-llama/Llama-3.1-8B@main",
             )
@@ -159,7 +159,7 @@ def _uri_rules(schemes: tuple[str, ...], hub_datasets: bool = False) -> tuple[Fi
             FieldRule(
                 "uri-hf-dataset",
                 r"^hf://",
-                rf"^{HUB_DATASET_PREFIX}{_HF_NAME}/{_HF_NAME}(@[A-Za-z0-9._/-]+)?$",
+                rf"^{HUB_DATASET_PREFIX}{HF_NAME}/{HF_NAME}(@[A-Za-z0-9._/-]+)?$",
                 "hf:// data names a Hub dataset: hf://datasets/ORG/NAME, optionally @REVISION",
                 "write e.g. hf://datasets/allenai/tulu-3-sft-mixture@main",
             )
@@ -813,6 +813,16 @@ RULES: tuple[Rule, ...] = (
         "needs a validation split to measure perplexity on",
         "set data.validation, data.validationSources or data.validationFraction, or remove "
         "maxPerplexity",
+    ),
+    Rule(
+        "push-needs-token",
+        "spec",
+        "output.push",
+        lambda s: s.output.push is None or s.storage.hf.secret_name is not None,
+        "!has(self.output.push) || has(self.storage.hf.secretName)",
+        "pushes to the Hub, which needs a token that may write the repository",
+        "set storage.hf.secretName to a Secret whose HF_TOKEN (storage.hf.tokenKey) has write "
+        "access, or remove output.push",
     ),
     # ---------------------------------------------------------------------------- storage
     Rule(

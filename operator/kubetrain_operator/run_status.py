@@ -175,6 +175,10 @@ class Outputs(_Status):
     """The final (or merged) model."""
     adapter: str | None = None
     """The trained adapter (adapter runs)."""
+    hub_repo: str | None = None
+    """The Hub repository the model was pushed to (output.push), ORG/NAME."""
+    hub_commit: str | None = None
+    """The commit of that push in the repository (40 hex)."""
 
 
 class Evaluation(_Status):

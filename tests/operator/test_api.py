@@ -467,6 +467,10 @@ CASES = [
          "spec.output.maxPerplexity", "cel"),
     Case("max-perplexity-zero", spec(output={"maxPerplexity": 0}), "spec.output.maxPerplexity",
          "schema"),
+    Case("push-without-a-token", spec(output={"push": {"hub": "org/tuned"}}),
+         "spec.output.push", "cel"),
+    Case("push-not-a-repo-id", spec(output={"push": {"hub": "tuned"}}),
+         "spec.output.push.hub", "schema"),
     # ---- data files: typed lists, so the API server checks each one like the model does
     Case("train-a-bare-string", spec(data={"train": "s3://d/x.jsonl"}), "spec.data.train",
          "schema"),

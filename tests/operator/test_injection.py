@@ -98,7 +98,11 @@ BASES: dict[str, dict[str, Any]] = {
                 "tolerations": [{"key": "nvidia.com/gpu", "operator": "Equal", "value": "present"}],
             },
             "sanity": {"rungs": [{"gpus": 1, "optimizer": "adamw_torch"}, {"gpus": 2}]},
-            "output": {"uri": "pvc://outputs/runs/x", "merge": True},
+            "output": {
+                "uri": "pvc://outputs/runs/x",
+                "merge": True,
+                "push": {"hub": "org/tuned", "private": False, "revision": "release"},
+            },
             "storage": {
                 "s3": {
                     "secretName": "s3-creds",

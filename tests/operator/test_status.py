@@ -234,6 +234,31 @@ def test_happy_path_ends_succeeded_with_outputs_and_progress() -> None:
     assert not [a for a in world.step(dt=3600) if isinstance(a, EnsureObject)]
 
 
+def test_a_push_puts_the_hub_commit_in_outputs() -> None:
+    doc = run_doc(
+        output={"uri": "s3://out/sft", "merge": True, "push": {"hub": "org/tuned"}},
+        storage={"s3": {"secretName": "s3-credentials"}, "hf": {"secretName": "hub-token"}},
+    )
+    world = World(doc)
+    through_data(world)
+    world.finish("train", message=train_result())
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    merged = result(
+        "merge",
+        outputs={"final": "s3://out/sft/final", "merged": "s3://out/sft/merged"},
+        hubRepo="org/tuned",
+        hubCommit=commit,
+    )
+    world.finish("merge", message=merged)
+    assert world.status["phase"] == st.P_SUCCEEDED
+    assert world.status["outputs"] == {
+        "adapter": "s3://out/sft/final",
+        "model": "s3://out/sft/merged",
+        "hubRepo": "org/tuned",
+        "hubCommit": commit,
+    }
+
+
 def test_outputs_on_a_claim_are_reported_as_pvc_uris_a_chained_run_accepts() -> None:
     """Stages report paths as the pod sees them (/mnt/pvc/CLAIM/…); status speaks the user's
     URIs, and the chained run plans from them (an in-pod path is refused as a local path)."""

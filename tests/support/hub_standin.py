@@ -121,6 +121,10 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body)
 
+    @property
+    def _base(self) -> str:
+        return f"http://{self.headers['Host']}"
+
     def _json(self, value: Any, status: int = 200) -> None:
         self._send(status, json.dumps(value).encode(), {"Content-Type": "application/json"})
 
@@ -211,7 +215,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             repo = HubRepo(name=name, commits={}, refs={}, token=self.hub.token, kind=kind)
             self.hub.add(repo)
-            self._json({"url": f"http://hub/{name}", "name": name})
+            self._json({"url": f"{self._base}/{name}", "name": name})
         elif path == "/api/validate-yaml":
             self._json({"errors": [], "warnings": []})
         elif path.startswith("/api/models/"):
@@ -252,7 +256,7 @@ class _Handler(BaseHTTPRequestHandler):
             "\n\n" + header["description"] if header.get("description") else ""
         )
         commit = repo.push(files, revision, message)
-        self._json({"commitUrl": f"http://hub/{repo.name}/commit/{commit}", "commitOid": commit})
+        self._json({"commitUrl": f"{self._base}/{repo.name}/commit/{commit}", "commitOid": commit})
 
     do_GET = do_HEAD = _read
     do_POST = _write

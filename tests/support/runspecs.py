@@ -155,6 +155,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
         {
             "spec.model.uri": "hf://meta-llama/Llama-3.1-8B-Instruct@main",
             "spec.storage.hf": {"secretName": "hf-token", "endpoint": "https://hub.example"},
+            "spec.output.push": {"hub": "kubetrain-test/llama-tuned", "revision": "main"},
         },
     ),
     "data-plane-settings": changed(

@@ -69,7 +69,7 @@ def attempt() -> int:
     return int(os.environ.get(ATTEMPT_ENV, "0") or 0)
 
 
-def _is_bookkeeping(directory: Path, path: Path) -> bool:
+def is_bookkeeping(directory: Path, path: Path) -> bool:
     """The markers, and download_dir's record of what it fetched, at the top of a checkpoint:
     not part of it."""
     name = path.name
@@ -82,7 +82,7 @@ def files_of(directory: Path) -> dict[str, dict[str, Any]]:
     file is fsynced on the way (its contents are durable before a marker names it)."""
     found: dict[str, dict[str, Any]] = {}
     for path in sorted(directory.rglob("*")):
-        if path.is_file() and not _is_bookkeeping(directory, path):
+        if path.is_file() and not is_bookkeeping(directory, path):
             storage.fsync(path)
             found[path.relative_to(directory).as_posix()] = {
                 "bytes": path.stat().st_size,
@@ -123,7 +123,7 @@ def _unlisted(directory: Path, listed: dict[str, Any]) -> list[str]:
     return [
         rel
         for path in sorted(directory.rglob("*"))
-        if path.is_file() and not _is_bookkeeping(directory, path)
+        if path.is_file() and not is_bookkeeping(directory, path)
         if (rel := path.relative_to(directory).as_posix()) not in listed
     ]
 

@@ -454,6 +454,17 @@ class TrainConfig(_Config):
         return self
 
 
+class PushConfig(_Config):
+    """output.push: the Hub model repository the final model goes to, in one commit."""
+
+    repo: Annotated[str, Field(pattern=r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")]
+    """ORG/NAME; created when missing."""
+    private: bool
+    """Create it private."""
+    revision: Annotated[str, Field(min_length=1, pattern=r"^[\w./-]+$")]
+    """The branch the commit goes to."""
+
+
 class MergeConfig(_Config):
     """Merge an adapter into the full-precision base, evaluate, export with a model card."""
 
@@ -485,6 +496,8 @@ class MergeConfig(_Config):
     """The evaluation's memory setup, re-checked against the device before loading."""
     max_perplexity: float | None = Field(gt=0)
     """Validation perplexity above this fails the stage (exit 3); None: not checked."""
+    push: PushConfig | None
+    """Upload the final model to a Hub repository after evaluation; None: no push."""
     metrics_port: int = Field(ge=0, le=65535)
     """Prometheus port (0: none)."""
     s3: S3Settings

@@ -14,10 +14,15 @@ Evaluation runs where the pod's accelerator is: on the GPU (CUDA) in the run's `
 there is one, on the CPU otherwise (`evalDevice` in metrics.json says which). The merge itself
 is done in fp32 in host memory — cheap next to the evaluation, and the GPU never has to hold an
 fp32 copy of the base — and the merged model is then cast and moved to the GPU.
+
+With `push` (output.push) the exported model and its card go to a Hub repository in one commit
+after evaluation (storage/hub_push.py); evaluation.json records a complete evaluation so a rerun
+after a failed push only pushes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -32,8 +37,12 @@ from kubetrain_contract import memory
 from kubetrain_trainer import card, checkpoint, data, fit, lifetime, model, storage
 from kubetrain_trainer.config import MergeConfig
 from kubetrain_trainer.stage import InvalidInput, Unhealthy
+from kubetrain_trainer.storage import hub_push
 
 log = logging.getLogger(__name__)
+
+#: The merge stage's record of a complete evaluation (of which final model, with what result).
+EVALUATION = "evaluation.json"
 
 
 def eval_device() -> str:
@@ -147,12 +156,11 @@ def run(config: MergeConfig, workdir: Path) -> dict[str, Any]:
 
 
 def _run(config: MergeConfig, workdir: Path) -> dict[str, Any]:
-    """Merge (adapters), evaluate, export; returns where the model and the numbers went."""
-    from transformers.utils import logging as hf_logging
+    """Merge (adapters), evaluate, export, push; returns where the model and the numbers went.
 
-    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    With output.push, a rerun whose evaluation of this final model is complete (evaluation.json)
+    only pushes: a failed push never costs a second merge or evaluation."""
     workdir.mkdir(parents=True, exist_ok=True)
-    attention = model.attention(config.attention, "attention (training.attention in the run)")
     final_uri = storage.join(config.output_uri, "final")
     final_dir = model.local_dir(final_uri, workdir, config.s3, "final model")
     final_meta = checkpoint.read_marker(final_dir)
@@ -160,6 +168,61 @@ def _run(config: MergeConfig, workdir: Path) -> dict[str, Any]:
         raise InvalidInput(
             f"{final_uri}: no complete final model — the train stage has not finished; run it first"
         )
+    identity = hashlib.sha256(json.dumps(final_meta, sort_keys=True).encode()).hexdigest()
+    result = _evaluated(config, identity) if config.push is not None else None
+    if result is None:
+        result = _evaluate(config, workdir, final_uri, final_dir, final_meta)
+        record = json.dumps({"final": identity, "result": result}, indent=2)
+        storage.write_text(storage.join(config.output_uri, EVALUATION), record, config.s3)
+    else:
+        log.info("the evaluation of this final model is complete; only pushing")
+    if config.push is None:
+        return result
+    return {**result, **push(config, workdir, result["outputs"], final_meta.get("step"))}
+
+
+def _evaluated(config: MergeConfig, identity: str) -> dict[str, Any] | None:
+    """The result of a complete evaluation of this final model, if a run of the stage wrote it."""
+    uri = storage.join(config.output_uri, EVALUATION)
+    if not storage.exists(uri, config.s3):
+        return None
+    record = json.loads(storage.read_text(uri, config.s3))
+    return record["result"] if record.get("final") == identity else None
+
+
+def push(
+    config: MergeConfig, workdir: Path, outputs: dict[str, str], step: int | None
+) -> dict[str, Any]:
+    """output.push: the merged model (else the final one) and the model card, in one commit."""
+    assert config.push is not None
+    uri = outputs.get("merged", outputs["final"])
+    folder = model.local_dir(uri, workdir, config.s3, "the model to push")
+    text = storage.read_text(storage.join(config.output_uri, "README.md"), config.s3)
+    commit = hub_push.push(
+        folder,
+        text,
+        repo=config.push.repo,
+        private=config.push.private,
+        revision=config.push.revision,
+        message=f"kubetrain: {config.run} step {step}",
+        skip=lambda path: checkpoint.is_bookkeeping(folder, path),
+    )
+    log.info("pushed %s to hf://%s@%s", uri, config.push.repo, commit)
+    return {"hubRepo": config.push.repo, "hubCommit": commit}
+
+
+def _evaluate(
+    config: MergeConfig,
+    workdir: Path,
+    final_uri: str,
+    final_dir: Path,
+    final_meta: dict[str, Any],
+) -> dict[str, Any]:
+    """Merge (adapters), evaluate, export merged/, metrics.json and the card."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    attention = model.attention(config.attention, "attention (training.attention in the run)")
     is_adapter = (final_dir / "adapter_config.json").exists()
     if is_adapter != (config.adapter.type != "none"):
         raise InvalidInput(

@@ -355,6 +355,8 @@ class Lifecycle:
         merged = (result.get("outputs") or {}).get("merged")
         if merged:
             outputs["model"] = self.plan.public_uri(merged)
+        if result.get("hubCommit"):  # output.push
+            outputs["hubRepo"], outputs["hubCommit"] = result["hubRepo"], result["hubCommit"]
         for key in ("perplexity", "evalLoss"):
             if result.get(key) is not None:
                 self.status.fields.setdefault("evaluation", {})[key] = result[key]
