@@ -17,6 +17,8 @@ PREPROCESS_TOKENS: Final = "kubetrain_preprocess_tokens_total"
 PREPROCESS_BLOCKS: Final = "kubetrain_preprocess_blocks_total"
 PREPROCESS_CACHE_HITS: Final = "kubetrain_preprocess_cache_hits_total"
 PREPROCESS_LAST_PROGRESS_TIMESTAMP: Final = "kubetrain_preprocess_last_progress_timestamp_seconds"
+PREPROCESS_SOURCE_ROWS: Final = "kubetrain_preprocess_source_rows_total"
+PREPROCESS_SOURCE_TOKENS: Final = "kubetrain_preprocess_source_tokens_total"
 
 # ------------------------------------------------------------------------- train and sanity stages
 TRAIN_STEP: Final = "kubetrain_train_step"
