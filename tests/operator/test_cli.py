@@ -73,14 +73,26 @@ def test_validate_accepts_every_example_for_its_target() -> None:
     assert local.returncode == 0, local.stderr
 
 
-def test_validate_for_a_cluster_refuses_what_render_refuses() -> None:
-    """tinystories-cpu reads and writes local paths: `kubetrain run` takes it, a pod cannot."""
-    (path,) = (p.relative_to(ROOT) for p in LOCAL_EXAMPLES)
+#: The fields of each local example that name local paths: what a cluster refuses.
+LOCAL_FIELDS = {
+    "tinystories-cpu": {"spec.data.train[0]", "spec.output.uri"},
+    "mixture-cpu": {
+        *(f"spec.data.sources[{i}].uri" for i in range(3)),
+        "spec.data.validationSources[0].uri",
+        "spec.output.uri",
+    },
+}
+
+
+@pytest.mark.parametrize("example_file", LOCAL_EXAMPLES, ids=lambda p: p.stem)
+def test_validate_for_a_cluster_refuses_what_render_refuses(example_file: Path) -> None:
+    """The local examples read and write local paths: `kubetrain run` takes them, a pod cannot."""
+    path = example_file.relative_to(ROOT)
     validate, render = kubetrain("validate", path), kubetrain("render", path)
     assert validate.returncode == render.returncode == INVALID
     assert validate.stderr == render.stderr and render.stdout == ""
     paths = {m["path"] for m in problem_lines(validate.stderr, path)}
-    assert paths == {"spec.data.train[0]", "spec.output.uri"}
+    assert paths == LOCAL_FIELDS[example_file.stem]
     assert "pvc://" in validate.stderr and "s3://" in validate.stderr
 
 
