@@ -17,6 +17,8 @@ PREPROCESS_TOKENS: Final = "kubetrain_preprocess_tokens_total"
 PREPROCESS_BLOCKS: Final = "kubetrain_preprocess_blocks_total"
 PREPROCESS_CACHE_HITS: Final = "kubetrain_preprocess_cache_hits_total"
 PREPROCESS_LAST_PROGRESS_TIMESTAMP: Final = "kubetrain_preprocess_last_progress_timestamp_seconds"
+#: Per data source (`source` is the source's name, at most 64 per run): outcome is read,
+#: accepted, rejected or selected.
 PREPROCESS_SOURCE_ROWS: Final = "kubetrain_preprocess_source_rows_total"
 PREPROCESS_SOURCE_TOKENS: Final = "kubetrain_preprocess_source_tokens_total"
 
@@ -84,6 +86,8 @@ ALL: Final = (
     PREPROCESS_BLOCKS,
     PREPROCESS_CACHE_HITS,
     PREPROCESS_LAST_PROGRESS_TIMESTAMP,
+    PREPROCESS_SOURCE_ROWS,
+    PREPROCESS_SOURCE_TOKENS,
     TRAIN_STEP,
     TRAIN_TOTAL_STEPS,
     TRAIN_EPOCH,

@@ -48,6 +48,13 @@ URI_PATTERN = r"^[^\s\x00-\x1f\x7f]+$"
 MAX_URI_LENGTH = 1024
 #: Most files, prefixes or globs in data.train / data.validation (a glob covers many files).
 MAX_DATA_URIS = 256
+#: Most sources in data.sources plus data.validationSources (bounds the `source` metric label).
+MAX_SOURCES = 64
+#: Most exclude globs per source.
+MAX_EXCLUDES = 32
+#: A source's name: a DNS-1123 label (it is a metric label and a key in status).
+SOURCE_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+MAX_SOURCE_NAME = 40
 DURATION_PATTERN = r"^([0-9]+h)?([0-9]+m)?([0-9]+s)?$"
 QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
 IDENTIFIER_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.\-]*$"
@@ -90,8 +97,10 @@ def _uri_field(kind: str) -> Any:
     )
 
 
-#: Data, outputs and caches: s3://, pvc://CLAIM/path, file:// or a local path (local runs).
+#: Outputs and caches: s3://, pvc://CLAIM/path, file:// or a local path (local runs).
 Uri = Annotated[str, _uri_field("uri"), _field_rules("uri")]
+#: Data: the same, and hf://datasets/ORG/NAME[@REVISION] (a Hugging Face Hub dataset).
+DataUri = Annotated[str, _uri_field("data-uri"), _field_rules("data-uri")]
 #: Models and tokenizers: the same, and hf://ORG/NAME[@REVISION] from the Hugging Face Hub.
 ModelUri = Annotated[str, _uri_field("model-uri"), _field_rules("model-uri")]
 Endpoint = Annotated[
@@ -272,8 +281,55 @@ def _unique(value: list[str] | None) -> list[str] | None:
 
 #: A list of files, prefixes (s3://bucket/dir/) or globs (s3://bucket/dir/*.jsonl, data/*.txt).
 DataUris = Annotated[
-    list[Uri], Field(min_length=1, max_length=MAX_DATA_URIS), AfterValidator(_unique)
+    list[DataUri], Field(min_length=1, max_length=MAX_DATA_URIS), AfterValidator(_unique)
 ]
+#: An fnmatch glob on a file's path below its source's prefix (`*` crosses `/`).
+ExcludeGlob = Annotated[str, Field(min_length=1, max_length=256, pattern=SEPARATOR_PATTERN)]
+#: A glob of Hub dataset repository files (Parquet, JSON Lines).
+HubFileGlob = Annotated[str, Field(min_length=1, max_length=256, pattern=SEPARATOR_PATTERN)]
+
+
+class Source(_Model):
+    """One data source with its own terms: what to read, what to leave out, how much to keep.
+
+    Selection happens in the preprocess stage, deterministic under training.seed
+    (docs/preprocessing.md): of the source's accepted rows, `fraction` keeps floor(fraction)
+    whole passes and a seeded sample of the remainder, then `maxRows` keeps the first rows of that
+    seeded order."""
+
+    name: Annotated[
+        str, Field(min_length=1, max_length=MAX_SOURCE_NAME, pattern=SOURCE_NAME_PATTERN)
+    ]
+    """The source's name (a DNS-1123 label, unique across sources and validationSources): it
+    names the source in status, metrics and errors."""
+    uri: DataUri
+    """A file, prefix (s3://bucket/dir/) or glob, as data.train entries; or
+    hf://datasets/ORG/NAME[@REVISION], a Hub dataset pinned to the commit its revision resolves to."""
+    exclude: Annotated[list[ExcludeGlob], Field(max_length=MAX_EXCLUDES)] = Field(
+        default_factory=list
+    )
+    """fnmatch globs on each file's path below the prefix (e.g. "*/processed/*"); matching files
+    are not read and are counted as excluded files."""
+    fraction: Annotated[float, Field(gt=0.0, le=100.0)] | None = None
+    """Share of the source's accepted rows to keep: ≤ 1 subsamples, > 1 repeats (whole passes,
+    then a seeded sample of the remainder). Default: every row once."""
+    max_rows: Annotated[int, Field(ge=1, le=2**40)] | None = None
+    """Caps the rows selected from this source (after fraction)."""
+    optional: bool = False
+    """True: a source that yields no rows is allowed (counted as 0); otherwise the stage fails
+    naming it."""
+    max_rejected_fraction: Fraction | None = None
+    """This source's share of rejected rows above which preprocessing fails; default
+    data.maxRejectedFraction."""
+    config: Identifier | None = None
+    """Hub datasets only: the dataset's config (subset)."""
+    split: Identifier | None = None
+    """Hub datasets only: the dataset's split."""
+    files: Annotated[list[HubFileGlob], Field(max_length=MAX_EXCLUDES)] | None = None
+    """Hub datasets only: globs of repository files to read (Parquet, JSON Lines)."""
+
+
+Sources = Annotated[list[Source], Field(min_length=1, max_length=MAX_SOURCES)]
 
 
 class Packing(_Model):
@@ -289,11 +345,16 @@ class DataSpec(_Model):
 
     format: DataFormat
     """text: documents; chat: conversations (messages with roles); preference: prompt/chosen/rejected."""
-    train: DataUris
+    train: DataUris | None = None
     """A list of files, prefixes (s3://bucket/dir/) or globs (s3://bucket/dir/*.jsonl): .jsonl,
-    .json, .txt, .parquet, optionally .gz or .zst."""
+    .json, .txt, .parquet, optionally .gz or .zst. Exactly one of train and sources."""
+    sources: Sources | None = None
+    """Training sources, each with its own terms (exclude, fraction, maxRows, optional,
+    maxRejectedFraction). Exactly one of train and sources."""
     validation: DataUris | None = None
     """Validation files (same forms); when absent, validationFraction of the training rows is held out."""
+    validation_sources: Sources | None = None
+    """Validation sources with their own terms; exclusive with validation and validationFraction."""
     validation_fraction: Fraction = 0.0
     """Share of training documents held out for validation when no validation files are given."""
     text_field: Identifier = "text"
@@ -324,6 +385,33 @@ class DataSpec(_Model):
     """The final partial block of text data: padded (masked out of the loss) or dropped; counted either way."""
     max_rejected_fraction: Fraction = 0.01
     """Fail preprocessing when more than this share of rows is rejected; rejected rows are always counted."""
+
+    def all_sources(self) -> list[tuple[str, Source, str]]:
+        """(split, source, the field its URI is in) of every input: data.train[i] is the source
+        `train-<i>`, data.validation[i] is `validation-<i>`, with no terms; sources as written."""
+        plain = [
+            ("train", "train", self.train or []),
+            ("validation", "validation", self.validation or []),
+        ]
+        named = [
+            ("train", "sources", self.sources or []),
+            ("validation", "validationSources", self.validation_sources or []),
+        ]
+        found = [
+            (split, Source(name=f"{split}-{i}", uri=uri), f"spec.data.{field}[{i}]")
+            for split, field, uris in plain
+            for i, uri in enumerate(uris)
+        ]
+        found += [
+            (split, source, f"spec.data.{field}[{i}].uri")
+            for split, field, sources in named
+            for i, source in enumerate(sources)
+        ]
+        return found
+
+    def uris(self) -> list[str]:
+        """Every data URI, train and validation."""
+        return [source.uri for _, source, _ in self.all_sources()]
 
 
 # --------------------------------------------------------------------------------------------- method
@@ -686,8 +774,8 @@ class TrainingRunSpec(_Model):
     """Pause: running jobs are stopped after a checkpoint; resume by setting false."""
 
     def uses_hub(self) -> bool:
-        """True when a model or tokenizer comes from the Hugging Face Hub (hf://)."""
-        uris = (self.model.uri, self.tokenizer.uri)
+        """True when a model, tokenizer or data source comes from the Hugging Face Hub (hf://)."""
+        uris = (self.model.uri, self.tokenizer.uri, *self.data.uris())
         return any(u is not None and u.startswith("hf://") for u in uris)
 
 

@@ -30,6 +30,7 @@ from kubetrain_operator import fit
 from kubetrain_operator.api import (
     RUNG_DEFAULTS,
     Architecture,
+    DataSpec,
     DPOSettings,
     SanityRung,
     SpecError,
@@ -38,6 +39,7 @@ from kubetrain_operator.api import (
     TrainingRunSpec,
 )
 from kubetrain_operator.cluster_defaults import DEFAULT_METRICS_PORT, NO_DEFAULTS, ClusterDefaults
+from kubetrain_operator.rules import HUB_DATASET_PREFIX
 
 METRICS_PORT = DEFAULT_METRICS_PORT
 CONFIG_DIR = "/etc/kubetrain"
@@ -222,8 +224,7 @@ def plan_run(
             spec.tokenizer.uri,
             raw_output,
             raw_cache,
-            *spec.data.train,
-            *(spec.data.validation or ()),
+            *spec.data.uris(),
         )
     )
     s3_secret = s3.secret_name or (defaults.s3_secret_name if reads_s3 else None)
@@ -576,6 +577,30 @@ def _model_source(spec: TrainingRunSpec, uris: _UriMapper, upstream: str | None)
     return {"uri": uris.map(uri, where), "architecture": None, "quantized": spec.model.quantized}
 
 
+def _sources(data: DataSpec, uris: _UriMapper) -> list[dict[str, Any]]:
+    """Every input as a SourceConfig: plain data.train[i] is `train-<i>` without terms."""
+    return [
+        {
+            "name": source.name,
+            "split": split,
+            "uri": uris.map(source.uri, where),
+            "exclude": list(source.exclude),
+            "fraction": source.fraction,
+            "maxRows": source.max_rows,
+            "optional": source.optional,
+            "maxRejectedFraction": source.max_rejected_fraction,
+            "hub": {
+                "config": source.config,
+                "split": source.split,
+                "files": list(source.files or []),
+            }
+            if source.uri.startswith(HUB_DATASET_PREFIX)
+            else None,
+        }
+        for split, source, where in data.all_sources()
+    ]
+
+
 def _preprocess_config(
     spec: TrainingRunSpec,
     uris: _UriMapper,
@@ -602,8 +627,7 @@ def _preprocess_config(
         **common,
         "stage": "preprocess",
         "format": data.format,
-        "train": uris.map_all(data.train, "spec.data.train"),
-        "validation": uris.map_all(data.validation or [], "spec.data.validation"),
+        "sources": _sources(data, uris),
         "validationFraction": data.validation_fraction,
         "fields": {
             "text": data.text_field,
@@ -817,6 +841,8 @@ def _preprocess_key(config: dict[str, Any]) -> str:
     relevant = {
         k: v for k, v in config.items() if k not in ("run", "datasetPointer", "metricsPort", "fit")
     }
+    # The dataset does not depend on the order sources are listed in (the stage sorts them).
+    relevant["sources"] = sorted(config["sources"], key=lambda s: (s["split"], s["name"]))
     canonical = json.dumps(relevant, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 

@@ -84,7 +84,12 @@ _HF_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 _PARAMETER = r"[?&;#][^?&;#=]*"
 
 
-def _uri_rules(schemes: tuple[str, ...]) -> tuple[FieldRule, ...]:
+#: Data URIs that name a Hugging Face Hub dataset start with this.
+HUB_DATASET_PREFIX = "hf://datasets/"
+
+
+def _uri_rules(schemes: tuple[str, ...], hub_datasets: bool = False) -> tuple[FieldRule, ...]:
+    """The rules of a URI kind; `hub_datasets`: hf:// names a dataset (hf://datasets/ORG/NAME)."""
     listed = ", ".join(f"{s}://" for s in schemes)
     rules = [
         FieldRule(
@@ -139,7 +144,7 @@ def _uri_rules(schemes: tuple[str, ...]) -> tuple[FieldRule, ...]:
             "write the path without '..'",
         ),
     ]
-    if "hf" in schemes:
+    if "hf" in schemes and not hub_datasets:
         rules.append(
             FieldRule(
                 "uri-hf-repo",
@@ -147,6 +152,16 @@ def _uri_rules(schemes: tuple[str, ...]) -> tuple[FieldRule, ...]:
                 rf"^hf://{_HF_NAME}/{_HF_NAME}(@[A-Za-z0-9._/-]+)?$",
                 "hf:// names a Hub repository: hf://ORG/NAME, optionally @REVISION",
                 "write e.g. hf://meta-llama/Llama-3.1-8B@main",
+            )
+        )
+    if "hf" in schemes and hub_datasets:
+        rules.append(
+            FieldRule(
+                "uri-hf-dataset",
+                r"^hf://",
+                rf"^{HUB_DATASET_PREFIX}{_HF_NAME}/{_HF_NAME}(@[A-Za-z0-9._/-]+)?$",
+                "hf:// data names a Hub dataset: hf://datasets/ORG/NAME, optionally @REVISION",
+                "write e.g. hf://datasets/allenai/tulu-3-sft-mixture@main",
             )
         )
     return tuple(rules)
@@ -222,12 +237,15 @@ def _endpoint_rules() -> tuple[FieldRule, ...]:
     )
 
 
-#: Schemes per kind of URI: models and tokenizers may come from the Hub, nothing else may.
+#: Schemes per kind of URI: models, tokenizers (hf://ORG/NAME) and data (hf://datasets/ORG/NAME)
+#: may come from the Hub; outputs and caches may not.
 MODEL_URI_SCHEMES = ("s3", "pvc", "hf", "file")
-DATA_URI_SCHEMES = ("s3", "pvc", "file")
+DATA_URI_SCHEMES = ("s3", "pvc", "hf", "file")
+OUTPUT_URI_SCHEMES = ("s3", "pvc", "file")
 FIELD_RULES: dict[str, tuple[FieldRule, ...]] = {
     "model-uri": _uri_rules(MODEL_URI_SCHEMES),
-    "uri": _uri_rules(DATA_URI_SCHEMES),
+    "data-uri": _uri_rules(DATA_URI_SCHEMES, hub_datasets=True),
+    "uri": _uri_rules(OUTPUT_URI_SCHEMES),
     "endpoint": _endpoint_rules(),
 }
 
@@ -364,7 +382,49 @@ def _world(s: Any) -> int:
 
 
 def _has_validation(s: Any) -> bool:
-    return s.data.validation is not None or s.data.validation_fraction > 0
+    d = s.data
+    return d.validation is not None or d.validation_sources is not None or d.validation_fraction > 0
+
+
+_HUB_FIELDS = ("config", "split", "files")
+
+
+def _names_unique(d: Any) -> bool:
+    names = [source.name for _, source, _ in d.all_sources()]
+    return len(set(names)) == len(names)
+
+
+def _hub_fields_on_hub(d: Any) -> bool:
+    return all(
+        s.uri.startswith(HUB_DATASET_PREFIX) or all(getattr(s, f) is None for f in _HUB_FIELDS)
+        for _, s, _ in d.all_sources()
+    )
+
+
+def _sources_cel(check: str) -> str:
+    """`check` (on a source `s`) for every item of sources and validationSources."""
+    return " && ".join(
+        f"(!has(self.{lst}) || self.{lst}.all(s, {check}))"
+        for lst in ("sources", "validationSources")
+    )
+
+
+#: Names are unique within and across both lists, and none is a name the plan gives a plain
+#: data.train / data.validation entry of the other split (train-<i>, validation-<i>).
+_UNIQUE_NAMES_CEL = " && ".join(
+    [
+        *(
+            f"(!has(self.{lst}) || self.{lst}.all(s, self.{lst}.exists_one(t, t.name == s.name)))"
+            for lst in ("sources", "validationSources")
+        ),
+        "(!has(self.sources) || !has(self.validationSources) || "
+        "self.validationSources.all(s, !self.sources.exists(t, t.name == s.name)))",
+        "(!has(self.sources) || !has(self.validation) || "
+        "self.sources.all(s, !s.name.matches('^validation-[0-9]+$')))",
+        "(!has(self.validationSources) || !has(self.train) || "
+        "self.validationSources.all(s, !s.name.matches('^train-[0-9]+$')))",
+    ]
+)
 
 
 RULES: tuple[Rule, ...] = (
@@ -492,6 +552,50 @@ RULES: tuple[Rule, ...] = (
         "!has(self.validation) || self.validationFraction == 0.0",
         "is set together with validation files",
         "keep validation or validationFraction, not both",
+    ),
+    Rule(
+        "train-or-sources",
+        "spec.data",
+        "sources",
+        lambda d: (d.train is None) != (d.sources is None),
+        "has(self.train) != has(self.sources)",
+        "needs exactly one of train and sources",
+        "list plain files in train, or sources with their own terms — not both",
+    ),
+    Rule(
+        "validation-sources-exclusive",
+        "spec.data",
+        "validationSources",
+        lambda d: (
+            d.validation_sources is None or (d.validation is None and d.validation_fraction == 0)
+        ),
+        "!has(self.validationSources) || (!has(self.validation) && self.validationFraction == 0.0)",
+        "is set together with validation or validationFraction",
+        "keep one way to name validation data: validationSources, validation or validationFraction",
+    ),
+    Rule(
+        "source-names-unique",
+        "spec.data",
+        "sources",
+        _names_unique,
+        _UNIQUE_NAMES_CEL,
+        "names a source twice (names are unique across sources and validationSources; plain "
+        "data.train and data.validation entries are train-<i> and validation-<i>)",
+        "give every source its own name",
+    ),
+    Rule(
+        "hub-fields-need-hub-dataset",
+        "spec.data",
+        "sources",
+        _hub_fields_on_hub,
+        _sources_cel(
+            f"s.uri.startsWith('{HUB_DATASET_PREFIX}') || "
+            + "!("
+            + " || ".join(f"has(s.{f})" for f in _HUB_FIELDS)
+            + ")"
+        ),
+        "a source sets config, split or files without an hf://datasets/ URI",
+        "remove them: they select the files of a Hub dataset only",
     ),
     Rule(
         "validation-fraction-below-one",
@@ -705,9 +809,10 @@ RULES: tuple[Rule, ...] = (
         "output.maxPerplexity",
         lambda s: s.output.max_perplexity is None or _has_validation(s),
         "!has(self.output.maxPerplexity) || has(self.data.validation) || "
-        "self.data.validationFraction > 0.0",
+        "has(self.data.validationSources) || self.data.validationFraction > 0.0",
         "needs a validation split to measure perplexity on",
-        "set data.validation or data.validationFraction, or remove maxPerplexity",
+        "set data.validation, data.validationSources or data.validationFraction, or remove "
+        "maxPerplexity",
     ),
     # ---------------------------------------------------------------------------- storage
     Rule(

@@ -49,6 +49,9 @@ def merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+#: A data source with terms, and a validation source.
+SOURCE: dict[str, Any] = {"name": "policies", "uri": "s3://d/policy/", "fraction": 0.5}
+VSOURCE: dict[str, Any] = {"name": "held-out", "uri": "s3://d/held/"}
 #: A valid fine-tune with as little as possible: everything else comes from defaults.
 BASE: dict[str, Any] = {
     "apiVersion": "kubetrain.dev/v1alpha1",
@@ -378,8 +381,52 @@ CASES = [
          "spec.data.train[0]", "cel"),
     Case("name-trailing-newline", {"metadata": {"name": "rt-nl\n"}}, "metadata.name", "cel",
          crd_path=""),
-    Case("hf-for-data", spec(data={"train": ["hf://datasets/org/name"]}), "spec.data.train[0]",
+    Case("hf-data-not-a-dataset", spec(data={"train": ["hf://org/name"]}), "spec.data.train[0]",
          "cel"),
+    Case("hf-for-output", spec(output={"uri": "hf://datasets/org/name"}), "spec.output.uri",
+         "cel"),
+    # ---- issue 18: sources with their own terms
+    Case("train-and-sources", spec(data={"sources": [SOURCE]}), "spec.data.sources", "cel"),
+    Case("neither-train-nor-sources", spec(data={"train": DELETE}), "spec.data.sources", "cel"),
+    Case("validation-sources-with-validation",
+         spec(data={"validation": ["s3://d/v.jsonl"], "validationSources": [VSOURCE]}),
+         "spec.data.validationSources", "cel"),
+    Case("validation-sources-with-fraction",
+         spec(data={"validationFraction": 0.1, "validationSources": [VSOURCE]}),
+         "spec.data.validationSources", "cel"),
+    Case("source-name-twice", spec(data={"train": DELETE, "sources": [SOURCE, SOURCE]}),
+         "spec.data.sources", "cel"),
+    Case("source-name-in-both-lists",
+         spec(data={"train": DELETE, "sources": [SOURCE], "validationSources": [SOURCE]}),
+         "spec.data.sources", "cel"),
+    Case("source-name-of-a-plain-validation-entry",
+         spec(data={"train": DELETE, "validation": ["s3://d/v.jsonl"],
+                    "sources": [{**SOURCE, "name": "validation-0"}]}),
+         "spec.data.sources", "cel"),
+    Case("hub-fields-without-hub-dataset",
+         spec(data={"train": DELETE, "sources": [{**SOURCE, "split": "train"}]}),
+         "spec.data.sources", "cel"),
+    Case("hub-dataset-not-org-name",
+         spec(data={"train": DELETE, "sources": [{**SOURCE, "uri": "hf://datasets/tulu"}]}),
+         "spec.data.sources[0].uri", "cel"),
+    Case("source-name-not-a-label",
+         spec(data={"train": DELETE, "sources": [{**SOURCE, "name": "Policy_Docs"}]}),
+         "spec.data.sources[0].name", "schema"),
+    Case("source-fraction-zero",
+         spec(data={"train": DELETE, "sources": [{**SOURCE, "fraction": 0}]}),
+         "spec.data.sources[0].fraction", "schema"),
+    Case("source-fraction-above-100",
+         spec(data={"train": DELETE, "sources": [{**SOURCE, "fraction": 101}]}),
+         "spec.data.sources[0].fraction", "schema"),
+    Case("source-max-rows-zero",
+         spec(data={"train": DELETE, "sources": [{**SOURCE, "maxRows": 0}]}),
+         "spec.data.sources[0].maxRows", "schema"),
+    Case("source-rejected-fraction-above-one",
+         spec(data={"train": DELETE, "sources": [{**SOURCE, "maxRejectedFraction": 2}]}),
+         "spec.data.sources[0].maxRejectedFraction", "schema"),
+    Case("source-unknown-term",
+         spec(data={"train": DELETE, "sources": [{**SOURCE, "weight": 2}]}),
+         "spec.data.sources[0].weight", "schema", crd_path="spec.data.sources[0]"),
     Case("hf-model-not-org-name", spec(model={"uri": "hf://just-a-name"}), "spec.model.uri",
          "cel"),
     Case("s3-endpoint-plain-http", spec(storage={"s3": {"endpoint": "http://minio:9000"}}),
@@ -636,6 +683,30 @@ def test_accepted_forms_pass_both_sides() -> None:
             }
         ),
         spec(data={"validationFraction": 0.01}, output={"maxPerplexity": 12.5}),
+        spec(
+            data={
+                "train": DELETE,
+                "sources": [
+                    {**SOURCE, "exclude": ["*/processed/*"], "maxRows": 50000, "optional": True},
+                    {
+                        "name": "tulu",
+                        "uri": "hf://datasets/allenai/tulu-3-sft-mixture@main",
+                        "fraction": 0.1,
+                        "split": "train",
+                        "files": ["data/*.parquet"],
+                    },
+                    {
+                        "name": "twice",
+                        "uri": "s3://d/x/*.jsonl",
+                        "fraction": 2.5,
+                        "maxRejectedFraction": 0.2,
+                    },
+                ],
+                "validationSources": [VSOURCE],
+            },
+            output={"maxPerplexity": 12.5},
+        ),
+        spec(data={"validation": ["s3://d/v.jsonl"], "train": DELETE, "sources": [SOURCE]}),
     ):
         doc = merge(BASE, patch)
         api.parse_run(doc)

@@ -300,8 +300,9 @@ def written_keys(
     seen.setdefault(model, []).append(set(data))
     for name, info in model.model_fields.items():
         nested, value = _nested_model(info), data.get(info.alias or name)
-        if nested is not None and isinstance(value, dict):
-            written_keys(nested, value, seen)
+        for item in value if isinstance(value, list) else [value]:
+            if nested is not None and isinstance(item, dict):
+                written_keys(nested, item, seen)
 
 
 def always_written() -> dict[type[BaseModel], set[str]]:

@@ -242,10 +242,12 @@ def test_env_has_credentials_only_by_reference(name: str) -> None:
     _, plan = planned(doc)
     s3 = spec_get(doc, "spec.storage.s3", {})
     hf = spec_get(doc, "spec.storage.hf", {})
+    data = doc["spec"]["data"]
+    data_uris = [s["uri"] for key in ("sources", "validationSources") for s in data.get(key, [])]
     uses_hub = any(
-        str(spec_get(doc, f, "")).startswith("hf://")
-        for f in ("spec.model.uri", "spec.tokenizer.uri")
-    )
+        str(uri).startswith("hf://")
+        for uri in (spec_get(doc, "spec.model.uri", ""), spec_get(doc, "spec.tokenizer.uri", ""))
+    ) or any(uri.startswith("hf://datasets/") for uri in data_uris)
     for stage in plan.stages:
         env = env_of(stage)
         for entry in stage.env:
@@ -304,9 +306,27 @@ def test_preprocess_config_carries_the_data_spec(name: str) -> None:
     doc = DOCUMENTS[name]
     data, spec = doc["spec"]["data"], doc["spec"]
     config = stage_config(doc, "preprocess")
-    train = data["train"] if isinstance(data["train"], list) else [data["train"]]
-    if not any(u.startswith("pvc://") for u in train):
-        assert config["train"] == train
+    written = {(s["split"], s["name"]): s for s in config["sources"]}
+    named = [("train", f"train-{i}", {"uri": u}) for i, u in enumerate(data.get("train", []))]
+    named += [("train", s["name"], s) for s in data.get("sources", [])]
+    named += [
+        ("validation", f"validation-{i}", {"uri": u})
+        for i, u in enumerate(data.get("validation", []))
+    ]
+    named += [("validation", s["name"], s) for s in data.get("validationSources", [])]
+    assert set(written) == {(split, name) for split, name, _ in named}
+    for split, name, source in named:
+        planned_source = written[split, name]
+        if not source["uri"].startswith("pvc://"):
+            assert planned_source["uri"] == source["uri"]
+        assert planned_source["exclude"] == source.get("exclude", [])
+        assert planned_source["fraction"] == source.get("fraction")
+        assert planned_source["maxRows"] == source.get("maxRows")
+        assert planned_source["optional"] is source.get("optional", False)
+        assert planned_source["maxRejectedFraction"] == source.get("maxRejectedFraction")
+        hub = {k: source.get(k) for k in ("config", "split")} | {"files": source.get("files", [])}
+        hub_dataset = source["uri"].startswith("hf://datasets/")
+        assert planned_source["hub"] == (hub if hub_dataset else None)
     assert config["format"] == data["format"]
     assert config["blockSize"] == data.get("blockSize", 1024)
     assert config["chatTemplate"] == data.get("chatTemplate")
@@ -559,11 +579,11 @@ def test_pvc_uris_map_to_the_mount_root() -> None:
     assert set(plan.pvc_claims) == {"models", "datasets", "runs", "cache"}
     preprocess, train = plan.stage("preprocess"), plan.stage("train")
     assert preprocess is not None and train is not None
-    assert preprocess.config["train"] == [
-        "/mnt/pvc/datasets/support/a.jsonl",
-        "/mnt/pvc/datasets/support/b.jsonl",
+    assert [(s["name"], s["uri"]) for s in preprocess.config["sources"]] == [
+        ("train-0", "/mnt/pvc/datasets/support/a.jsonl"),
+        ("train-1", "/mnt/pvc/datasets/support/b.jsonl"),
+        ("validation-0", "/mnt/pvc/datasets/support/val.jsonl"),
     ]
-    assert preprocess.config["validation"] == ["/mnt/pvc/datasets/support/val.jsonl"]
     assert preprocess.config["cacheRoot"] == "/mnt/pvc/cache/kubetrain"
     assert train.config["model"]["uri"] == "/mnt/pvc/models/meta-llama/Llama-3.1-8B-Instruct"
     assert train.config["outputUri"] == "/mnt/pvc/runs/llama31-support"
@@ -646,7 +666,7 @@ def test_local_runs_keep_local_and_s3_uris() -> None:
     assert plan.pvc_claims == ()
     preprocess = plan.stage("preprocess")
     assert preprocess is not None
-    assert preprocess.config["train"] == doc["spec"]["data"]["train"]
+    assert [s["uri"] for s in preprocess.config["sources"]] == doc["spec"]["data"]["train"]
 
 
 # --------------------------------------------------------------------------------------- fromRun

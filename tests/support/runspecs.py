@@ -206,6 +206,38 @@ VARIANTS: dict[str, dict[str, Any]] = {
             ],
         },
     ),
+    "sources-mixture": changed(
+        example("tulu-sft"),
+        {
+            "spec.data.train": DELETE,
+            "spec.data.validationFraction": DELETE,
+            "spec.data.sources": [
+                {
+                    "name": "policies",
+                    "uri": "s3://datasets/policy/",
+                    "exclude": ["*/processed/*", "*/failed/*"],
+                    "fraction": 0.5,
+                    "maxRejectedFraction": 0.05,
+                },
+                {
+                    "name": "tulu",
+                    "uri": "hf://datasets/allenai/tulu-3-sft-mixture@main",
+                    "config": "default",
+                    "split": "train",
+                    "files": ["data/*.parquet"],
+                    "fraction": 0.1,
+                },
+                {
+                    "name": "operatives",
+                    "uri": "pvc://datasets/ops/",
+                    "maxRows": 50000,
+                    "optional": True,
+                },
+            ],
+            "spec.data.validationSources": [{"name": "held-out", "uri": "s3://datasets/held/"}],
+            "spec.storage.hf": {"secretName": "hf-token"},
+        },
+    ),
 }
 
 

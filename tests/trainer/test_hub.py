@@ -2,26 +2,20 @@
 
 Real: `huggingface_hub.snapshot_download` (its HTTP client, revision resolution, tree listing,
 file downloads, `HF_ENDPOINT` and `HF_TOKEN` handling), the preprocess and train stages in this
-process, the tiny base model the trainer tests build. Emulated: the Hub itself — a small HTTP
-server here speaks the part of its API that downloads use (`/api/models/{repo}/revision/{rev}`,
-`/api/models/{repo}/tree/{commit}`, `HEAD`/`GET /{repo}/resolve/{commit}/{file}`), serving a
-private repository that needs the bearer token.
+process, the tiny base model the trainer tests build. Emulated: the Hub itself
+(tests/support/hub_standin.py), serving a private repository that needs the bearer token.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import pytest
 
+from hub_standin import Hub, HubRepo, HubStandin
 from kubetrain_contract.exit_codes import EXIT_INVALID
 from kubetrain_trainer import train
 from kubetrain_trainer.__main__ import main
@@ -33,83 +27,18 @@ TOKEN = "hf_planted0123456789abcdefTOKEN"
 COMMIT = hashlib.sha1(b"kubetrain-test").hexdigest()
 
 
-@dataclass
-class HubRepo:
-    files: dict[str, bytes]
-    token: str
-    requests: list[tuple[str, str, str]] = field(default_factory=list)
-    """(method, path, Authorization header) of every request."""
-
-
-class _Hub(BaseHTTPRequestHandler):
-    repo: HubRepo
-
-    def _send(self, status: int, body: bytes, headers: dict[str, str]) -> None:
-        self.send_response(status)
-        for name, value in headers.items():
-            self.send_header(name, value)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    def _json(self, value: Any) -> None:
-        self._send(200, json.dumps(value).encode(), {"Content-Type": "application/json"})
-
-    def _route(self) -> None:
-        repo = self.server.repo  # type: ignore[attr-defined]
-        path = unquote(urlsplit(self.path).path)
-        repo.requests.append((self.command, path, self.headers.get("Authorization", "")))
-        if self.headers.get("Authorization") != f"Bearer {repo.token}":
-            # What the Hub answers for a private repository without a valid token.
-            self._send(401, b'{"error":"Invalid credentials"}', {"X-Error-Code": "RepoNotFound"})
-            return
-        if path in (f"/api/models/{REPO}/revision/main", f"/api/models/{REPO}/revision/{COMMIT}"):
-            siblings = [{"rfilename": name} for name in sorted(repo.files)]
-            self._json({"id": REPO, "sha": COMMIT, "siblings": siblings, "private": True})
-        elif path == f"/api/models/{REPO}/tree/{COMMIT}":
-            self._json(
-                [
-                    {
-                        "type": "file",
-                        "path": name,
-                        "size": len(data),
-                        "oid": hashlib.sha1(data).hexdigest(),
-                    }
-                    for name, data in sorted(repo.files.items())
-                ]
-            )
-        elif path.startswith(f"/{REPO}/resolve/{COMMIT}/"):
-            name = path.removeprefix(f"/{REPO}/resolve/{COMMIT}/")
-            data = repo.files.get(name)
-            if data is None:
-                self._send(404, b"", {"X-Error-Code": "EntryNotFound"})
-                return
-            etag = f'"{hashlib.sha1(data).hexdigest()}"'
-            self._send(200, data, {"X-Repo-Commit": COMMIT, "ETag": etag})
-        else:
-            self._send(404, b"", {"X-Error-Code": "RevisionNotFound"})
-
-    do_GET = do_HEAD = _route
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture
-def hub(assets: Assets, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubRepo]:
+def hub(assets: Assets, monkeypatch: pytest.MonkeyPatch) -> Iterator[Hub]:
     """The tiny base model as a private Hub repository; HF_ENDPOINT and HF_TOKEN point at it."""
     base = assets.base_model()
     files = {p.name: p.read_bytes() for p in base.iterdir() if p.is_file() and p.name != "COMPLETE"}
-    repo = HubRepo(files=files, token=TOKEN)
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Hub)
-    server.repo = repo  # type: ignore[attr-defined]
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+    repo = HubRepo(name=REPO, commits={COMMIT: files}, refs={"main": COMMIT}, token=TOKEN)
+    server = HubStandin(Hub(repos={("models", REPO): repo}, token=TOKEN)).start()
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    yield repo
-    server.shutdown()
+    yield server.hub
+    server.stop()
 
 
 def _texts(tmp_path: Path) -> Path:
@@ -117,7 +46,7 @@ def _texts(tmp_path: Path) -> Path:
 
 
 def test_a_hub_tokenizer_and_model_are_fetched_into_the_stage_cache(
-    hub: HubRepo, assets: Assets, tmp_path: Path
+    hub: Hub, assets: Assets, tmp_path: Path
 ) -> None:
     cfg = config(tmp_path, [str(_texts(tmp_path))], tokenizer={"uri": f"hf://{REPO}@main"})
     result = run_stage(cfg, tmp_path / "pre")
@@ -138,13 +67,15 @@ def test_a_hub_tokenizer_and_model_are_fetched_into_the_stage_cache(
     assert outcome["step"] == 3
     models = list((tmp_path / "work" / "models").iterdir())
     assert len(models) == 1
-    assert (models[0] / "model.safetensors").read_bytes() == hub.files["model.safetensors"]
+    assert (models[0] / "model.safetensors").read_bytes() == hub.repos[("models", REPO)].files[
+        "model.safetensors"
+    ]
     downloads = [p for method, p, _ in hub.requests if method == "GET" and "/resolve/" in p]
     assert f"/{REPO}/resolve/{COMMIT}/model.safetensors" in downloads
 
 
 def test_without_the_token_the_error_names_the_secret_field(
-    hub: HubRepo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    hub: Hub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("HF_TOKEN")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no token stored on disk either
@@ -159,7 +90,7 @@ def test_without_the_token_the_error_names_the_secret_field(
     assert "storage.hf.secretName" in error and TOKEN not in error
 
 
-def test_the_fit_check_fetches_only_config_json_from_the_hub(hub: HubRepo, tmp_path: Path) -> None:
+def test_the_fit_check_fetches_only_config_json_from_the_hub(hub: Hub, tmp_path: Path) -> None:
     from kubetrain_contract import memory
     from stage_base import base_config
 
@@ -178,7 +109,9 @@ def test_the_fit_check_fetches_only_config_json_from_the_hub(hub: HubRepo, tmp_p
         EXIT_INVALID
     )
     result = json.loads((tmp_path / "w" / "result-preprocess.json").read_text())
-    shape = memory.ModelShape.from_hf_config(json.loads(hub.files["config.json"]))
+    shape = memory.ModelShape.from_hf_config(
+        json.loads(hub.repos[("models", REPO)].files["config.json"])
+    )
     estimate = memory.estimate(shape, memory.Setup.from_dict(planned))
     assert result["error"].startswith(
         "spec.training: " + memory.refusal(estimate, shape, 1024**2, "resources.gpuMemory")

@@ -177,6 +177,45 @@ class FitRequest(_Config):
     """memory.Setup of every sanity, train and merge stage."""
 
 
+class HubSource(_Config):
+    """Which files of a Hub dataset a source reads (hf://datasets/ORG/NAME[@REVISION])."""
+
+    config: str | None
+    """The dataset's config (subset); None: every config."""
+    split: str | None
+    """The dataset's split; None: every split."""
+    files: list[str]
+    """Globs of repository files to read; empty: the config's and split's Parquet/JSONL files."""
+
+
+class SourceConfig(_Config):
+    """One data source and its terms (spec.data.sources[], or a plain data.train entry)."""
+
+    name: str = Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    """Unique across the config: names the source in the result, metrics and errors."""
+    split: Literal["train", "validation"]
+    """Which split its rows go to."""
+    uri: Uri
+    """A file, prefix or glob (local or s3://), or hf://datasets/ORG/NAME[@REVISION]."""
+    exclude: list[str]
+    """fnmatch globs on file paths below the prefix: matching files are not read."""
+    fraction: float | None = Field(gt=0.0, le=100.0)
+    """Share of accepted rows kept (> 1 repeats); None: every row once."""
+    max_rows: int | None = Field(ge=1)
+    """Cap on selected rows (after fraction); None: no cap."""
+    optional: bool
+    """True: yielding no rows is allowed."""
+    max_rejected_fraction: Fraction | None
+    """This source's rejection limit; None: the config's maxRejectedFraction."""
+    hub: HubSource | None
+    """Set for Hub datasets (hf://datasets/…), else None."""
+
+    @property
+    def selects(self) -> bool:
+        """True when the source keeps other than every accepted row exactly once."""
+        return self.max_rows is not None or self.fraction not in (None, 1.0)
+
+
 class PreprocessConfig(_Config):
     """Read, validate, tokenize and pack the data into a content-addressed Arrow dataset."""
 
@@ -188,10 +227,9 @@ class PreprocessConfig(_Config):
     """The TrainingRun's name (logs, metrics labels)."""
     format: DataFormat
     """text, chat or preference rows."""
-    train: list[Uri] = Field(min_length=1)
-    """Training files, prefixes or globs (local paths or s3://)."""
-    validation: list[Uri]
-    """Validation files, prefixes or globs; empty: hold out validationFraction."""
+    sources: list[SourceConfig] = Field(min_length=1)
+    """Every input with its terms: at least one of split train; no validation source: hold out
+    validationFraction. Processed sorted by (split, name), whatever their order here."""
     validation_fraction: Fraction
     """Share of training documents held out when there are no validation files."""
     fields: Fields
@@ -227,6 +265,19 @@ class PreprocessConfig(_Config):
     fit: FitRequest | None
     """Check that every stage fits its GPU before tokenizing; None: the plan did (or no GPU
     memory is known)."""
+
+    @model_validator(mode="after")
+    def _sources_named_once(self) -> PreprocessConfig:
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ValueError("sources: a name appears twice — name every source once")
+        if not any(s.split == "train" for s in self.sources):
+            raise ValueError("sources: no source of split train — add one")
+        return self
+
+    def split_sources(self, split: str) -> list[SourceConfig]:
+        """The sources of a split in canonical order (by name)."""
+        return sorted((s for s in self.sources if s.split == split), key=lambda s: s.name)
 
 
 class AdapterConfig(_Config):

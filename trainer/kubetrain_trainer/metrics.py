@@ -55,6 +55,18 @@ class PreprocessMetrics:
             labels,
             registry=r,
         )
+        self.source_rows = Counter(
+            names.PREPROCESS_SOURCE_ROWS,
+            "Rows per data source by outcome (read, accepted, rejected, selected)",
+            ["run", "source", "outcome"],
+            registry=r,
+        )
+        self.source_tokens = Counter(
+            names.PREPROCESS_SOURCE_TOKENS,
+            "Tokens of each data source's selected rows",
+            ["run", "source"],
+            registry=r,
+        )
         self.last_progress = Gauge(
             names.PREPROCESS_LAST_PROGRESS_TIMESTAMP,
             "Unix time of the last input chunk read or encoded (the operator's stall check)",

@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import fnmatch
 import gzip
 import hashlib
+import importlib
 import io
 import json
 import re
@@ -37,10 +39,11 @@ import tempfile
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, Literal
 
 from kubetrain_trainer import storage
-from kubetrain_trainer.config import PreprocessConfig, S3Settings
+from kubetrain_trainer.config import PreprocessConfig, S3Settings, SourceConfig
 from kubetrain_trainer.preprocess.rows import RecordKind
 from kubetrain_trainer.stage import InvalidInput
 
@@ -52,6 +55,8 @@ CHUNK_RECORDS = 2048
 #: A single record above this is refused (tooLong) instead of growing memory without bound.
 MAX_RECORD_BYTES = 32 << 20
 _BLOCK = 1 << 20
+#: Data URIs that name a Hugging Face Hub dataset.
+HUB_DATASETS = "hf://datasets/"
 _BOM = codecs.BOM_UTF8
 _COMPRESSIONS = {".gz": "gz", ".gzip": "gz", ".zst": "zst", ".zstd": "zst"}
 _KINDS = {
@@ -67,12 +72,25 @@ InputKind = Literal["jsonl", "json", "txt", "parquet"]
 
 @dataclass(frozen=True)
 class Source:
-    """One input file and the split its rows go to."""
+    """One input file, the split its rows go to and the data source it belongs to."""
 
     uri: str
     split: str
     kind: InputKind
     compression: str
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class Listed:
+    """A data source's files (after exclusion), in read order, and what its key depends on."""
+
+    config: SourceConfig
+    files: list[Source]
+    excluded: int
+    """Files found under the URI that an exclude glob left out."""
+    commit: str | None
+    """A Hub dataset's revision resolved to a commit; None for other sources."""
 
 
 @dataclass(frozen=True)
@@ -91,12 +109,13 @@ class Chunk:
     uri: str
     split: str
     kind: RecordKind
+    source: str
     lines: list[int]
     records: list[bytes | object | None]
     nbytes: int
 
 
-def source(uri: str, split: str, where: str) -> Source:
+def source(uri: str, split: str, where: str, name: str = "") -> Source:
     """Classify an input by its name; refuse what cannot be read."""
     name = uri.rstrip("/").rsplit("/", 1)[-1].lower()
     stem, dot, ext = name.rpartition(".")
@@ -109,26 +128,65 @@ def source(uri: str, split: str, where: str) -> Source:
             f"{where}: {uri}: cannot tell how to read this file — name it *.jsonl, *.json, "
             "*.txt or *.parquet (the first three may end in .gz or .zst)"
         )
-    return Source(uri, split, kind, compression)  # type: ignore[arg-type]
+    return Source(uri, split, kind, compression, name)  # type: ignore[arg-type]
 
 
-def sources(config: PreprocessConfig) -> list[Source]:
-    """The inputs in order: train files, then validation files; prefixes and globs expanded
-    (sorted), so each file found is fingerprinted into the cache key on its own."""
-    found = [
-        source(uri, split, f"{split}[{i}]")
-        for split, uris in (("train", config.train), ("validation", config.validation))
-        for i, pattern in enumerate(uris)
-        for uri in storage.expand(pattern, f"{split}[{i}]", config.s3)
-    ]
+def _below(pattern: str, found: str) -> str:
+    """The path of a found file below its pattern's static prefix (what exclude globs see)."""
+    static = pattern[: min((pattern.index(c) for c in "*?[" if c in pattern), default=len(pattern))]
+    base = static if static.endswith("/") else static.rpartition("/")[0] + "/"
+    return found.removeprefix(base) if found.startswith(base) else found.rpartition("/")[2]
+
+
+def _hub_files(src: SourceConfig, workdir: Path) -> tuple[list[str], str]:
+    """A Hub dataset's selected files, fetched under the workdir, and the commit they are at:
+    the one place that reads hf://datasets/ URIs (storage.hub_datasets)."""
+    hub_datasets = importlib.import_module("kubetrain_trainer.storage.hub_datasets")
+    assert src.hub is not None
+    dest = workdir / ".kubetrain-cache" / "hub-datasets" / src.name
+    fetched = hub_datasets.fetch_dataset(
+        src.uri, dest, config=src.hub.config, split=src.hub.split, files=src.hub.files
+    )
+    return [str(path) for path in fetched.files], fetched.commit
+
+
+def _files(src: SourceConfig, where: str, config: PreprocessConfig, workdir: Path) -> tuple[list[str], str | None]:
+    """The files a source's URI names and, for a Hub dataset, its commit; an optional source
+    whose URI names nothing has no files (a required one fails naming it)."""
+    try:
+        if src.uri.startswith(HUB_DATASETS):
+            return _hub_files(src, workdir)
+        return storage.expand(src.uri, where, config.s3), None
+    except storage.NotFound:
+        if src.optional:
+            return [], None
+        raise
+
+
+def sources(config: PreprocessConfig, workdir: Path) -> list[Listed]:
+    """Every data source in canonical order (train, then validation; by name within a split),
+    with its files: prefixes and globs expanded (sorted), excluded files left out, so each file
+    read is fingerprinted into the cache key on its own."""
+    listed = []
+    for split in ("train", "validation"):
+        for src in config.split_sources(split):
+            where = f"sources[{src.name}]"
+            found, commit = _files(src, where, config, workdir)
+            kept = [
+                uri
+                for uri in found
+                if not any(fnmatch.fnmatchcase(_below(src.uri, uri), g) for g in src.exclude)
+            ]
+            files = [source(uri, split, where, src.name) for uri in kept]
+            listed.append(Listed(src, files, len(found) - len(kept), commit))
     if config.format != "text":
-        for src in found:
+        for src in (f for item in listed for f in item.files):
             if src.kind == "txt":
                 raise InvalidInput(
                     f"{src.uri}: .txt files hold plain documents; format {config.format} needs "
                     "rows with fields — use .jsonl, .json or .parquet"
                 )
-    return found
+    return listed
 
 
 class _Counting(io.RawIOBase):
@@ -429,10 +487,10 @@ def read_chunks(
                 size += len(record) if isinstance(record, bytes) else 0
                 if size >= CHUNK_BYTES or (kind == "value" and len(batch) >= CHUNK_RECORDS):
                     nbytes, reported = counting.count - reported, counting.count
-                    yield Chunk(index, src.uri, src.split, kind, lines, batch, nbytes)
+                    yield Chunk(index, src.uri, src.split, kind, src.name, lines, batch, nbytes)
                     index, size, lines, batch = index + 1, 0, [], []
             _verify(inp, counting)
             if batch or counting.count > reported:
                 nbytes = counting.count - reported
-                yield Chunk(index, src.uri, src.split, kind, lines, batch, nbytes)
+                yield Chunk(index, src.uri, src.split, kind, src.name, lines, batch, nbytes)
                 index += 1

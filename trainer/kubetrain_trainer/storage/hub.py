@@ -9,9 +9,10 @@ private Hub); neither is ever part of a URI or a config.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from kubetrain_trainer.storage.credentials import HF_CREDENTIALS_FIELD
@@ -37,9 +38,14 @@ def endpoint() -> str:
     return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
 
 
-def download(uri: str, dest: Path, patterns: Sequence[str] | None = None) -> Path:
-    """The repository's files (those matching `patterns`) in `dest`, fetched once per revision."""
-    from huggingface_hub import snapshot_download
+def token() -> str | None:
+    return os.environ.get("HF_TOKEN") or None
+
+
+@contextlib.contextmanager
+def errors(uri: str, revision: str | None) -> Iterator[str]:
+    """huggingface_hub's failures as storage errors naming `uri`, the Hub and the fix; yields the
+    `where` every message starts with."""
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
@@ -48,17 +54,9 @@ def download(uri: str, dest: Path, patterns: Sequence[str] | None = None) -> Pat
         RevisionNotFoundError,
     )
 
-    repo, revision = parse(uri)
     where = f"{uri} (Hub at {endpoint()})"
     try:
-        path = snapshot_download(
-            repo,
-            revision=revision,
-            local_dir=dest,
-            allow_patterns=list(patterns) if patterns else None,
-            endpoint=endpoint(),
-            token=os.environ.get("HF_TOKEN") or None,
-        )
+        yield where
     except RevisionNotFoundError:
         raise NotFound(
             f"{where}: no revision {revision!r} — name a branch, tag or commit"
@@ -86,4 +84,20 @@ def download(uri: str, dest: Path, patterns: Sequence[str] | None = None) -> Pat
             f"{where}: cannot download ({type(error).__name__}) — transient network trouble, "
             "retried; check HF_ENDPOINT if it persists"
         ) from None
+
+
+def download(uri: str, dest: Path, patterns: Sequence[str] | None = None) -> Path:
+    """The repository's files (those matching `patterns`) in `dest`, fetched once per revision."""
+    from huggingface_hub import snapshot_download
+
+    repo, revision = parse(uri)
+    with errors(uri, revision):
+        path = snapshot_download(
+            repo,
+            revision=revision,
+            local_dir=dest,
+            allow_patterns=list(patterns) if patterns else None,
+            endpoint=endpoint(),
+            token=token(),
+        )
     return Path(path)
