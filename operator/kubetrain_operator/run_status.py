@@ -87,6 +87,8 @@ class SourceStatus(_Status):
     """The split the source feeds."""
     files: int = Field(ge=0)
     """Files read from the source (after its exclude globs)."""
+    excluded_files: int | None = Field(default=None, ge=0)
+    """Files its exclude globs left out."""
     rows_read: int = Field(ge=0)
     """Rows read from its files."""
     accepted: int = Field(ge=0)

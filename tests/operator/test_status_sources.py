@@ -22,6 +22,7 @@ def source(name: str, split: str = "train", **changes: Any) -> dict[str, Any]:
         "name": name,
         "split": split,
         "files": 3,
+        "excludedFiles": 2,
         "rowsRead": 400,
         "accepted": 396,
         "rejected": {"emptyText": 4},
@@ -75,6 +76,7 @@ def test_badly_typed_entries_are_left_out_and_the_rest_shown() -> None:
         source("flag", accepted=True),  # a bool is not a count
         source("half", tokens=1.5),
         source("negative", selected=-1),
+        source("excluded", excludedFiles=-1),
         source("reasons", rejected={"emptyText": -2}),
         source("reasons-list", rejected=[["emptyText", 2]]),
         source("test", split="test"),

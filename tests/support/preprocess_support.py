@@ -26,7 +26,7 @@ from corpus import paragraphs
 from kubetrain_trainer.config import PreprocessConfig, parse_stage_config
 from kubetrain_trainer.metrics import PreprocessMetrics
 from kubetrain_trainer.preprocess import dataset, pipeline, tokenizer
-from stage_base import base_config, changed
+from stage_base import base_config, changed, plain_sources, source
 
 ROOT = Path(__file__).resolve().parents[2]
 EOS = "<|endoftext|>"
@@ -35,6 +35,7 @@ EOS = "<|endoftext|>"
 OWN_TEMPLATE = (
     tokenizer.TEMPLATES["chatml"].replace("{% generation %}", "").replace("{% endgeneration %}", "")
 )
+__all__ = ["plain_sources", "source"]
 SPECIALS = [EOS, "<|pad|>", *(t for tokens in tokenizer.TEMPLATE_TOKENS.values() for t in tokens)]
 
 
@@ -64,13 +65,16 @@ def tokenizer_dir() -> Path:
     return path
 
 
-def config(tmp: Path, train: list[str], **overrides: Any) -> dict[str, Any]:
+def config(
+    tmp: Path, train: list[str], validation: list[str] | None = None, **overrides: Any
+) -> dict[str, Any]:
     """A complete preprocess stage config (wire format): the planned one
-    (tests/support/stage_base.py) with the test tokenizer, one worker and paths under `tmp`, then
-    `overrides` (merged into nested blocks, see :func:`stage_base.changed`)."""
+    (tests/support/stage_base.py) with `train` and `validation` as plain sources (as the plan
+    writes data.train and data.validation), the test tokenizer, one worker and paths under `tmp`,
+    then `overrides` (merged into nested blocks, see :func:`stage_base.changed`)."""
     test: dict[str, Any] = {
         "run": "test-run",
-        "train": train,
+        "sources": plain_sources(train, validation),
         "cacheRoot": str(tmp / "cache"),
         "datasetPointer": str(tmp / "out" / "dataset.json"),
         "workers": 1,

@@ -116,3 +116,16 @@ def train_block(dotted: str, changes: dict[str, Any] | None = None) -> dict[str,
     for key in dotted.split("."):
         node = node[key]
     return changed(node, changes or {})
+
+
+def source(name: str, uri: str, split: str = "train", **terms: Any) -> dict[str, Any]:
+    """A SourceConfig as the plan writes it (a plain data.train entry's), with `terms` set."""
+    planned = base_config("preprocess")["sources"][0]
+    return {**planned, "name": name, "split": split, "uri": uri, **terms}
+
+
+def plain_sources(train: list[str], validation: list[str] | None = None) -> list[dict[str, Any]]:
+    """The sources the plan writes for data.train and data.validation lists."""
+    return [source(f"train-{i}", uri) for i, uri in enumerate(train)] + [
+        source(f"validation-{i}", uri, "validation") for i, uri in enumerate(validation or [])
+    ]

@@ -35,7 +35,7 @@ from kubetrain_trainer.config import (
     parse_stage_config,
 )
 from stage_base import TINY as TINY  # the trainer tests' model, re-exported
-from stage_base import base_config, changed
+from stage_base import base_config, changed, plain_sources
 
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
@@ -96,7 +96,9 @@ class Assets:
         corpus = self.root / f"{name}.txt"
         if not corpus.exists():
             write_text_corpus(corpus, max_bytes)
-        return self.preprocess(name, {"format": "text", "train": [str(corpus)], **doc})
+        return self.preprocess(
+            name, {"format": "text", "sources": plain_sources([str(corpus)]), **doc}
+        )
 
     def text(self) -> str:
         """The standard library text with a trained BPE tokenizer (~2k blocks of 64)."""
@@ -145,7 +147,7 @@ class Assets:
             "chat",
             {
                 "format": "chat",
-                "train": [str(source)],
+                "sources": plain_sources([str(source)]),
                 "validationFraction": 0.05,
                 "tokenizer": {"uri": str(self.base_model())},
                 "chatTemplate": "chatml",
@@ -167,7 +169,7 @@ class Assets:
             "preference",
             {
                 "format": "preference",
-                "train": [str(source)],
+                "sources": plain_sources([str(source)]),
                 "validationFraction": 0.1,
                 "tokenizer": {"uri": str(self.base_model())},
                 "chatTemplate": "chatml",

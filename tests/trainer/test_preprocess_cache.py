@@ -23,6 +23,7 @@ from preprocess_support import (
     docs,
     file_hashes,
     parse,
+    plain_sources,
     run_stage,
     tokenizer_dir,
     write_jsonl,
@@ -52,7 +53,7 @@ def test_the_key_follows_the_content_and_nothing_else(tmp_path: Path) -> None:
         "rejection limit": changed(base, {"maxRejectedFraction": 0.3}),
         "cache root": changed(base, {"cacheRoot": str(tmp_path / "other-cache")}),
         "pointer": changed(base, {"datasetPointer": str(tmp_path / "p.json")}),
-        "file name and place": changed(base, {"train": [str(renamed)]}),
+        "file name and place": changed(base, {"sources": plain_sources([str(renamed)])}),
         "other formats' fields": changed(base, {"fields": {"messages": "conversation"}}),
         "textSplit without .txt": changed(base, {"textSplit": "line"}),
         "seed without holdout": changed(base, {"seed": 7}),
@@ -71,14 +72,16 @@ def test_the_key_follows_the_content_and_nothing_else(tmp_path: Path) -> None:
     (other_tok / "tokenizer_config.json").write_text(json.dumps({**tok_config, "x": 1}))
     train = {"vocabSize": 600, "specialTokens": ["<|endoftext|>"]}
     different = {
-        "one input byte": changed(base, {"train": [str(flipped)]}),
+        "one input byte": changed(base, {"sources": plain_sources([str(flipped)])}),
         "a tokenizer file": changed(base, {"tokenizer": {"uri": str(other_tok)}}),
         "field name": changed(base, {"fields": {"text": "body"}}),
         "block size": changed(base, {"blockSize": 128}),
         "partial block": changed(base, {"partialBlock": "drop"}),
         "holdout fraction": changed(base, {"validationFraction": 0.1}),
-        "validation files": changed(base, {"validation": [str(renamed)]}),
-        "an added input": changed(base, {"train": [str(source), str(renamed)]}),
+        "validation files": changed(
+            base, {"sources": plain_sources([str(source)], [str(renamed)])}
+        ),
+        "an added input": changed(base, {"sources": plain_sources([str(source), str(renamed)])}),
         "tokenizer recipe": changed(base, {"tokenizer": {"train": train}}),
         "tokenizer vocabulary": changed(
             base, {"tokenizer": {"train": {**train, "vocabSize": 601}}}

@@ -706,7 +706,7 @@ def _sources(entries: Any) -> list[dict[str, Any]]:
             valid = SourceStatus.model_validate(entry, strict=True)
         except ValidationError:
             continue
-        sources.append(valid.model_dump(mode="json", by_alias=True))
+        sources.append(valid.model_dump(mode="json", by_alias=True, exclude_none=True))
     return sources
 
 

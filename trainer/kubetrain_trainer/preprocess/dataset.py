@@ -107,7 +107,7 @@ def identity(
             key["textSplit"] = config.text_split
     if config.format == "text":
         key["partialBlock"] = config.partial_block
-    if config.validation_fraction > 0 and not config.validation:
+    if config.validation_fraction > 0 and not config.split_sources("validation"):
         key["validationFraction"] = config.validation_fraction
         key["seed"] = config.seed
     return key

@@ -49,6 +49,7 @@ class EncodeSettings:
 @dataclass
 class EncodedChunk:
     index: int
+    source: str
     tally: Tally
     splits: dict[str, Columns] = field(default_factory=dict)
 
@@ -152,7 +153,7 @@ class ChunkEncoder:
                 split = "validation"
             accepted.setdefault(split, []).append((payload, where))
         encode = {"text": self._text, "chat": self._chat, "preference": self._preference}
-        result = EncodedChunk(chunk.index, tally)
+        result = EncodedChunk(chunk.index, chunk.source, tally)
         for split, items in accepted.items():
             result.splits[split] = encode[self.settings.format](items, tally)
         return result

@@ -16,15 +16,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
+
 from kubetrain_contract import metrics as series
 from kubetrain_contract.exit_codes import EXIT_TERMINATED
 from kubetrain_trainer import fit, lifetime, storage
 from kubetrain_trainer.config import PreprocessConfig
 from kubetrain_trainer.metrics import PreprocessMetrics, serve
-from kubetrain_trainer.preprocess import dataset, pack, parallel, readers, tokenizer, writer
+from kubetrain_trainer.preprocess import (
+    dataset,
+    mixture,
+    pack,
+    parallel,
+    readers,
+    tokenizer,
+    writer,
+)
 from kubetrain_trainer.preprocess.encode import (
     ChunkEncoder,
     ChunkTexts,
+    Columns,
     EncodedChunk,
     EncodeSettings,
 )
@@ -53,22 +64,40 @@ class Located:
     uri: str
     inputs: list[readers.Input]
     plan: tokenizer.TokenizerPlan
+    sources: list[readers.Listed]
 
 
 def locate(config: PreprocessConfig, workdir: Path) -> Located:
-    """Fingerprint the inputs and the tokenizer, and derive the content key (no data is read)."""
-    if config.validation and config.validation_fraction > 0:
+    """List every source's files, fingerprint them and the tokenizer, and derive the content key
+    (no row is read; a Hub dataset's selected files are fetched at its resolved commit)."""
+    if config.split_sources("validation") and config.validation_fraction > 0:
         raise InvalidInput(
-            "validationFraction: set together with validation files — keep one of them"
+            "validationFraction: set together with validation sources — keep one of them"
         )
-    inputs = [_describe(src, config) for src in readers.sources(config)]
+    listed = readers.sources(config, workdir)
+    inputs = [_describe(src, config) for item in listed for src in item.files]
     plan = tokenizer.plan(config, workdir / ".kubetrain-cache" / "tokenizers")
     described = [
-        {"split": i.source.split, "kind": i.source.kind, "fingerprint": i.identity.fingerprint}
+        {
+            "source": i.source.name,
+            "split": i.source.split,
+            "kind": i.source.kind,
+            "fingerprint": i.identity.fingerprint,
+        }
         for i in inputs
     ]
-    key = dataset.cache_key(dataset.identity(config, described, plan.fingerprint, plan.template))
-    return Located(key, storage.join(config.cache_root, "datasets", key), inputs, plan)
+    # Every term of every source, and a Hub dataset's commit; not the URI: the content of the
+    # files it names is keyed (a moved copy of the same files is the same dataset).
+    terms = [
+        {
+            **item.config.model_dump(mode="json", by_alias=True, exclude={"uri"}),
+            "commit": item.commit,
+        }
+        for item in listed
+    ]
+    identity = dataset.identity(config, described, plan.fingerprint, plan.template)
+    key = dataset.cache_key({**identity, "sources": terms})
+    return Located(key, storage.join(config.cache_root, "datasets", key), inputs, plan, listed)
 
 
 def run(
@@ -91,7 +120,7 @@ def run(
         if manifest is not None:
             log.info("cache hit: %s is complete; reusing it (nothing to compute)", where.uri)
             metrics.cache_hits.labels(config.run).inc()
-            _check_rejections(manifest["counts"], config.max_rejected_fraction)
+            _check_sources(manifest["sources"], manifest["counts"], config)
         else:
             log.info("cache miss: building %s", where.uri)
             manifest = build(config, workdir, where, metrics)
@@ -135,7 +164,7 @@ def _describe(src: readers.Source, config: PreprocessConfig) -> readers.Input:
     try:
         return readers.Input(src, storage.identify(src.uri, config.s3))
     except storage.StorageError as error:  # missing or unreadable: 2; transient: 1
-        raise failure(error.exit_code, f"{src.split}: {error.message}") from None
+        raise failure(error.exit_code, f"sources[{src.name}]: {error.message}") from None
 
 
 def _cached(uri: str, config: PreprocessConfig) -> dict[str, Any] | None:
@@ -285,9 +314,9 @@ def build(
             validation_fraction=config.validation_fraction,
             seed=config.seed,
         )
-        tally, splits = _pack(config, where, settings, info.pad_id, staged, pool, metrics)
+        tally, splits, sources = _pack(config, where, settings, info.pad_id, staged, pool, metrics)
         counts = _counts(tally, splits)
-        _check_rejections(counts, config.max_rejected_fraction)
+        _check_sources(sources, counts, config)
         if not splits["train"]["rows"]:
             raise InvalidInput(
                 f"no training rows: {counts['accepted']} rows accepted gave no complete block of "
@@ -318,6 +347,7 @@ def build(
             "chatTemplate": where.plan.template,
             "splits": splits,
             "counts": counts,
+            "sources": sources,
         }
         writer.write_json(staged / dataset.MANIFEST, manifest)
         (staged / dataset.SUCCESS).write_text(where.key + "\n", encoding="utf-8")
@@ -374,8 +404,10 @@ def _pack(
     staged: Path,
     pool: parallel.Pool,
     metrics: PreprocessMetrics,
-) -> tuple[Tally, dict[str, dict[str, Any]]]:
-    """Encode every chunk in the workers; pack and write the results here, in input order."""
+) -> tuple[Tally, dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    """Encode every chunk in the workers; select each source's rows, then pack and write them
+    here, in input order. A source with terms holds its encoded rows until its last chunk (its
+    selection needs its accepted count); the others stream."""
     packing = dataset.packing(config)
     packers = {
         split: pack.packer(
@@ -392,6 +424,55 @@ def _pack(
         for split in dataset.SPLITS
     }
     progress = _Progress(metrics, packers)
+    accounts = {
+        item.config.name: mixture.SourceTally(item.config, len(item.files), item.excluded)
+        for item in where.sources
+    }
+    held: list[dict[str, Columns]] = []
+
+    def write(account: mixture.SourceTally, splits: dict[str, Columns]) -> None:
+        for split in dataset.SPLITS:
+            columns = splits.get(split)
+            if columns is None or not mixture.row_count(columns):
+                continue
+            rows, tokens = mixture.row_count(columns), mixture.row_tokens(columns)
+            account.selected += rows
+            account.tokens += tokens
+            metrics.source_rows.labels(metrics.run, account.config.name, "selected").inc(rows)
+            metrics.source_tokens.labels(metrics.run, account.config.name).inc(tokens)
+            writers[split].write(packers[split].add(columns))
+
+    def settle(account: mixture.SourceTally) -> None:
+        """Write a held source's selected rows, pass by pass, each pass in read order."""
+        if not held:
+            return
+        joined = {
+            split: mixture.concatenate(parts)
+            for split in dataset.SPLITS
+            if (parts := [c[split] for c in held if split in c])
+        }
+        # Row r of the source (chunks in order, each chunk's splits in SPLITS order) is row
+        # position[r] of split SPLITS[split_of[r]].
+        split_of, position, seen = [], [], dict.fromkeys(dataset.SPLITS, 0)
+        for chunk in held:
+            for k, split in enumerate(dataset.SPLITS):
+                if split in chunk:
+                    n = mixture.row_count(chunk[split])
+                    split_of.append(np.full(n, k))
+                    position.append(np.arange(seen[split], seen[split] + n))
+                    seen[split] += n
+        splits, positions = np.concatenate(split_of), np.concatenate(position)
+        for rows in mixture.passes(account.config, len(splits), config.seed):
+            write(
+                account,
+                {
+                    split: mixture.take(joined[split], positions[rows[splits[rows] == k]])
+                    for k, split in enumerate(dataset.SPLITS)
+                    if split in joined
+                },
+            )
+        held.clear()
+
     chunks = readers.read_chunks(
         where.inputs,
         config.text_split,
@@ -399,16 +480,35 @@ def _pack(
         config.s3,
         config.document_separator,
     )
+    current: mixture.SourceTally | None = None
     for encoded in pool.map(ChunkEncoder, (settings,), _metered(chunks, metrics)):
         progress.add(encoded)
-        for split, columns in encoded.splits.items():
-            writers[split].write(packers[split].add(columns))
+        account = accounts[encoded.source]
+        _count_source(metrics, account, encoded.tally)
+        if current is not None and current is not account:
+            settle(current)
+        current = account
+        if account.config.selects:
+            held.append(encoded.splits)
+        else:
+            write(account, encoded.splits)
         progress.update()
+    if current is not None:
+        settle(current)
     for split in dataset.SPLITS:
         writers[split].write(packers[split].finish())
     progress.update()
     splits = {split: _split_summary(writers[split].close(), packers[split]) for split in writers}
-    return progress.tally, splits
+    return progress.tally, splits, [a.as_dict() for a in accounts.values()]
+
+
+def _count_source(metrics: PreprocessMetrics, account: mixture.SourceTally, tally: Tally) -> None:
+    account.tally.merge(tally)
+    rows = metrics.source_rows
+    name = account.config.name
+    rows.labels(metrics.run, name, "read").inc(tally.rows)
+    rows.labels(metrics.run, name, "accepted").inc(tally.accepted)
+    rows.labels(metrics.run, name, "rejected").inc(tally.rejected_total)
 
 
 def _split_summary(shards: list[dict[str, Any]], packer: pack.Packer) -> dict[str, Any]:
@@ -436,27 +536,56 @@ def _counts(tally: Tally, splits: dict[str, dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _check_rejections(counts: dict[str, Any], limit: float) -> None:
-    rows, rejected = counts["rowsRead"], sum(counts["rejected"].values())
-    if rows == 0:
+def _check_sources(
+    sources: list[dict[str, Any]], counts: dict[str, Any], config: PreprocessConfig
+) -> None:
+    """Exit 2 when there are no rows at all, when a source rejects more than its
+    maxRejectedFraction, or when a required source contributes no row."""
+    terms = {s.name: s for s in config.sources}
+    for entry in sources:
+        source = terms[entry["name"]]
+        limit = source.max_rejected_fraction
+        _check_rejections(entry, config.max_rejected_fraction if limit is None else limit)
+    for entry in sources:
+        if entry["selected"] == 0 and not terms[entry["name"]].optional:
+            raise InvalidInput(
+                f"sources[{entry['name']}]: yielded no rows ({entry['files']} files, "
+                f"{entry['excludedFiles']} excluded, {entry['rowsRead']} rows read, "
+                f"{entry['accepted']} accepted, 0 selected) — check its uri, exclude globs and "
+                "fraction, or set optional: true if it may be empty",
+                {"source": entry["name"]},
+            )
+    if counts["rowsRead"] == 0:
         raise InvalidInput("the inputs hold no rows — check the files and textSplit")
-    if counts["accepted"] and rejected / rows <= limit:
+
+
+def _check_rejections(entry: dict[str, Any], limit: float) -> None:
+    """One source's rejections against its limit (the message names the source)."""
+    rows, rejected = entry["rowsRead"], mixture.rejected_total(entry)
+    if not rows or rejected / rows <= limit:
         return
-    for reason, where in counts["firstRejected"].items():  # all the manifest would keep
+    first_rejected = entry["firstRejected"]
+    for reason, where in first_rejected.items():  # all the manifest would keep
         log.error("rejected %s rows, the first at %s", reason, ", ".join(where))
 
     def failure(first: int) -> dict[str, Any]:
         def places(reason: str) -> str:
-            shown = counts["firstRejected"][reason][:first]
+            shown = first_rejected.get(reason, [])[:first]
             return f"first at {', '.join(shown)}" if shown else "locations in the log"
 
-        lines = [f"  {r}: {count} ({places(r)})" for r, count in counts["rejected"].items()]
+        lines = [f"  {r}: {count} ({places(r)})" for r, count in entry["rejected"].items()]
         message = (
-            f"{rejected} of {rows} rows rejected ({rejected / rows:.2%}), above "
-            f"maxRejectedFraction {limit:.2%}:\n" + "\n".join(lines) + "\nFix or remove these "
-            "rows, or raise data.maxRejectedFraction if losing them is acceptable."
+            f"sources[{entry['name']}]: {rejected} of {rows} rows rejected "
+            f"({rejected / rows:.2%}), above maxRejectedFraction {limit:.2%}:\n"
+            + "\n".join(lines)
+            + "\nFix or remove these rows, or raise the source's maxRejectedFraction (or "
+            "data.maxRejectedFraction) if losing them is acceptable."
         )
-        details = {"rejected": counts["rejected"], "firstRejected": _first(counts, first)}
+        details = {
+            "source": entry["name"],
+            "rejected": entry["rejected"],
+            "firstRejected": _first(entry, first),
+        }
         return {"error": message, **details}
 
     fitted = _fit(failure)
@@ -497,6 +626,10 @@ def _result(manifest: dict[str, Any], pointer: dict[str, Any], seconds: float) -
             "blocks": counts["blocks"],
             "paddingFraction": counts["paddingFraction"],
             "droppedTokens": counts["droppedTokens"],
+            "sources": [
+                {k: v for k, v in entry.items() if k != "firstRejected"}
+                for entry in manifest["sources"]
+            ],
             "seconds": round(seconds, 3),
         }
     )

@@ -31,7 +31,6 @@ import contextlib
 import fnmatch
 import gzip
 import hashlib
-import importlib
 import io
 import json
 import re
@@ -46,6 +45,7 @@ from kubetrain_trainer import storage
 from kubetrain_trainer.config import PreprocessConfig, S3Settings, SourceConfig
 from kubetrain_trainer.preprocess.rows import RecordKind
 from kubetrain_trainer.stage import InvalidInput
+from kubetrain_trainer.storage import hub_datasets
 
 #: Raw bytes per chunk (a chunk holds at least one record): large enough to amortise a worker
 #: round trip and an encode_batch call, small enough to keep 2 × workers chunks in flight cheaply.
@@ -55,8 +55,6 @@ CHUNK_RECORDS = 2048
 #: A single record above this is refused (tooLong) instead of growing memory without bound.
 MAX_RECORD_BYTES = 32 << 20
 _BLOCK = 1 << 20
-#: Data URIs that name a Hugging Face Hub dataset.
-HUB_DATASETS = "hf://datasets/"
 _BOM = codecs.BOM_UTF8
 _COMPRESSIONS = {".gz": "gz", ".gzip": "gz", ".zst": "zst", ".zstd": "zst"}
 _KINDS = {
@@ -115,7 +113,7 @@ class Chunk:
     nbytes: int
 
 
-def source(uri: str, split: str, where: str, name: str = "") -> Source:
+def source(uri: str, split: str, where: str, source_name: str = "") -> Source:
     """Classify an input by its name; refuse what cannot be read."""
     name = uri.rstrip("/").rsplit("/", 1)[-1].lower()
     stem, dot, ext = name.rpartition(".")
@@ -128,7 +126,7 @@ def source(uri: str, split: str, where: str, name: str = "") -> Source:
             f"{where}: {uri}: cannot tell how to read this file — name it *.jsonl, *.json, "
             "*.txt or *.parquet (the first three may end in .gz or .zst)"
         )
-    return Source(uri, split, kind, compression, name)  # type: ignore[arg-type]
+    return Source(uri, split, kind, compression, source_name)  # type: ignore[arg-type]
 
 
 def _below(pattern: str, found: str) -> str:
@@ -141,7 +139,6 @@ def _below(pattern: str, found: str) -> str:
 def _hub_files(src: SourceConfig, workdir: Path) -> tuple[list[str], str]:
     """A Hub dataset's selected files, fetched under the workdir, and the commit they are at:
     the one place that reads hf://datasets/ URIs (storage.hub_datasets)."""
-    hub_datasets = importlib.import_module("kubetrain_trainer.storage.hub_datasets")
     assert src.hub is not None
     dest = workdir / ".kubetrain-cache" / "hub-datasets" / src.name
     fetched = hub_datasets.fetch_dataset(
@@ -150,11 +147,13 @@ def _hub_files(src: SourceConfig, workdir: Path) -> tuple[list[str], str]:
     return [str(path) for path in fetched.files], fetched.commit
 
 
-def _files(src: SourceConfig, where: str, config: PreprocessConfig, workdir: Path) -> tuple[list[str], str | None]:
+def _files(
+    src: SourceConfig, where: str, config: PreprocessConfig, workdir: Path
+) -> tuple[list[str], str | None]:
     """The files a source's URI names and, for a Hub dataset, its commit; an optional source
     whose URI names nothing has no files (a required one fails naming it)."""
     try:
-        if src.uri.startswith(HUB_DATASETS):
+        if hub_datasets.is_dataset(src.uri):
             return _hub_files(src, workdir)
         return storage.expand(src.uri, where, config.s3), None
     except storage.NotFound:
