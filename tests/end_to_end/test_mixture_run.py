@@ -77,7 +77,7 @@ def test_the_three_source_mixture_shows_each_sources_counts(tmp_path: Path) -> N
         assert got["tokens"] > 0, name
     assert sum(s["rowsRead"] for s in sources.values()) == result["rowsRead"]
     # the table the user sees: the same figures, a total line under them
-    shown = table_rows(done.stdout)
+    shown = table_rows(done.stderr)  # the console writes to stderr (docs/cli.md)
     for name, (split, files, read, accepted, rejected, selected) in EXPECTED.items():
         cells = shown[name]
         counts = [int(c.replace(",", "")) for c in cells[2:8]]
