@@ -41,10 +41,13 @@ check: setup lint
 test: setup lint
 	$(BIN)/pytest -q -m "not gpu and not e2e"
 
+# Examples with local paths, for `kubetrain run` only (tests/support/runspecs.py: LOCAL_ONLY).
+LOCAL_EXAMPLES := examples/tinystories-cpu.yaml examples/mixture-cpu.yaml
+
 # The demo needs only the venv (Prometheus is for the alert and dashboard tests).
 demo: $(VENV)/.installed
-	$(BIN)/kubetrain validate $(filter-out examples/tinystories-cpu.yaml,$(wildcard examples/*.yaml))
-	$(BIN)/kubetrain validate --target local examples/tinystories-cpu.yaml
+	$(BIN)/kubetrain validate $(filter-out $(LOCAL_EXAMPLES),$(wildcard examples/*.yaml))
+	$(BIN)/kubetrain validate --target local $(LOCAL_EXAMPLES)
 	$(BIN)/kubetrain render examples/tinystories.yaml > /dev/null
 	$(BIN)/kubetrain run examples/tinystories-cpu.yaml
 

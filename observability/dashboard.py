@@ -234,6 +234,25 @@ def preprocessing_row() -> list[Any]:
             (f"sum by (run) (kubetrain_preprocess_tokens_total{{{RUN}}})", "tokens {{run}}"),
             (f"sum by (run) (kubetrain_preprocess_blocks_total{{{RUN}}})", "blocks {{run}}"),
         ),
+        series(
+            "Rows by source and outcome",
+            "short",
+            (
+                f"sum by (run, source, outcome) (kubetrain_preprocess_source_rows_total{{{RUN}}})",
+                "{{run}} {{source}} {{outcome}}",
+            ),
+            description="Per data source: rows read, accepted, rejected and selected by the "
+            "mixture (fraction, maxRows).",
+        ),
+        series(
+            "Tokens by source",
+            "short",
+            (
+                f"sum by (run, source) (kubetrain_preprocess_source_tokens_total{{{RUN}}})",
+                "{{run}} {{source}}",
+            ),
+            description="Tokens each source's selected rows contribute to the packed dataset.",
+        ),
     ]
 
 

@@ -153,6 +153,9 @@ def run_locally(args: argparse.Namespace) -> int:
             _explain_failure(local, code, workdir)
             return codes.from_stage(code)
         _say_if_complete(local, workdir)
+        if local.stage.role == "preprocess":
+            for line in source_table(_result(workdir, local.name).get("sources")):
+                console.print(line, markup=False, highlight=False)
         if local.stage.role == "sanity":
             _passed_marker(workdir, local).write_text(_sha256(local.config_file), encoding="utf-8")
     _print_summary(plan, workdir, walls)
@@ -429,6 +432,67 @@ def headline(results: dict[str, dict[str, Any]]) -> str:
     if isinstance(speed, float):
         parts.append(f"{speed:,.0f} tokens/s")
     return ", ".join(parts)
+
+
+#: Columns of the per-source table: heading and the result's key (rejected: summed over reasons).
+SOURCE_COLUMNS = (
+    ("files", "files"),
+    ("read", "rowsRead"),
+    ("accepted", "accepted"),
+    ("rejected", "rejected"),
+    ("selected", "selected"),
+    ("tokens", "tokens"),
+)
+
+
+def source_table(sources: Any) -> list[str]:
+    """The preprocess result's per-source accounting as a table: one line per source, a total
+    line under several, the reasons of the rejects after the counts; [] without sources."""
+    rows = [s for s in sources if isinstance(s, dict)] if isinstance(sources, list) else []
+    if not rows:
+        return []
+    lines = [
+        (str(r.get("name", "?")), str(r.get("split", "?")), _source_figures(r), _rejected(r))
+        for r in rows
+    ]
+    if len(rows) > 1:
+        total: dict[str, int] = {}
+        for *_, rejected in lines:
+            for reason, n in rejected.items():
+                total[reason] = total.get(reason, 0) + n
+        sums = [sum(column) for column in zip(*(f for _, _, f, _ in lines), strict=True)]
+        lines.append(("all", "", sums, total))
+    cells = [["source", "split", *(name for name, _ in SOURCE_COLUMNS), ""]]
+    cells += [[a, b, *(f"{n:,}" for n in figures), _reasons(r)] for a, b, figures, r in lines]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(cells[0]) - 1)]
+    return [
+        "  "
+        + "  ".join(
+            [line[0].ljust(widths[0]), line[1].ljust(widths[1])]
+            + [line[i].rjust(widths[i]) for i in range(2, len(widths))]
+            + [line[-1]]
+        ).rstrip()
+        for line in cells
+    ]
+
+
+def _source_figures(row: dict[str, Any]) -> list[int]:
+    """One source's counts in SOURCE_COLUMNS order (0 for one missing or not a count)."""
+    figures = []
+    for _, key in SOURCE_COLUMNS:
+        value = sum(_rejected(row).values()) if key == "rejected" else row.get(key)
+        figures.append(value if isinstance(value, int) and not isinstance(value, bool) else 0)
+    return figures
+
+
+def _rejected(row: dict[str, Any]) -> dict[str, int]:
+    rejected = row.get("rejected")
+    items = rejected.items() if isinstance(rejected, dict) else []
+    return {str(k): v for k, v in items if isinstance(v, int) and not isinstance(v, bool)}
+
+
+def _reasons(rejected: dict[str, int]) -> str:
+    return ", ".join(f"{reason} {n:,}" for reason, n in sorted(rejected.items()) if n)
 
 
 def measured(result: dict[str, Any]) -> str:

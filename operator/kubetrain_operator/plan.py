@@ -540,7 +540,9 @@ class _UriMapper:
                 "local paths work with `kubetrain run`",
             )
         if self.base_dir is not None and not posixpath.isabs(local):
-            return posixpath.normpath(posixpath.join(self.base_dir, local))
+            joined = posixpath.normpath(posixpath.join(self.base_dir, local))
+            # normpath drops a trailing "/", which is what makes a data URI a prefix
+            return joined + "/" if local.endswith("/") and joined != "/" else joined
         return local
 
     def map_all(self, uris: list[str], path: str) -> list[str]:

@@ -13,11 +13,13 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt
 from pydantic.alias_generators import to_camel
 
 #: Rows of status.fit: every stage of a run (8 sanity rungs, train, merge) with room to spare.
 FIT_ROWS = 16
+#: Entries of status.dataset.sources: the API allows at most 64 sources per run.
+SOURCE_ROWS = 64
 
 
 class _Status(BaseModel):
@@ -75,6 +77,31 @@ class Progress(_Status):
     """Total memory of the GPU the stage runs on (absent on CPU)."""
 
 
+class SourceStatus(_Status):
+    """One data source's accounting, from the preprocess stage's result (docs/preprocessing.md)."""
+
+    name: str = Field(max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    """The source's name (data.sources[].name; train-<i> and validation-<i> for data.train and
+    data.validation entries)."""
+    split: Literal["train", "validation"]
+    """The split the source feeds."""
+    files: int = Field(ge=0)
+    """Files read from the source (after its exclude globs)."""
+    excluded_files: int | None = Field(default=None, ge=0)
+    """Files its exclude globs left out."""
+    rows_read: int = Field(ge=0)
+    """Rows read from its files."""
+    accepted: int = Field(ge=0)
+    """Rows kept after filtering."""
+    rejected: dict[str, NonNegativeInt] = Field(default_factory=dict)
+    """Rows rejected, by reason."""
+    selected: int = Field(ge=0)
+    """Rows the mixture took: its fraction (whole passes, then a seeded sample), capped at
+    maxRows."""
+    tokens: int = Field(ge=0)
+    """Tokens the selected rows contribute to the packed dataset."""
+
+
 class DatasetStatus(_Status):
     """The tokenized dataset the run trains on (the preprocess stage's result)."""
 
@@ -96,6 +123,9 @@ class DatasetStatus(_Status):
     """Packed training blocks of data.blockSize tokens, over both splits."""
     rejected_rows: dict[str, int] = Field(default_factory=dict)
     """Rows rejected by preprocessing, by reason."""
+    sources: list[SourceStatus] = Field(default_factory=list, max_length=SOURCE_ROWS)
+    """Each source's files, rows read, accepted, rejected by reason, selected and tokens, in the
+    order the stage processed them (by name within each split)."""
 
 
 class SanityRung(_Status):

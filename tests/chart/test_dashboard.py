@@ -64,6 +64,8 @@ PANELS = {
     "Checkpoint age",
     "Dataloader wait (share of step time)",
     "Rows by result and reason",
+    "Rows by source and outcome",
+    "Tokens by source",
     "Runs by phase",
     "Training attempts by reason",
     "Reconcile errors",

@@ -73,14 +73,26 @@ def test_validate_accepts_every_example_for_its_target() -> None:
     assert local.returncode == 0, local.stderr
 
 
-def test_validate_for_a_cluster_refuses_what_render_refuses() -> None:
-    """tinystories-cpu reads and writes local paths: `kubetrain run` takes it, a pod cannot."""
-    (path,) = (p.relative_to(ROOT) for p in LOCAL_EXAMPLES)
+#: The fields of each local example that name local paths: what a cluster refuses.
+LOCAL_FIELDS = {
+    "tinystories-cpu": {"spec.data.train[0]", "spec.output.uri"},
+    "mixture-cpu": {
+        *(f"spec.data.sources[{i}].uri" for i in range(3)),
+        "spec.data.validationSources[0].uri",
+        "spec.output.uri",
+    },
+}
+
+
+@pytest.mark.parametrize("example_file", LOCAL_EXAMPLES, ids=lambda p: p.stem)
+def test_validate_for_a_cluster_refuses_what_render_refuses(example_file: Path) -> None:
+    """The local examples read and write local paths: `kubetrain run` takes them, a pod cannot."""
+    path = example_file.relative_to(ROOT)
     validate, render = kubetrain("validate", path), kubetrain("render", path)
     assert validate.returncode == render.returncode == INVALID
     assert validate.stderr == render.stderr and render.stdout == ""
     paths = {m["path"] for m in problem_lines(validate.stderr, path)}
-    assert paths == {"spec.data.train[0]", "spec.output.uri"}
+    assert paths == LOCAL_FIELDS[example_file.stem]
     assert "pvc://" in validate.stderr and "s3://" in validate.stderr
 
 
@@ -409,3 +421,55 @@ def test_run_summary_shows_each_rungs_peak_beside_its_estimate() -> None:
     cpu = {**gpu, "memoryPeakAllocatedBytes": None, "deviceMemoryBytes": None}
     assert measured({**cpu, "memoryEstimateBytes": None}) == "peak 9.0 GiB RSS, 5,432 tokens/s"
     assert measured({"ok": True, "cacheHit": True}) == ""  # preprocess: no figures
+
+
+def test_run_prints_the_per_source_table_from_the_preprocess_result() -> None:
+    from kubetrain_operator.local import source_table
+
+    sources = [
+        {
+            "name": "operatives",
+            "split": "train",
+            "files": 1,
+            "rowsRead": 60000,
+            "accepted": 59990,
+            "rejected": {"tooLong": 4, "emptyText": 6},
+            "selected": 50000,
+            "tokens": 9876543,
+        },
+        {
+            "name": "policies",
+            "split": "train",
+            "files": 12,
+            "rowsRead": 400,
+            "accepted": 400,
+            "rejected": {},
+            "selected": 200,
+            "tokens": 50688,
+        },
+        {
+            "name": "policies-val",
+            "split": "validation",
+            "files": 2,
+            "rowsRead": 40,
+            "accepted": 39,
+            "rejected": {"emptyText": 1},
+            "selected": 39,
+            "tokens": 1000,
+        },
+    ]
+    assert source_table(sources) == [
+        "  source        split       files    read  accepted  rejected  selected     tokens",
+        "  operatives    train           1  60,000    59,990        10    50,000  9,876,543"
+        "  emptyText 6, tooLong 4",
+        "  policies      train          12     400       400         0       200     50,688",
+        "  policies-val  validation      2      40        39         1        39      1,000"
+        "  emptyText 1",
+        "  all                          15  60,440    60,429        11    50,239  9,928,231"
+        "  emptyText 7, tooLong 4",
+    ]
+    # one source: no total line; a count of the wrong type shows as 0; no sources: no table
+    one = source_table([{**sources[1], "files": "12", "rejected": {"emptyText": True}}, "x"])
+    assert one[1] == "  policies  train      0   400       400         0       200  50,688"
+    assert len(one) == 2
+    assert source_table(None) == source_table([]) == []

@@ -66,6 +66,9 @@ EXPECTED_EXAMPLES = {
     "llama-lora-merge.yaml",
     "tulu-sft.yaml",
     "tulu-dpo.yaml",
+    "policy-mixture.yaml",
+    "tulu-sft-hub.yaml",
+    "mixture-cpu.yaml",
 }
 
 

@@ -23,19 +23,22 @@ from kubetrain_operator.documents import ModelConfigError, read_model_shape
 from kubetrain_operator.plan import plan_run, upstream_model_uri
 from kubetrain_operator.status.actions import EnsureObject
 from kubetrain_operator.status.derive import derive_status
-from runspecs import DELETE, EXAMPLES, changed, example, upstream_docs
+from runspecs import DELETE, EXAMPLES, LOCAL_ONLY, changed, example, upstream_docs
 
 MODELS = EXAMPLES / "models"
 #: The model each example trains, as its config.json (None: sized from model.architecture).
 MODEL_OF = {
     "llama-lora-merge": "llama-3.1-8b.json",
     "mistral-qlora": "mistral-7b-v0.3.json",
+    "mixture-cpu": None,
+    "policy-mixture": "mistral-7b-v0.3.json",
     "tinystories": None,
     "tinystories-cpu": None,
     "tulu-dpo": "llama-3.1-8b.json",
     "tulu-sft": "llama-3.1-8b.json",
+    "tulu-sft-hub": "llama-3.1-8b.json",
 }
-GPU_EXAMPLES = [n for n in sorted(MODEL_OF) if n != "tinystories-cpu"]
+GPU_EXAMPLES = [n for n in sorted(MODEL_OF) if n not in LOCAL_ONLY]
 
 
 def plan_example(doc: dict[str, Any], model: str | None, **kwargs: Any) -> Any:

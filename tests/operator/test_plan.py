@@ -651,6 +651,16 @@ def test_local_paths_are_refused_for_a_cluster_naming_the_field(field: str) -> N
     assert "pvc://" in caught.value.fix and "s3://" in caught.value.fix
 
 
+def test_a_relative_local_prefix_stays_a_prefix_under_kubetrain_run() -> None:
+    """`dir/` names every file under it; resolved against the working directory it keeps its
+    slash (without it the stage refuses a directory named as a file)."""
+    doc = changed(example("tinystories-cpu"), {"spec.data.train": ["data/notes/", "data/./a.txt"]})
+    plan = plan_run(parse_run(doc), target="local", base_dir="/home/me/project")
+    (preprocess,) = [s for s in plan.stages if s.role == "preprocess"]
+    uris = [s["uri"] for s in preprocess.config["sources"]]
+    assert uris == ["/home/me/project/data/notes/", "/home/me/project/data/a.txt"]
+
+
 def test_every_local_path_is_reported_at_once() -> None:
     with pytest.raises(SpecError) as caught:
         planned(example("tinystories-cpu"))

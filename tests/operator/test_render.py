@@ -35,6 +35,7 @@ from kubetrain_operator.render import render_all, render_stage
 from pod_security import restricted_violations
 from runspecs import (
     DELETE,
+    LOCAL_ONLY,
     ROOT,
     VARIANTS,
     all_containers,
@@ -323,7 +324,7 @@ def test_preprocess_and_merge_jobs_have_a_deadline_training_has_none(
 @pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
 def test_no_example_gives_preprocessing_a_gpu(path: Any) -> None:
     doc = yaml.safe_load(path.read_text())
-    target = "local" if path.stem == "tinystories-cpu" else "cluster"
+    target = "local" if path.stem in LOCAL_ONLY else "cluster"
     _, plan = planned(doc, target=target)
     preprocess = plan.stage("preprocess")
     assert preprocess is not None and preprocess.gpus_per_node == 0
@@ -560,7 +561,7 @@ def render_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Comp
 EXAMPLE_ARGS = sorted(
     str(p.relative_to(ROOT))
     for p in (ROOT / "examples").glob("*.yaml")
-    if p.stem in DOCUMENTS  # the cluster's examples (tinystories-cpu is for `kubetrain run`)
+    if p.stem in DOCUMENTS  # the cluster's examples (LOCAL_ONLY ones are for `kubetrain run`)
 )
 
 

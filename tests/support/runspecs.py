@@ -243,7 +243,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 
 #: Examples meant for `kubetrain run` only (local paths): a cluster refuses them (plan's rule).
-LOCAL_ONLY = {"tinystories-cpu"}
+LOCAL_ONLY = {"tinystories-cpu", "mixture-cpu"}
 
 
 def all_documents() -> dict[str, dict[str, Any]]:

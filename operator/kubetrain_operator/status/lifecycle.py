@@ -21,7 +21,7 @@ from kubetrain_contract.memory import gib
 from kubetrain_operator.api import TrainingRun
 from kubetrain_operator.plan import Plan, Stage, StageRole
 from kubetrain_operator.render import render_shared, render_stage, stage_object_name
-from kubetrain_operator.run_status import FIT_ROWS, FitRow
+from kubetrain_operator.run_status import FIT_ROWS, SOURCE_ROWS, FitRow, SourceStatus
 from kubetrain_operator.status.actions import (
     DeleteObject,
     EnsureObject,
@@ -692,7 +692,24 @@ def _dataset(result: Mapping[str, Any], plan: Plan) -> dict[str, Any]:
     if isinstance(dataset.get("uri"), str):
         dataset["uri"] = plan.public_uri(dataset["uri"])
     dataset["rejectedRows"] = dict(result.get("rejected") or {})
+    sources = _sources(result.get("sources"))
+    if sources:
+        dataset["sources"] = sources
     return {k: v for k, v in dataset.items() if v is not None}
+
+
+def _sources(entries: Any) -> list[dict[str, Any]]:
+    """status.dataset.sources from the preprocess result's per-source accounting, SOURCE_ROWS at
+    most. Validated strictly ("12" or true is not a count): an entry the status model refuses is
+    left out rather than making the whole status patch invalid, as for _fit."""
+    sources = []
+    for entry in entries[:SOURCE_ROWS] if isinstance(entries, list) else []:
+        try:
+            valid = SourceStatus.model_validate(entry, strict=True)
+        except ValidationError:
+            continue
+        sources.append(valid.model_dump(mode="json", by_alias=True, exclude_none=True))
+    return sources
 
 
 @dataclass(frozen=True)
