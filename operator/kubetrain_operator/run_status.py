@@ -100,6 +100,8 @@ class SourceStatus(_Status):
     maxRows."""
     tokens: int = Field(ge=0)
     """Tokens the selected rows contribute to the packed dataset."""
+    commit: str | None = Field(default=None, pattern=r"^[0-9a-f]{40}$")
+    """A Hub dataset's revision as the commit it resolved to (and the cache key holds)."""
 
 
 class DatasetStatus(_Status):

@@ -107,3 +107,11 @@ def test_the_crd_schema_types_status_dataset_sources() -> None:
         assert status_schema_errors({"dataset": {"sources": [bad]}}), bad
     too_many = [source(f"s-{i}") for i in range(SOURCE_ROWS + 1)]
     assert status_schema_errors({"dataset": {"sources": too_many}})
+
+
+def test_a_hub_sources_commit_is_shown_and_a_malformed_one_left_out() -> None:
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shown = preprocessed(
+        [source("tulu", commit=commit), source("local", commit=None), source("bad", commit="main")]
+    ).status["dataset"]["sources"]
+    assert [(s["name"], s.get("commit")) for s in shown] == [("tulu", commit), ("local", None)]

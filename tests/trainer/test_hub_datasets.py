@@ -219,3 +219,33 @@ def test_a_malformed_uri_is_refused(uri: str, tmp_path: Path) -> None:
     with pytest.raises(StorageError) as error:
         hub_datasets.resolve_revision(uri)
     assert "hf://datasets/ORG/NAME" in _refusal(error)
+
+
+def test_a_hub_source_is_keyed_by_its_commit_and_a_moved_branch_is_a_new_dataset(
+    hub: Hub, tmp_path: Path
+) -> None:
+    """Through the preprocess stage: the revision becomes a commit in the cache key and in the
+    source's accounting; the same commit again is a cache hit; a moved branch is a cache miss."""
+    from preprocess_support import config, run_stage, source
+
+    texts = [f"policy number {i} says the same thing in other words." for i in range(60)]
+    repo = hub.repos[("datasets", PUBLIC)]
+    repo.push({"data/train-0.parquet": _parquet(texts)})
+    uri = f"hf://datasets/{PUBLIC}@main"
+    cfg = config(
+        tmp_path,
+        [],
+        sources=[source("policies", uri, hub={"config": None, "split": "train", "files": []})],
+        blockSize=16,
+    )
+    first = run_stage(cfg, tmp_path / "w1")
+    [entry] = first["sources"]
+    assert entry["commit"] == repo.commit and entry["rowsRead"] == len(texts)
+    again = run_stage(cfg, tmp_path / "w2")
+    assert (again["key"], again["cacheHit"]) == (first["key"], True)
+
+    repo.push({"data/train-0.parquet": _parquet([*texts, "one more policy line, added later."])})
+    moved = run_stage(cfg, tmp_path / "w3")
+    assert moved["key"] != first["key"] and moved["cacheHit"] is False
+    assert moved["sources"][0]["commit"] == repo.commit != entry["commit"]
+    assert moved["sources"][0]["rowsRead"] == len(texts) + 1

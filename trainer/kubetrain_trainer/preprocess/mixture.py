@@ -82,6 +82,8 @@ class SourceTally:
     config: SourceConfig
     files: int
     excluded: int
+    commit: str | None = None
+    """A Hub dataset's revision resolved to its commit (shown in status); None otherwise."""
     tally: Tally = field(default_factory=Tally)
     selected: int = 0
     tokens: int = 0
@@ -98,6 +100,7 @@ class SourceTally:
             "rejected": counts["rejected"],
             "selected": self.selected,
             "tokens": self.tokens,
+            "commit": self.commit,
             "firstRejected": counts["firstRejected"],
         }
 

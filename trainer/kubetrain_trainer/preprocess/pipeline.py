@@ -425,7 +425,9 @@ def _pack(
     }
     progress = _Progress(metrics, packers)
     accounts = {
-        item.config.name: mixture.SourceTally(item.config, len(item.files), item.excluded)
+        item.config.name: mixture.SourceTally(
+            item.config, len(item.files), item.excluded, item.commit
+        )
         for item in where.sources
     }
     held: list[dict[str, Columns]] = []
