@@ -10,8 +10,9 @@ tokens ÷ the method's own wall time, imports excluded; the fastest of --repeat 
 peak RSS of the whole process tree (sampled every 20 ms from /proc; the highest of the rounds),
 tokens lost, and the ratios, all from this run. kubetrain also runs on a quarter of the corpus to
 show how its memory grows with the input, and on the same corpus cut into three files read as a
-three-source mixture (each source's fraction 1.0: the same rows, through the mixture's selection)
-beside the same rows as one source: a mixture should cost no more than reading its rows.
+three-source mixture (each source capped by a maxRows above its size: the same rows, through the
+mixture's selection) beside the same rows as one source: a mixture should cost no more than
+reading its rows.
 """
 
 from __future__ import annotations
@@ -173,15 +174,15 @@ def method_hf(
     }
 
 
-def source(name: str, uri: Path, fraction: float | None = None) -> dict[str, Any]:
-    """A training source of the stage config (contract-18's SourceConfig)."""
+def source(name: str, uri: Path, max_rows: int | None = None) -> dict[str, Any]:
+    """A training source of the stage config (the SourceConfig the plan writes)."""
     return {
         "name": name,
         "split": "train",
         "uri": str(uri),
         "exclude": [],
-        "fraction": fraction,
-        "maxRows": None,
+        "fraction": None,
+        "maxRows": max_rows,
         "optional": False,
         "maxRejectedFraction": None,
         "hub": None,
@@ -205,13 +206,15 @@ def method_kubetrain(
     corpus: Path, tokenizer_dir: Path, block: int, work: Path, workers: int, mixture: bool = False
 ) -> dict[str, Any]:
     """(c) the preprocess stage itself, as the Job runs it (fingerprints, shards, manifest); with
-    `mixture`, over the corpus's thirds as three sources of fraction 1.0 (the same rows)."""
+    `mixture`, over the corpus's thirds as three sources, each capped by a maxRows above its size:
+    the selection runs (seeded permutation, rows taken by index from the encoded ones) and keeps
+    the same rows."""
     from kubetrain_trainer.config import PreprocessConfig
     from kubetrain_trainer.preprocess import pipeline
     from stage_base import base_config, changed
 
     sources = (
-        [source(f"part-{i}", part, 1.0) for i, part in enumerate(thirds(corpus))]
+        [source(f"part-{i}", part, 10**9) for i, part in enumerate(thirds(corpus))]
         if mixture
         else [source("corpus", corpus)]
     )
