@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from hub_standin import Hub, HubRepo, HubStandin
 from kubetrain_contract.exit_codes import EXIT_INVALID
 from kubetrain_trainer.storage import StorageError, hub_datasets
 
+MODELS = Path(__file__).resolve().parents[2] / "examples" / "models"
 TOKEN = "hf_planted0123456789abcdefTOKEN"
 PRIVATE = "kubetrain-test/policies"
 PUBLIC = "kubetrain-test/tulu-mini"
@@ -249,3 +251,29 @@ def test_a_hub_source_is_keyed_by_its_commit_and_a_moved_branch_is_a_new_dataset
     assert moved["key"] != first["key"] and moved["cacheHit"] is False
     assert moved["sources"][0]["commit"] == repo.commit != entry["commit"]
     assert moved["sources"][0]["rowsRead"] == len(texts) + 1
+
+
+def test_a_run_that_cannot_fit_fetches_no_hub_data(hub: Hub, tmp_path: Path) -> None:
+    """The model's config.json is checked before the inputs are listed: a run that cannot fit
+    (a full fine-tune of Llama-3.1-8B in fp32 on one 80 GiB GPU) downloads no Hub data."""
+    from kubetrain_trainer.stage import InvalidInput
+    from preprocess_support import config, run_stage, source
+    from stage_base import base_config
+
+    model = tmp_path / "llama-8b"
+    model.mkdir()
+    shutil.copy(MODELS / "llama-3.1-8b.json", model / "config.json")
+    setup = {**base_config("train")["memory"]["setup"], "gpu": True, "weight_precision": "fp32"}
+    request = {
+        "gpuMemoryBytes": 80 * 1024**3,
+        "gpuMemorySource": "resources.gpuMemory",
+        "modelUri": str(model),
+        "architecture": None,
+        "setups": [setup],
+    }
+    terms = {"config": None, "split": None, "files": []}
+    data = source("policies", f"hf://datasets/{PUBLIC}", hub=terms)
+    cfg = config(tmp_path, [], sources=[data], fit=request)
+    with pytest.raises(InvalidInput, match=r"spec.training: train on 1 process"):
+        run_stage(cfg, tmp_path / "work")
+    assert hub.downloads() == []

@@ -110,8 +110,9 @@ def run(
     with lifetime.OutputLock(output, "preprocess"), _terminate_on_sigterm():
         metrics.beat()
         serve(metrics.registry, config.metrics_port)
+        fit_rows = check_fit(config, workdir, None)
         where = locate(config, workdir)
-        fit_rows = check_fit(config, workdir, where)
+        fit_rows = fit_rows or check_fit(config, workdir, where)
         metrics.input_bytes.labels(config.run).set(sum(i.identity.size for i in where.inputs))
         manifest = _cached(where.uri, config)
         hit = manifest is not None
@@ -133,13 +134,16 @@ def run(
 
 
 def check_fit(
-    config: PreprocessConfig, workdir: Path, where: Located
+    config: PreprocessConfig, workdir: Path, where: Located | None
 ) -> list[dict[str, Any]] | None:
     """The fit table the plan could not make (config.fit), before any row is tokenized: exit 2
-    when a GPU stage cannot fit, so that the run never asks for a GPU (fit.check_request)."""
-    if config.fit is None:
+    when a GPU stage cannot fit, so that the run never asks for a GPU (fit.check_request). A
+    model's config.json is checked before the inputs are even listed (`where` None: no Hub
+    dataset is fetched for a run that cannot fit); a model built here needs the tokenizer's size,
+    known once `locate` has planned the tokenizer."""
+    if config.fit is None or (config.fit.architecture is None) != (where is None):
         return None
-    size = tokenizer.size(where.plan) if config.fit.architecture is not None else None
+    size = tokenizer.size(where.plan) if where is not None else None
     return fit.check_request(config.fit, config.s3, workdir, size)
 
 
