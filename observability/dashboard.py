@@ -245,6 +245,21 @@ def preprocessing_row() -> list[Any]:
             "mixture (fraction, maxRows).",
         ),
         series(
+            "Rejected rows by source and reason",
+            "short",
+            (
+                "sum by (run, source, reason) "
+                f"(kubetrain_preprocess_source_rejected_rows_total{{{RUN}}})",
+                "{{run}} {{source}} {{reason}}",
+            ),
+            (
+                f"sum by (run, source, state) (kubetrain_preprocess_source_files{{{RUN}}})",
+                "{{run}} {{source}} files {{state}}",
+            ),
+            description="Per data source: rejected rows by reason, and its files (read, and "
+            "excluded by its exclude globs).",
+        ),
+        series(
             "Tokens by source",
             "short",
             (

@@ -21,6 +21,10 @@ PREPROCESS_LAST_PROGRESS_TIMESTAMP: Final = "kubetrain_preprocess_last_progress_
 #: accepted, rejected or selected.
 PREPROCESS_SOURCE_ROWS: Final = "kubetrain_preprocess_source_rows_total"
 PREPROCESS_SOURCE_TOKENS: Final = "kubetrain_preprocess_source_tokens_total"
+#: Per data source and rejection reason (the reasons of docs/preprocessing.md: a few).
+PREPROCESS_SOURCE_REJECTED: Final = "kubetrain_preprocess_source_rejected_rows_total"
+#: Per data source: files read and files its exclude globs left out (state read | excluded).
+PREPROCESS_SOURCE_FILES: Final = "kubetrain_preprocess_source_files"
 
 # ------------------------------------------------------------------------- train and sanity stages
 TRAIN_STEP: Final = "kubetrain_train_step"
@@ -88,6 +92,8 @@ ALL: Final = (
     PREPROCESS_LAST_PROGRESS_TIMESTAMP,
     PREPROCESS_SOURCE_ROWS,
     PREPROCESS_SOURCE_TOKENS,
+    PREPROCESS_SOURCE_REJECTED,
+    PREPROCESS_SOURCE_FILES,
     TRAIN_STEP,
     TRAIN_TOTAL_STEPS,
     TRAIN_EPOCH,

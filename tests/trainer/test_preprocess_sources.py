@@ -182,6 +182,12 @@ def test_rejects_per_source_sum_to_the_totals_and_limits_apply_per_source(
 
     assert sample("read", "more") == ROWS + 9
     assert sample("rejected", "more") == 9
+    for reason, count in table["more"]["rejected"].items():
+        labels = {"run": "test-run", "source": "more", "reason": reason}
+        name = "kubetrain_preprocess_source_rejected_rows_total"
+        assert metrics.registry.get_sample_value(name, labels) == count
+    files = {"run": "test-run", "source": "some", "state": "read"}
+    assert metrics.registry.get_sample_value("kubetrain_preprocess_source_files", files) == 1
     assert sample("selected", "some") == ROWS
     tokens = metrics.registry.get_sample_value(
         "kubetrain_preprocess_source_tokens_total", {"run": "test-run", "source": "clean"}

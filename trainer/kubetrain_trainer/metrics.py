@@ -67,6 +67,18 @@ class PreprocessMetrics:
             ["run", "source"],
             registry=r,
         )
+        self.source_rejected = Counter(
+            names.PREPROCESS_SOURCE_REJECTED,
+            "Rows rejected per data source, by reason",
+            ["run", "source", "reason"],
+            registry=r,
+        )
+        self.source_files = Gauge(
+            names.PREPROCESS_SOURCE_FILES,
+            "Files of each data source: read, and excluded by its exclude globs",
+            ["run", "source", "state"],
+            registry=r,
+        )
         self.last_progress = Gauge(
             names.PREPROCESS_LAST_PROGRESS_TIMESTAMP,
             "Unix time of the last input chunk read or encoded (the operator's stall check)",

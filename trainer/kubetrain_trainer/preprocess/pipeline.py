@@ -434,6 +434,10 @@ def _pack(
         )
         for item in where.sources
     }
+    for account in accounts.values():
+        files = metrics.source_files
+        files.labels(metrics.run, account.config.name, "read").set(account.files)
+        files.labels(metrics.run, account.config.name, "excluded").set(account.excluded)
     held: list[dict[str, Columns]] = []
 
     def write(account: mixture.SourceTally, splits: dict[str, Columns]) -> None:
@@ -515,6 +519,8 @@ def _count_source(metrics: PreprocessMetrics, account: mixture.SourceTally, tall
     rows.labels(metrics.run, name, "read").inc(tally.rows)
     rows.labels(metrics.run, name, "accepted").inc(tally.accepted)
     rows.labels(metrics.run, name, "rejected").inc(tally.rejected_total)
+    for reason, count in tally.rejected.items():
+        metrics.source_rejected.labels(metrics.run, name, reason).inc(count)
 
 
 def _split_summary(shards: list[dict[str, Any]], packer: pack.Packer) -> dict[str, Any]:
