@@ -203,7 +203,7 @@ def test_an_unreadable_file_exits_2_naming_it(tmp_path: Path) -> None:
     )
     assert proc.returncode == EXIT_INVALID, proc.stderr[-2000:]
     error = json.loads((work / "result-preprocess.json").read_text())["error"]
-    assert error.startswith(f"train: {secret}: permission denied"), error
+    assert error.startswith(f"sources[train-1]: {secret}: permission denied"), error
 
 
 @pytest.fixture

@@ -85,20 +85,20 @@ CREDENTIAL_URIS = [
 def test_a_credential_uri_is_refused_without_echoing_it(
     tmp_path: Path, uri: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    cfg = config(tmp_path, [str(write_jsonl(tmp_path / "ok.jsonl", [{"text": "x"}]))])
-    if uri.startswith("hf://"):
+    hub = uri.startswith("hf://")
+    ok = str(write_jsonl(tmp_path / "ok.jsonl", [{"text": "x"}]))
+    cfg = config(tmp_path, [ok], None if hub else [uri])
+    if hub:
         cfg["tokenizer"] = {"uri": uri, "train": None}
-    else:
-        cfg["validation"] = [uri]
     path = tmp_path / "preprocess.json"
     path.write_text(json.dumps(cfg), encoding="utf-8")
     code = main(["preprocess", "--config", str(path), "--workdir", str(tmp_path / "work")])
     assert code == EXIT_INVALID
     result = (tmp_path / "work" / "result-preprocess.json").read_text()
     error = json.loads(result)["error"]
-    field = "tokenizer.uri" if uri.startswith("hf://") else "validation[0]"
+    field = "tokenizer.uri" if hub else "sources[1].uri"
     assert error.startswith(field), error
-    secret_field = "storage.hf.secretName" if uri.startswith("hf://") else "storage.s3.secretName"
+    secret_field = "storage.hf.secretName" if hub else "storage.s3.secretName"
     assert secret_field in error
     assert SECRET not in result and SECRET not in caplog.text
     assert not (tmp_path / "out").exists()  # refused before any I/O
