@@ -132,3 +132,17 @@ def test_the_metrics_endpoint_serves_growing_series_while_the_stage_runs(tmp_pat
     beats = [value(s, "kubetrain_preprocess_last_progress_timestamp_seconds") for s in seen]
     assert beats == sorted(beats) and beats[0] > 0, "the heartbeat is set at start, never goes back"
     assert len(set(beats)) >= 3, f"the heartbeat advances while rows are read: {set(beats)}"
+
+
+@pytest.mark.slow  # starts a Python process
+def test_the_preprocess_stage_never_imports_torch() -> None:
+    """Torch costs about 180 MiB of RSS a process: the CPU stage's memory budget has no room
+    for a library it does not use (bench/preprocess.py measures the stage's peak)."""
+    probe = (
+        "import sys, kubetrain_trainer.__main__, kubetrain_trainer.preprocess.pipeline; "
+        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert proc.stdout.strip() == "[]", proc.stdout

@@ -20,8 +20,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from kubetrain_contract import memory
 from kubetrain_trainer import storage
 from kubetrain_trainer.config import FitRequest, S3Settings
@@ -138,6 +136,8 @@ def check_device(
     when it exceeds the total memory of CUDA device `device_index`. On CPU: only estimated."""
     if shape is None:
         return None
+    import torch  # here, not at the top: the preprocess stage imports this module, never torch
+
     estimate = memory.estimate(shape, setup)
     if not torch.cuda.is_available():
         return estimate
