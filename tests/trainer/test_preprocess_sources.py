@@ -211,3 +211,21 @@ def test_take_gathers_rows_in_the_given_order() -> None:
     ids, got_lengths = got["input_ids"]
     assert got_lengths.tolist() == [4, 3, 4, 2]
     assert ids.tolist() == [4, 5, 6, 7, 0, 1, 2, 4, 5, 6, 7, 8, 9]
+
+
+def test_whole_passes_write_the_rows_they_hold_as_they_were_read(tmp_path: Path) -> None:
+    """A source whose passes are all whole (maxRows above its size, a fraction of 2) is written
+    from the chunks it holds, without gathering: one pass gives the shards of the source without
+    terms, two passes those of the same file listed as two plain sources."""
+    data = str(corpus(tmp_path, "a"))
+
+    def shards(name: str, sources: list[dict[str, Any]]) -> dict[str, str]:
+        cfg = mixed(tmp_path, sources, cacheRoot=str(tmp_path / f"cache-{name}"))
+        result = run_stage(cfg, tmp_path / f"w-{name}")
+        hashes = file_hashes(Path(result["uri"]))
+        return {k: v for k, v in hashes.items() if k.endswith(".arrow")}
+
+    plain = shards("plain", [source("a", data)])
+    assert plain and shards("capped", [source("a", data, maxRows=10**6)]) == plain
+    twice = shards("twice", [source("a", data, fraction=2.0)])
+    assert twice == shards("listed-twice", [source("a", data), source("b", data)]) != plain

@@ -456,6 +456,16 @@ def _pack(
         """Write a held source's selected rows, pass by pass, each pass in read order."""
         if not held:
             return
+        rows_held = sum(mixture.row_count(c[split]) for c in held for split in c)
+        passes = mixture.passes(account.config, rows_held, config.seed)
+        if all(len(rows) == rows_held for rows in passes):
+            # Whole passes only (maxRows above the size, an integral fraction): every row in
+            # read order, pass after pass — the held chunks as they are, without copies.
+            for _ in passes:
+                for chunk in held:
+                    write(account, chunk)
+            held.clear()
+            return
         joined = {
             split: mixture.concatenate(parts)
             for split in dataset.SPLITS
@@ -472,7 +482,7 @@ def _pack(
                     position.append(np.arange(seen[split], seen[split] + n))
                     seen[split] += n
         splits, positions = np.concatenate(split_of), np.concatenate(position)
-        for rows in mixture.passes(account.config, len(splits), config.seed):
+        for rows in passes:
             write(
                 account,
                 {
