@@ -199,13 +199,15 @@ def push(
     folder = model.local_dir(uri, workdir, config.s3, "the model to push")
     text = storage.read_text(storage.join(config.output_uri, "README.md"), config.s3)
     commit = hub_push.push(
-        folder,
-        text,
-        repo=config.push.repo,
-        private=config.push.private,
-        revision=config.push.revision,
-        message=f"kubetrain: {config.run} step {step}",
-        skip=lambda path: checkpoint.is_bookkeeping(folder, path),
+        hub_push.Upload(
+            folder,
+            text,
+            repo=config.push.repo,
+            private=config.push.private,
+            revision=config.push.revision,
+            message=f"kubetrain: {config.run} step {step}",
+            skip=lambda path: checkpoint.is_bookkeeping(folder, path),
+        )
     )
     log.info("pushed %s to hf://%s@%s", uri, config.push.repo, commit)
     return {"hubRepo": config.push.repo, "hubCommit": commit}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from kubetrain_contract.exit_codes import EXIT_RETRY
@@ -24,23 +25,27 @@ log = logging.getLogger(__name__)
 RETRY_DELAYS = (1.0, 4.0, 15.0)
 
 
-def push(
-    folder: Path,
-    card: str,
-    *,
-    repo: str,
-    private: bool,
-    revision: str,
-    message: str,
-    skip: Callable[[Path], bool],
-) -> str:
-    """Upload `folder` (files for which `skip` is false) and `card` as README.md; the commit sha."""
-    uri = f"hf://{repo}@{revision}"
+@dataclass(frozen=True)
+class Upload:
+    """What one push sends: a directory (files for which `skip` is false) and the card."""
+
+    folder: Path
+    card: str
+    repo: str
+    private: bool
+    revision: str
+    message: str
+    skip: Callable[[Path], bool]
+
+
+def push(upload: Upload) -> str:
+    """Upload the directory and the card as README.md in one commit; the commit sha."""
+    uri = f"hf://{upload.repo}@{upload.revision}"
     for attempt, delay in enumerate((0.0, *RETRY_DELAYS)):
         time.sleep(delay)
         try:
-            with hub.errors(uri, revision):
-                return _commit(folder, card, repo, private, revision, message, skip)
+            with hub.errors(uri, upload.revision):
+                return _commit(upload)
         except StorageError as error:
             if error.code != EXIT_RETRY or attempt == len(RETRY_DELAYS):
                 raise
@@ -48,31 +53,31 @@ def push(
     raise AssertionError("unreachable")
 
 
-def _commit(
-    folder: Path,
-    card: str,
-    repo: str,
-    private: bool,
-    revision: str,
-    message: str,
-    skip: Callable[[Path], bool],
-) -> str:
+def _commit(upload: Upload) -> str:
     from huggingface_hub import CommitOperationAdd, HfApi
 
     api = HfApi(endpoint=hub.endpoint(), token=hub.token())
-    api.create_repo(repo, private=private, exist_ok=True, repo_type="model")
-    if revision != "main":
-        api.create_branch(repo, branch=revision, exist_ok=True, repo_type="model")
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not skip(p))
+    api.create_repo(upload.repo, private=upload.private, exist_ok=True, repo_type="model")
+    if upload.revision != "main":
+        api.create_branch(upload.repo, branch=upload.revision, exist_ok=True, repo_type="model")
+    files = sorted(p for p in upload.folder.rglob("*") if p.is_file() and not upload.skip(p))
     operations = [
-        CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=p)
+        CommitOperationAdd(path_in_repo=p.relative_to(upload.folder).as_posix(), path_or_fileobj=p)
         for p in files
-        if p.relative_to(folder).as_posix() != "README.md"
+        if p.relative_to(upload.folder).as_posix() != "README.md"
     ]
-    operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode()))
+    operations.append(
+        CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=upload.card.encode())
+    )
     info = api.create_commit(
-        repo, operations, commit_message=message, revision=revision, repo_type="model"
+        upload.repo,
+        operations,
+        commit_message=upload.message,
+        revision=upload.revision,
+        repo_type="model",
     )
     if info.oid is None:
-        raise StorageError(f"hf://{repo}@{revision}: the Hub named no commit for the push; retried")
+        raise StorageError(
+            f"hf://{upload.repo}@{upload.revision}: the Hub named no commit for the push; retried"
+        )
     return info.oid
