@@ -742,22 +742,18 @@ def gpu_memory_from_labels(labels: dict[str, str]) -> tuple[int, str] | None:
     return None
 
 
-QUANTITY_FACTORS: Final[dict[str, int]] = {
+#: Every suffix the API's quantity pattern admits (api.QUANTITY_PATTERN), as a factor.
+QUANTITY_FACTORS: Final[dict[str, float]] = {
     "": 1,
-    "k": 10**3,
-    "M": 10**6,
-    "G": 10**9,
-    "T": 10**12,
-    "Ki": 1024,
-    "Mi": 1024**2,
-    "Gi": 1024**3,
-    "Ti": 1024**4,
+    "m": 1e-3,
+    **{s: 1000**i for i, s in enumerate("kMGTPE", start=1)},
+    **{f"{s}i": 1024**i for i, s in enumerate("KMGTPE", start=1)},
 }
 
 
 def quantity_bytes(text: str) -> int:
-    """A Kubernetes memory quantity (80Gi, 81559Mi, 8e10 is not one) in bytes."""
-    number = text.rstrip("kKMGTPEi")
+    """A Kubernetes memory quantity (80Gi, 81559Mi, 500M, 0.5Gi) in whole bytes."""
+    number = text.rstrip("mkKMGTPEi")
     suffix = text[len(number) :]
     if suffix not in QUANTITY_FACTORS:
         raise ValueError(f"{text!r} is not a memory quantity such as 80Gi")

@@ -292,3 +292,16 @@ def test_a_model_config_that_is_not_one_is_refused_by_name(
         capsys,
     )
     assert code == 1 and "none.json: cannot read the model's config.json" in err
+
+
+@pytest.mark.parametrize(
+    "text", ["80Gi", "81559Mi", "512Gi", "500M", "1500m", "0.5Gi", "64", "3k", "1.5T", "2P", "1Ei"]
+)
+def test_every_quantity_the_api_admits_is_read_as_kubernetes_reads_it(text: str) -> None:
+    """resources.memory and gpuMemory take any Kubernetes quantity; the fit check reads them in
+    bytes as the Kubernetes client does (a suffix it could not read used to stop the plan)."""
+    from kubernetes.utils import parse_quantity
+
+    assert memory.quantity_bytes(text) == int(parse_quantity(text))
+    doc = changed(example("tulu-sft"), {"spec.resources.memory": text})
+    assert plan_example(doc, None).stage("preprocess").config["fit"] is not None
