@@ -319,8 +319,9 @@ def estimate(shape: ModelShape, setup: Setup) -> Estimate:
     if setup.mode == "eval":
         return _estimate_eval(shape, setup)
     states = _model_states(shape, setup)
-    gpu = [t for t in states if t.bytes and t.name not in _OFFLOADED(setup)]
-    host = [t for t in states if t.bytes and t.name in _OFFLOADED(setup)]
+    moved = _offloaded(setup)
+    gpu = [t for t in states if t.bytes and t.name not in moved]
+    host = [t for t in states if t.bytes and t.name in moved]
     activations = _activation_terms(shape, setup)
     step = _step_temporaries(shape, setup)
     # Activations are freed before the optimizer steps: the peak is the larger phase.
@@ -349,7 +350,8 @@ def _with_overheads(setup: Setup, gpu: list[Term], host: list[Term]) -> Estimate
     return Estimate(setup=setup, terms=tuple(gpu), host=tuple(host))
 
 
-def _OFFLOADED(setup: Setup) -> tuple[str, ...]:
+def _offloaded(setup: Setup) -> tuple[str, ...]:
+    """The terms DeepSpeed moves to the node's RAM (offload: cpu, from ZeRO-2)."""
     if not (setup.offload and setup.zero_stage >= 2):
         return ()
     moved = ("optimizer state", "fp32 master weights", "fp32 gradients", "gradients")
